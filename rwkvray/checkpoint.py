@@ -1,0 +1,205 @@
+"""Read, check and write BlinkDL-format RWKV-7 (x070) checkpoints (`.pth` state dicts).
+
+Every dimension is read from the tensors (see `infer_dims`); every expected key is checked for presence and
+shape; anything that is not a plain x070 model (RWKV-4/5/6, DeepEmbed 7a/7b, stray keys) is refused with one line.
+"""
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+
+import torch
+
+from rwkvray.atomic import write_atomically
+from rwkvray.dims import ModelDims
+from rwkvray.errors import UserError
+
+TIME_STATE_KEY = "blocks.{}.att.time_state"
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_TIME_STATE = re.compile(r"^blocks\.(\d+)\.att\.time_state$")
+# Layer 0 of RWKV-LM has value-residual parameters too, but the forward pass never uses them.
+_UNUSED_LAYER0 = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
+# Key fragments of older RWKV generations, most telling first (RWKV-6 also has time_decay and time_faaaa).
+_OLDER_GENERATIONS = (
+    ("att.time_maa", "RWKV-6"),
+    ("att.time_faaaa", "RWKV-5"),
+    ("att.time_first", "RWKV-4"),
+    ("att.time_decay", "RWKV-6 or older"),
+    ("att.time_mix_", "RWKV-6 or older"),
+)
+# Per-block keys of the DeepEmbed variants (RWKV-7a/7b).
+_DEEP_EMBED = {"ffn.s_emb.weight", "ffn.s_emb_x.weight", "ffn.s0", "ffn.s1", "ffn.s2",
+               "att.k_emb.weight", "att.v_emb.weight"}
+
+
+@dataclass
+class Checkpoint:
+    dims: ModelDims
+    weights: dict[str, torch.Tensor]  # model weights only (time_state and unused blocks.0.att.v* removed)
+    time_state: torch.Tensor | None  # [L,H,N,N] fp32 if the file carries merged blocks.{i}.att.time_state keys
+
+
+def load_checkpoint(path: str) -> Checkpoint:
+    """Load a BlinkDL x070 checkpoint of any size (memory-mapped where the file format allows it)."""
+    return parse_checkpoint(read_tensor_dict(path), path)
+
+
+def read_tensor_dict(path: str) -> dict[str, torch.Tensor]:
+    """torch.load a file that must hold a dict of str -> tensor; refuse anything else with one line."""
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a folder, not a checkpoint file")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    # mmap needs the zip format of torch.save; files written by torch < 1.6 are read into memory.
+    mmap = zipfile.is_zipfile(path)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception:
+        raise UserError(f"{path}: not a PyTorch checkpoint (torch.load cannot read it)") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path}: not a model checkpoint (it holds a {type(loaded).__name__}, "
+                        "expected a dict of tensors)")
+    for key, value in loaded.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise UserError(f"{path}: not a model checkpoint (entry {key!r} is a {type(value).__name__}, "
+                            "expected a tensor)")
+    return loaded
+
+
+def parse_checkpoint(raw: dict[str, torch.Tensor], path: str) -> Checkpoint:
+    """Check a loaded state dict against the x070 layout and split off merged time_state keys."""
+    try:
+        _refuse_other_architectures(raw)
+        dims = infer_dims(raw)
+        state_keys = {key for key in raw if _TIME_STATE.match(key)}
+        weights = {k: v for k, v in raw.items() if k not in state_keys and k not in _UNUSED_LAYER0}
+        check_weights(weights, dims)
+        time_state = _stack_time_state(raw, state_keys, dims) if state_keys else None
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
+    return Checkpoint(dims=dims, weights=weights, time_state=time_state)
+
+
+def infer_dims(weights: dict) -> ModelDims:
+    """Read every dimension from the tensors.
+
+    H, N from `blocks.0.att.r_k`; V, C from `emb.weight`; L = highest block index + 1; the low-rank dims from
+    the widths of `w1`, `a1`, `g1` of block 0 and of `v1` of block 1 (layer 0 has no value residual).
+    Merged `blocks.{i}.att.time_state` keys do not count as layers.
+    A one-layer model has no used `v1`: then dim_v is the width of `blocks.0.att.v1` if the file has it
+    (RWKV-LM writes it), else 0.
+    """
+    vocab_size, n_embd = _shape_2d(weights, "emb.weight")
+    n_head, head_size = _shape_2d(weights, "blocks.0.att.r_k")
+    if n_head * head_size != n_embd:
+        raise UserError(f"key 'blocks.0.att.r_k' has shape [{n_head}, {head_size}] but H*N must equal "
+                        f"the embedding size {n_embd} of 'emb.weight'")
+    n_layer = 1 + max(int(m.group(1)) for key in weights if (m := _BLOCK_KEY.match(key))
+                      and not _TIME_STATE.match(key))
+    if n_layer > 1:
+        dim_v = _shape_2d(weights, "blocks.1.att.v1")[1]
+    else:
+        dim_v = _shape_2d(weights, "blocks.0.att.v1")[1] if "blocks.0.att.v1" in weights else 0
+    return ModelDims(
+        n_layer=n_layer, n_embd=n_embd, head_size=head_size, vocab_size=vocab_size,
+        dim_w=_shape_2d(weights, "blocks.0.att.w1")[1],
+        dim_a=_shape_2d(weights, "blocks.0.att.a1")[1],
+        dim_v=dim_v,
+        dim_g=_shape_2d(weights, "blocks.0.att.g1")[1],
+    )
+
+
+def expected_shapes(dims: ModelDims) -> dict[str, tuple[int, ...]]:
+    """Every model key of an x070 checkpoint with its shape, in RWKV-LM's state-dict order.
+
+    Layer 0 has no v0/v1/v2 here: they are never used (init_weights adds them, as RWKV-LM writes them).
+    """
+    C, V = dims.n_embd, dims.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"emb.weight": (V, C)}
+    for i in range(dims.n_layer):
+        shapes.update(_block_shapes(i, dims))
+    shapes.update({"ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V, C)})
+    return shapes
+
+
+def check_weights(weights: dict[str, torch.Tensor], dims: ModelDims) -> None:
+    """Every expected key present with its shape and a floating dtype, and no other key."""
+    expected = expected_shapes(dims)
+    for key, shape in expected.items():
+        if key not in weights:
+            raise UserError(f"missing key '{key}'")
+        tensor = weights[key]
+        if tuple(tensor.shape) != shape:
+            raise UserError(f"key '{key}' has shape {list(tensor.shape)}, expected {list(shape)}")
+        if not tensor.is_floating_point():
+            raise UserError(f"key '{key}' has dtype {tensor.dtype}, expected a floating-point tensor")
+    for key in weights:
+        if key not in expected:
+            raise UserError(f"unexpected key '{key}' (not part of an RWKV-7 x070 checkpoint)")
+
+
+def save_checkpoint(weights: dict, path: str) -> None:
+    """torch.save a dict of tensors atomically (temp file in the same folder, then os.replace)."""
+    write_atomically(path, lambda tmp: torch.save(weights, tmp))
+
+
+def _block_shapes(i: int, dims: ModelDims) -> dict[str, tuple[int, ...]]:
+    C, H, N = dims.n_embd, dims.n_head, dims.head_size
+    vec = (1, 1, C)
+    b, att = f"blocks.{i}.", f"blocks.{i}.att."
+    shapes = {b + "ln1.weight": (C,), b + "ln1.bias": (C,), b + "ln2.weight": (C,), b + "ln2.bias": (C,)}
+    if i == 0:
+        shapes.update({b + "ln0.weight": (C,), b + "ln0.bias": (C,)})
+    for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
+        shapes[att + name] = vec
+    shapes.update({att + "w1": (C, dims.dim_w), att + "w2": (dims.dim_w, C), att + "w0": vec,
+                   att + "a1": (C, dims.dim_a), att + "a2": (dims.dim_a, C), att + "a0": vec})
+    if i > 0:
+        shapes.update({att + "v1": (C, dims.dim_v), att + "v2": (dims.dim_v, C), att + "v0": vec})
+    shapes.update({att + "g1": (C, dims.dim_g), att + "g2": (dims.dim_g, C),
+                   att + "k_k": vec, att + "k_a": vec, att + "r_k": (H, N)})
+    for name in ("receptance", "key", "value", "output"):
+        shapes[f"{att}{name}.weight"] = (C, C)
+    shapes.update({att + "ln_x.weight": (C,), att + "ln_x.bias": (C,),
+                   b + "ffn.x_k": vec, b + "ffn.key.weight": (4 * C, C), b + "ffn.value.weight": (C, 4 * C)})
+    return shapes
+
+
+def _refuse_other_architectures(weights: dict) -> None:
+    for fragment, generation in _OLDER_GENERATIONS:
+        key = next((key for key in weights if fragment in key), None)
+        if key:
+            raise UserError(f"looks like an {generation} checkpoint (key '{key}'); "
+                            "rwkvray needs an RWKV-7 (x070) model")
+    for key in weights:
+        block = _BLOCK_KEY.match(key)
+        if block and block.group(2) in _DEEP_EMBED:
+            raise UserError(f"key '{key}' belongs to RWKV-7 DeepEmbed (7a/7b), which rwkvray does not support; "
+                            "use a plain RWKV-7 (x070) model")
+
+
+def _shape_2d(weights: dict, key: str) -> tuple[int, int]:
+    if key not in weights:
+        raise UserError(f"missing key '{key}'")
+    shape = tuple(weights[key].shape)
+    if len(shape) != 2:
+        raise UserError(f"key '{key}' has shape {list(shape)}, expected 2 dims")
+    return shape
+
+
+def _stack_time_state(raw: dict, state_keys: set[str], dims: ModelDims) -> torch.Tensor:
+    layers = []
+    for i in range(dims.n_layer):
+        key = TIME_STATE_KEY.format(i)
+        if key not in raw:
+            raise UserError(f"missing key '{key}' (the file has time_state keys for some layers only)")
+        tensor = raw[key]
+        if tuple(tensor.shape) != dims.state_shape:
+            raise UserError(f"key '{key}' has shape {list(tensor.shape)}, expected {list(dims.state_shape)}")
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise UserError(f"key '{key}' holds non-finite or non-float values")
+        layers.append(tensor.float())
+    extra = state_keys - {TIME_STATE_KEY.format(i) for i in range(dims.n_layer)}
+    if extra:
+        raise UserError(f"unexpected key '{sorted(extra)[0]}' (the model has {dims.n_layer} layers)")
+    return torch.stack(layers)

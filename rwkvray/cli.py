@@ -1,0 +1,159 @@
+"""The `rwkvray` command. Each subcommand parses its flags and hands off to the module that does the work."""
+import argparse
+import os
+import sys
+
+from rwkvray.errors import UserError
+
+
+def cmd_init_model(args) -> None:
+    import torch
+    from rwkvray.checkpoint import save_checkpoint
+    from rwkvray.init_model import default_dims, init_weights
+    dims = default_dims(args.n_layer, args.n_embd, args.vocab_size, args.head_size)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    save_checkpoint(init_weights(dims, seed=args.seed, perturb=args.perturb, dtype=dtype), args.out)
+    print(f"wrote {args.out}: n_layer {dims.n_layer}, n_embd {dims.n_embd}, vocab {dims.vocab_size}, "
+          f"low-rank w/a/v/g {dims.dim_w}/{dims.dim_a}/{dims.dim_v}/{dims.dim_g}")
+
+
+def cmd_generate(args) -> None:
+    import torch
+    from rwkvray.generate import generate_tokens
+    from rwkvray.model import load_model, pick_device
+    from rwkvray.state_file import load_state
+    from rwkvray.tokenizer import StreamDecoder, get_tokenizer
+    if not args.prompt:
+        raise UserError("--prompt: must not be empty")
+    device = pick_device(args.device)
+    model, merged_state = load_model(args.model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    time_state = load_state(args.state, model.dims) if args.state else merged_state
+    tokenizer = get_tokenizer()
+    decoder = StreamDecoder(tokenizer)
+    for token in generate_tokens(model, tokenizer.encode(args.prompt), time_state, args.max_tokens,
+                                 args.temperature, args.top_p, args.seed):
+        print(decoder.feed(token), end="", flush=True)
+    print(decoder.flush())
+
+
+def cmd_train(args) -> None:
+    from rwkvray.peft_flags import spec_from_train_flags
+    spec = spec_from_train_flags(args.flags)
+    if spec.scaling.num_workers > 1:
+        from rwkvray.launch.train import run_on_ray
+        run_on_ray(spec)
+        return
+    from rwkvray.train_loop import LocalContext, export_final_state, proj_dir, train
+    context = LocalContext(proj_dir(spec))
+    train(spec, context)
+    export_final_state(spec, context.checkpoint_dir)
+
+
+def cmd_validate(args) -> None:
+    from rwkvray.config import load_spec
+    spec = load_spec(args.spec)
+    print(f"{args.spec}: ok ({', '.join(name for name in type(spec).model_fields if getattr(spec, name) is not None)})")
+
+
+def cmd_run(args) -> None:
+    from rwkvray.config import load_spec
+    from rwkvray.launch.train import run_on_ray
+    run_on_ray(load_spec(args.spec), address=args.address)
+
+
+def cmd_tune(args) -> None:
+    from rwkvray.config import load_spec
+    from rwkvray.launch.tune import run_sweep
+    run_sweep(load_spec(args.spec), address=args.address)
+
+
+def cmd_serve(args) -> None:
+    from rwkvray.config import load_spec
+    from rwkvray.serve.app import run_server
+    run_server(load_spec(args.spec), address=args.address)
+
+
+def cmd_merge_state(args) -> None:
+    from rwkvray.state_file import merge_state
+    merge_state(args.base, args.state, args.out)
+    print(f"wrote {args.out}")
+
+
+def cmd_export_state(args) -> None:
+    from rwkvray.state_file import export_state
+    export_state(args.state, args.out, args.format)
+    print(f"wrote {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rwkvray", description="State tuning of RWKV-7 models on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init-model", help="write a new RWKV-7 checkpoint with the RWKV-LM init")
+    p.add_argument("--n-layer", type=int, required=True)
+    p.add_argument("--n-embd", type=int, required=True)
+    p.add_argument("--vocab-size", type=int, default=65536)
+    p.add_argument("--head-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--perturb", type=float, default=0.0,
+                   help="noise std for the zero-initialised matrices: a fresh init ignores any state (demos, tests)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_init_model)
+
+    p = sub.add_parser("generate", help="RNN-mode generation, optionally from a tuned state")
+    p.add_argument("--model", required=True)
+    p.add_argument("--state")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=0.85)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train", add_help=False, help="RWKV-PEFT's train.py flags (rwkvray train --help)")
+    p.add_argument("flags", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("validate", help="check a job spec without running it")
+    p.add_argument("spec")
+    p.set_defaults(func=cmd_validate)
+
+    for name, func, text in (("run", cmd_run, "run a job spec on Ray Train (DeepSpeed workers)"),
+                             ("tune", cmd_tune, "sweep learning rates with Ray Tune"),
+                             ("serve", cmd_serve, "serve the base model and mounted states (Ray Serve)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("spec")
+        p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                       help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray instance)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("merge-state", help="put a state into a base checkpoint file")
+    p.add_argument("--base", required=True)
+    p.add_argument("--state", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge_state)
+
+    p = sub.add_parser("export-state", help="convert a state file (safetensors for Ai00)")
+    p.add_argument("--state", required=True)
+    p.add_argument("--format", choices=["safetensors"], default="safetensors")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export_state)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""Training data: load documents (jsonl text/chat or Megatron binidx), cut them into pieces, and build
+batches that are a pure function of (seed, step, rank), so any Ray worker can resume at the same position.
+
+A Document's `mask[i]` says whether predicting `tokens[i]` from `tokens[:i]` counts toward the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from rwkvray.atomic import write_bytes_atomically
+from rwkvray.errors import UserError
+
+DATA_TYPES = ("jsonl", "binidx")
+LOSS_MASKS = ("none", "qa")
+ROLE_PREFIX = {"system": "System", "user": "User", "assistant": "Assistant"}
+TURN_SEPARATOR = "\n\n"
+REPLY_START = "Assistant:"
+REPLY_END = "\n\nUser:"
+
+BINIDX_MAGIC = b"MMIDIDX\x00\x00"
+BINIDX_VERSION = 1
+BINIDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
+
+
+@dataclass(eq=False)
+class Document:
+    """One tokenized document. jsonl gives int64 tokens; binidx gives read-only views of the memory-mapped
+    .bin in its stored dtype (so a large corpus is not copied) with a broadcast all-ones mask."""
+
+    tokens: np.ndarray
+    mask: np.ndarray
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T] int64
+    targets: torch.Tensor  # [B, T] int64, targets[:, t] follows input_ids[:, : t + 1]
+    mask: torch.Tensor  # [B, T] float32, 1.0 where the target counts
+
+
+# ---------------------------------------------------------------- chat rendering
+
+
+def render_chat(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+    """Render chat messages in the RWKV form `User: ...\\n\\nAssistant: ...` (system as `System: ...`).
+
+    Shared by the trainer and the Serve endpoint so prompts look exactly as they were learned. With
+    add_generation_prompt the text ends with `Assistant:` (no trailing space: the reply starts with one).
+    """
+    text = "".join(segment for segment, _ in chat_segments(messages))
+    if add_generation_prompt:
+        text += (TURN_SEPARATOR if text else "") + REPLY_START
+    return text
+
+
+def chat_segments(messages: Sequence[dict]) -> list[tuple[str, bool]]:
+    """The rendered chat as (text, is_assistant_reply) segments; their concatenation is render_chat()."""
+    if not isinstance(messages, list):
+        raise UserError(f"messages must be a list (got {type(messages).__name__})")
+    segments: list[tuple[str, bool]] = []
+    for i, message in enumerate(messages):
+        role, content = checked_message(message, i)
+        separator = TURN_SEPARATOR if i else ""
+        if role == "assistant":
+            add_segment(segments, separator + REPLY_START, False)
+            add_segment(segments, " " + content, True)
+        else:
+            add_segment(segments, f"{separator}{ROLE_PREFIX[role]}: {content}", False)
+    return segments
+
+
+def checked_message(message, index: int) -> tuple[str, str]:
+    if not isinstance(message, dict):
+        raise UserError(f"messages[{index}] must be an object with role and content")
+    role, content = message.get("role"), message.get("content")
+    if role not in ROLE_PREFIX:
+        raise UserError(f"messages[{index}].role must be one of {', '.join(ROLE_PREFIX)} (got {role!r})")
+    if not isinstance(content, str):
+        raise UserError(f"messages[{index}].content must be a string (got {type(content).__name__})")
+    return role, normalize_content(content)
+
+
+def normalize_content(content: str) -> str:
+    """A blank line separates turns, so message text must not contain one (the RWKV chat convention)."""
+    return re.sub(r"\n{2,}", "\n", content.replace("\r\n", "\n").strip())
+
+
+def add_segment(segments: list[tuple[str, bool]], text: str, is_reply: bool) -> None:
+    """Append, merging with the previous segment of the same kind (fewer cuts = more natural tokens)."""
+    if segments and segments[-1][1] == is_reply:
+        segments[-1] = (segments[-1][0] + text, is_reply)
+    else:
+        segments.append((text, is_reply))
+
+
+def text_segments(text: str) -> list[tuple[str, bool]]:
+    """Split `User: ...\\n\\nAssistant: ...` text: a reply runs from after each `Assistant:` up to the next
+    `\\n\\nUser:` or the end."""
+    segments: list[tuple[str, bool]] = []
+    pos = 0
+    while pos < len(text):
+        start = text.find(REPLY_START, pos)
+        if start < 0:
+            add_segment(segments, text[pos:], False)
+            break
+        reply_start = start + len(REPLY_START)
+        reply_end = text.find(REPLY_END, reply_start)
+        reply_end = len(text) if reply_end < 0 else reply_end
+        add_segment(segments, text[pos:reply_start], False)
+        if reply_end > reply_start:
+            add_segment(segments, text[reply_start:reply_end], True)
+        pos = reply_end
+    return segments
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_documents(path: str, data_type: str = "jsonl", loss_mask: str = "none", tokenizer=None) -> list[Document]:
+    if data_type not in DATA_TYPES:
+        raise UserError(f"data_type must be one of {', '.join(DATA_TYPES)} (got {data_type!r})")
+    if loss_mask not in LOSS_MASKS:
+        raise UserError(f"loss_mask must be one of {', '.join(LOSS_MASKS)} (got {loss_mask!r})")
+    if data_type == "binidx":
+        if loss_mask != "none":
+            raise UserError(f"loss_mask {loss_mask!r} needs jsonl data; binidx holds tokens only ({path})")
+        return read_binidx(path)
+    if tokenizer is None:
+        from rwkvray.tokenizer import get_tokenizer
+
+        tokenizer = get_tokenizer()
+    return read_jsonl(path, loss_mask, tokenizer)
+
+
+def read_jsonl(path: str, loss_mask: str, tokenizer) -> list[Document]:
+    if not os.path.isfile(path):
+        raise UserError(f"data file not found: {path}")
+    documents = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise UserError(f"{where}: not valid UTF-8") from None
+            if line:
+                documents.append(line_document(parse_line(line, where), loss_mask, tokenizer, where))
+    if not documents:
+        raise UserError(f"{path}: no documents (the file has no non-blank lines)")
+    return documents
+
+
+def parse_line(line: str, where: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict) or ("text" in record) == ("messages" in record):
+        raise UserError(f'{where}: expected a JSON object with exactly one of "text" or "messages"')
+    if "text" in record and not isinstance(record["text"], str):
+        raise UserError(f'{where}: "text" must be a string (got {type(record["text"]).__name__})')
+    return record
+
+
+def line_document(record: dict, loss_mask: str, tokenizer, where: str) -> Document:
+    try:
+        segments = text_segments(record["text"]) if "text" in record else chat_segments(record["messages"])
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    if loss_mask == "none":
+        tokens = tokenizer.encode("".join(text for text, _ in segments)) + [tokenizer.eos_id]
+        return Document(np.array(tokens, dtype=np.int64), np.ones(len(tokens), dtype=np.float32))
+    if not any(is_reply for _, is_reply in segments):
+        raise UserError(f"{where}: loss_mask 'qa' needs an assistant turn ('{REPLY_START}') and this line has none")
+    return segmented_document(segments, tokenizer)
+
+
+def segmented_document(segments: list[tuple[str, bool]], tokenizer) -> Document:
+    """Tokenize segment by segment so the mask flips exactly on token boundaries; the final eos counts
+    when the text ends inside a reply."""
+    tokens: list[int] = []
+    mask: list[float] = []
+    for text, is_reply in segments:
+        ids = tokenizer.encode(text)
+        tokens += ids
+        mask += [float(is_reply)] * len(ids)
+    tokens.append(tokenizer.eos_id)
+    mask.append(float(segments[-1][1]))
+    return Document(np.array(tokens, dtype=np.int64), np.array(mask, dtype=np.float32))
+
+
+# ---------------------------------------------------------------- binidx (Megatron MMapIndexedDataset)
+
+
+def binidx_prefix(path: str) -> str:
+    for extension in (".bin", ".idx"):
+        if path.endswith(extension):
+            return path[: -len(extension)]
+    return path
+
+
+def read_binidx(path: str) -> list[Document]:
+    """Documents of a Megatron .bin/.idx pair. Index layout (little endian): magic, u64 version, u8 dtype
+    code, u64 sequence count, u64 doc_idx count, i32 sizes[n], i64 byte pointers[n], i64 doc_idx[m]; a
+    document is the sequences doc_idx[d] .. doc_idx[d+1], stored contiguously."""
+    prefix = binidx_prefix(path)
+    idx_path, bin_path = prefix + ".idx", prefix + ".bin"
+    for needed in (idx_path, bin_path):
+        if not os.path.isfile(needed):
+            raise UserError(f"binidx file not found: {needed}")
+    dtype, sizes, pointers, doc_idx = read_binidx_index(idx_path)
+    bin_size = os.path.getsize(bin_path)
+    if len(sizes) and int((pointers + sizes.astype(np.int64) * dtype.itemsize).max()) > bin_size:
+        raise UserError(f"{bin_path}: shorter than its index says (truncated .bin?)")
+    if len(doc_idx) < 2:
+        raise UserError(f"{idx_path}: no documents in the binidx index")
+    data = np.asarray(np.memmap(bin_path, dtype=dtype, mode="r")) if bin_size else np.zeros(0, dtype)
+    documents = []
+    for first, end in zip(doc_idx[:-1].tolist(), doc_idx[1:].tolist()):
+        start = int(pointers[first]) // dtype.itemsize if end > first else 0
+        length = int(sizes[first:end].sum())
+        documents.append(Document(data[start : start + length], np.broadcast_to(np.float32(1.0), (length,))))
+    return documents
+
+
+def read_binidx_index(idx_path: str) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]:
+    with open(idx_path, "rb") as f:
+        raw = f.read()
+    header = struct.Struct("<9sQBQQ")
+    if len(raw) < header.size or raw[:9] != BINIDX_MAGIC:
+        raise UserError(f"{idx_path}: not a Megatron binidx index (bad magic {raw[:9]!r})")
+    _, version, dtype_code, n_sequences, n_doc_idx = header.unpack_from(raw)
+    if version != BINIDX_VERSION:
+        raise UserError(f"{idx_path}: unsupported binidx version {version} (expected {BINIDX_VERSION})")
+    if dtype_code not in BINIDX_DTYPES:
+        raise UserError(f"{idx_path}: unsupported token dtype code {dtype_code} (integer codes: 1-5, 8)")
+    if len(raw) < header.size + 12 * n_sequences + 8 * n_doc_idx:
+        raise UserError(f"{idx_path}: truncated binidx index")
+    sizes = np.frombuffer(raw, np.int32, n_sequences, header.size)
+    pointers = np.frombuffer(raw, np.int64, n_sequences, header.size + 4 * n_sequences)
+    doc_idx = np.frombuffer(raw, np.int64, n_doc_idx, header.size + 12 * n_sequences)
+    if len(doc_idx) and (doc_idx[0] != 0 or doc_idx[-1] != n_sequences or np.any(np.diff(doc_idx) < 0)):
+        raise UserError(f"{idx_path}: corrupt doc_idx (must rise from 0 to the sequence count {n_sequences})")
+    return np.dtype(BINIDX_DTYPES[dtype_code]), sizes, pointers, doc_idx
+
+
+def write_binidx(prefix: str, docs: Iterable[Sequence[int]], dtype=np.uint16) -> None:
+    """Write token documents as a Megatron binidx pair `prefix.bin` + `prefix.idx` (one sequence per
+    document). Both files are written to temp files first, then moved into place."""
+    dtype = np.dtype(dtype)
+    codes = {np.dtype(t): code for code, t in BINIDX_DTYPES.items()}
+    if dtype not in codes:
+        raise ValueError(f"binidx dtype must be one of {sorted(str(np.dtype(t)) for t in BINIDX_DTYPES.values())}")
+    arrays = [np.asarray(doc, dtype=np.int64) for doc in docs]
+    limits = np.iinfo(dtype)
+    for i, array in enumerate(arrays):
+        if array.size and (array.min() < limits.min or array.max() > limits.max):
+            raise ValueError(f"document {i} has a token outside the range of {dtype}")
+    sizes = np.array([a.size for a in arrays], dtype=np.int32)
+    pointers = (np.cumsum(sizes, dtype=np.int64) - sizes) * dtype.itemsize
+    header = struct.pack("<9sQBQQ", BINIDX_MAGIC, BINIDX_VERSION, codes[dtype], len(arrays), len(arrays) + 1)
+    doc_idx = np.arange(len(arrays) + 1, dtype=np.int64)
+    bin_bytes = b"".join(a.astype(dtype).tobytes() for a in arrays)
+    write_bytes_atomically(prefix + ".bin", bin_bytes)
+    write_bytes_atomically(prefix + ".idx", header + sizes.tobytes() + pointers.tobytes() + doc_idx.tobytes())
+
+
+# ---------------------------------------------------------------- pieces and batches
+
+
+def piece_spans(documents: Sequence[Document], ctx_len: int) -> np.ndarray:
+    """[N, 3] rows (doc, start, end): each document cut into pieces of at most ctx_len + 1 tokens, consecutive
+    pieces sharing one token so every target is predicted exactly once. Pieces with no counted target are
+    left out (state tuning restarts every piece from the learned state, so they add no gradient)."""
+    if ctx_len < 1:
+        raise UserError(f"ctx_len must be at least 1 (got {ctx_len})")
+    lengths = np.array([len(d.tokens) for d in documents], dtype=np.int64)
+    counts = (np.maximum(lengths - 1, 0) + ctx_len - 1) // ctx_len
+    doc_ids = np.repeat(np.arange(len(documents)), counts)
+    first_piece = np.repeat(np.cumsum(counts) - counts, counts)
+    starts = (np.arange(len(doc_ids)) - first_piece) * ctx_len
+    ends = np.minimum(starts + ctx_len + 1, lengths[doc_ids])
+    has_target = [bool(documents[d].mask[s + 1 : e].any()) for d, s, e in zip(doc_ids, starts, ends)]
+    return np.stack([doc_ids, starts, ends], axis=1)[np.array(has_target, dtype=bool)].reshape(-1, 3)
+
+
+def assemble_batch(documents: Sequence[Document], spans: np.ndarray) -> Batch:
+    """Right-pad to the longest piece; pads are token 0 with mask 0 (RWKV is causal, so trailing pads do not
+    change the real positions)."""
+    width = int((spans[:, 2] - spans[:, 1]).max()) - 1
+    input_ids = np.zeros((len(spans), width), dtype=np.int64)
+    targets = np.zeros((len(spans), width), dtype=np.int64)
+    mask = np.zeros((len(spans), width), dtype=np.float32)
+    for row, (doc, start, end) in enumerate(spans.tolist()):
+        tokens = np.asarray(documents[doc].tokens[start:end], dtype=np.int64)
+        n = end - start - 1
+        input_ids[row, :n] = tokens[:-1]
+        targets[row, :n] = tokens[1:]
+        mask[row, :n] = documents[doc].mask[start + 1 : end]
+    return Batch(torch.from_numpy(input_ids), torch.from_numpy(targets), torch.from_numpy(mask))
+
+
+class TokenBatcher:
+    """Batches as a pure function of (seed, step, rank): pieces are drawn with replacement by a generator
+    seeded with those three numbers, so a resumed run gets the same batches and the draw does not depend
+    on how many documents there are."""
+
+    def __init__(self, documents: Sequence[Document], ctx_len: int, seed: int):
+        if seed < 0:
+            raise UserError(f"seed must be non-negative (got {seed})")
+        self.documents = documents
+        self.ctx_len = ctx_len
+        self.seed = seed
+        self.spans = piece_spans(documents, ctx_len)
+        if len(self.spans) == 0:
+            raise UserError("no training pieces: every document is shorter than 2 tokens or has no counted target")
+
+    @property
+    def num_pieces(self) -> int:
+        return len(self.spans)
+
+    def batch(self, step: int, rank: int, world_size: int, micro_bsz: int) -> Batch:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if step < 0 or micro_bsz < 1:
+            raise ValueError(f"need step >= 0 and micro_bsz >= 1 (got step={step}, micro_bsz={micro_bsz})")
+        rng = np.random.default_rng([self.seed, step, rank])
+        picks = rng.integers(0, len(self.spans), size=micro_bsz)
+        return assemble_batch(self.documents, self.spans[picks])
+
+
+def eval_batches(documents: Sequence[Document], ctx_len: int, micro_bsz: int) -> Iterator[Batch]:
+    """Every piece exactly once, in document order (the last batch may be smaller)."""
+    spans = piece_spans(documents, ctx_len)
+    for first in range(0, len(spans), micro_bsz):
+        yield assemble_batch(documents, spans[first : first + micro_bsz])
+
+
+def split_holdout(documents: Sequence[Document], fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
+    """A seeded random holdout of about `fraction` of the documents, at least one on each side when there
+    are two or more; both sides keep the original order."""
+    if not 0 < fraction < 1:
+        raise UserError(f"holdout fraction must be between 0 and 1 (got {fraction})")
+    if len(documents) < 2:
+        return list(documents), []
+    n_val = min(max(round(len(documents) * fraction), 1), len(documents) - 1)
+    val_ids = set(np.random.default_rng(seed).permutation(len(documents))[:n_val].tolist())
+    train = [d for i, d in enumerate(documents) if i not in val_ids]
+    val = [d for i, d in enumerate(documents) if i in val_ids]
+    return train, val

@@ -1,0 +1,5 @@
+"""User-facing errors: one clear line, no traceback."""
+
+
+class UserError(Exception):
+    """Bad input from the user (a spec, a file, a flag). The CLI prints `error: <message>` and exits 2."""

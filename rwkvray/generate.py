@@ -1,0 +1,59 @@
+"""RNN-mode generation: prefill the prompt from a (tuned) state, then sample one token at a time.
+
+The Serve endpoint reuses `prefill` and `sample` for its batched decode loop.
+"""
+from collections.abc import Iterator
+
+import torch
+
+from rwkvray.model import RNNState, RWKV7
+
+PREFILL_CHUNK = 1024  # long prompts go through the parallel path in pieces, bounding memory
+
+
+@torch.no_grad()
+def prefill(model: RWKV7, tokens: list[int], state: RNNState) -> tuple[torch.Tensor, RNNState]:
+    """Run the prompt in parallel mode; returns the logits of its last token [V] and the state after it."""
+    device = model.emb.weight.device
+    logits = None
+    for start in range(0, len(tokens), PREFILL_CHUNK):
+        idx = torch.tensor([tokens[start:start + PREFILL_CHUNK]], device=device)
+        hidden, state = model.hidden(idx, state)
+        logits = model.head(hidden[:, -1])[0]
+    return logits.float(), state
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generator=None) -> torch.Tensor:
+    """One token per row of logits [B,V]. Rows with temperature 0 are greedy; top_p keeps the smallest nucleus."""
+    greedy = logits.argmax(-1)
+    temperature = temperature.to(logits.device).clamp(min=1e-6).unsqueeze(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p.to(logits.device).unsqueeze(-1)
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    picked = torch.multinomial(sorted_probs, 1, generator=generator).squeeze(-1)
+    sampled = order.gather(-1, picked.unsqueeze(-1)).squeeze(-1)
+    return torch.where(temperature.squeeze(-1) <= 1e-6, greedy, sampled)
+
+
+def start_state(model: RWKV7, time_state: torch.Tensor | None, batch: int = 1) -> RNNState:
+    device, dtype = model.emb.weight.device, model.emb.weight.dtype
+    if time_state is None:
+        return RNNState.zeros(model.dims, batch, device, dtype)
+    return RNNState.from_time_state(time_state.to(device), batch, model.dims.n_embd, dtype)
+
+
+@torch.no_grad()
+def generate_tokens(model: RWKV7, prompt: list[int], time_state: torch.Tensor | None = None, max_tokens: int = 100,
+                    temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> Iterator[int]:
+    """Yields generated token ids; stops at end-of-text (id 0) or after max_tokens."""
+    generator = torch.Generator(device=model.emb.weight.device).manual_seed(seed)
+    logits, state = prefill(model, prompt, start_state(model, time_state))
+    temp, nucleus = torch.tensor([temperature]), torch.tensor([top_p])
+    for _ in range(max_tokens):
+        token = sample(logits.unsqueeze(0), temp, nucleus, generator)
+        if token.item() == 0:
+            return
+        yield token.item()
+        logits, state = model.step(token, state)
+        logits = logits[0].float()

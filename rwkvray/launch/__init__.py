@@ -1,0 +1,1 @@
+"""Launchers: Ray Train (run), Ray Tune (tune). Ray is imported only here."""

@@ -1,0 +1,72 @@
+"""The interface every PEFT method implements, and the module that trains one on a frozen RWKV-7.
+
+A method adds its trainable tensors (an initial state, adapter matrices) to a frozen base model,
+saves them as its adapter file, and can fold them back into a full checkpoint.
+"""
+import torch
+import torch.nn as nn
+
+from rwkvray.loss import masked_lm_loss
+from rwkvray.model import RNNState, RWKV7
+
+METHODS: dict[str, type["PeftMethod"]] = {}
+
+
+class PeftMethod(nn.Module):
+    name: str = ""
+    file_prefix: str = "rwkv"  # epoch files are <prefix>-<epoch>.pth, as RWKV-PEFT names them
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        METHODS[cls.name] = cls
+
+    def initial_state(self, model: RWKV7, batch: int, dtype: torch.dtype) -> RNNState | None:
+        """The state every sequence starts from; None means zeros."""
+        return None
+
+    @classmethod
+    def from_spec(cls, base: RWKV7, peft_spec) -> "PeftMethod":
+        raise NotImplementedError
+
+    def attach(self, base: RWKV7) -> None:
+        """Hook the method's tensors into the frozen base (or just move them to its device)."""
+        raise NotImplementedError
+
+    def save(self, path: str) -> None:
+        """Write the method's adapter file (atomically)."""
+        raise NotImplementedError
+
+
+class PeftModel(nn.Module):
+    """Frozen base + one method (or state plus one weight method); forward returns the masked LM loss."""
+
+    def __init__(self, base: RWKV7, methods: list[PeftMethod]):
+        super().__init__()
+        base.requires_grad_(False)
+        self.base = base
+        self.methods = nn.ModuleList(methods)
+        for method in methods:
+            method.attach(base)
+
+    def initial_state(self, batch: int) -> RNNState | None:
+        dtype = self.base.emb.weight.dtype
+        states = [s for s in (m.initial_state(self.base, batch, dtype) for m in self.methods) if s is not None]
+        return states[0] if states else None
+
+    def forward(self, input_ids, targets, mask):
+        hidden, _ = self.base.hidden(input_ids, self.initial_state(input_ids.shape[0]))
+        return masked_lm_loss(hidden, self.base.head, targets, mask)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def method_classes(peft_spec) -> list[type[PeftMethod]]:
+    """The spec's `method`, plus state tuning when `combine_state` is set."""
+    import rwkvray.peft.state  # noqa: F401  registers the method
+    names = [peft_spec.method] + (["state"] if peft_spec.combine_state and peft_spec.method != "state" else [])
+    return [METHODS[name] for name in names]
+
+
+def build_peft(base: RWKV7, peft_spec) -> PeftModel:
+    return PeftModel(base, [cls.from_spec(base, peft_spec) for cls in method_classes(peft_spec)])

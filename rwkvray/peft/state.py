@@ -1,0 +1,31 @@
+"""State tuning: the per-layer initial WKV state [L,H,N,N] is the only trainable tensor."""
+import torch
+import torch.nn as nn
+
+from rwkvray.model import RNNState, RWKV7
+from rwkvray.peft.base import PeftMethod
+from rwkvray.state_file import load_state, save_state
+
+
+class StateTuning(PeftMethod):
+    name = "state"
+
+    def __init__(self, time_state: torch.Tensor):
+        super().__init__()
+        self.time_state = nn.Parameter(time_state.float().clone())  # fp32 master, whatever the base dtype
+
+    @classmethod
+    def from_spec(cls, base: RWKV7, peft_spec) -> "StateTuning":
+        init_from = peft_spec.state.init_from if peft_spec.state else None
+        if init_from:
+            return cls(load_state(init_from, base.dims))
+        return cls(torch.zeros(base.dims.n_layer, *base.dims.state_shape))
+
+    def attach(self, base: RWKV7) -> None:
+        self.to(base.emb.weight.device)
+
+    def initial_state(self, model: RWKV7, batch: int, dtype: torch.dtype) -> RNNState:
+        return RNNState.from_time_state(self.time_state, batch, model.dims.n_embd, dtype)
+
+    def save(self, path: str) -> None:
+        save_state(self.time_state.detach().float().cpu(), path)

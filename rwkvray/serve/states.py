@@ -1,0 +1,186 @@
+"""The registry of mounted states: which names can be served, and the tensors behind them.
+
+Semantics:
+- *known*: every `NAME.pth` in states_dir (looked up on demand, so a file dropped there needs no restart).
+- *mounted*: held in memory here, ready to serve. A state gets mounted by `POST /v1/states` (by name from
+  states_dir, or uploaded), or automatically on its first request when it is known.
+- *unmounted*: `DELETE /v1/states/NAME` drops it and blocks automatic mounting, so requests for it get 404
+  until it is mounted again by POST. Mounting again re-reads the file (the way to pick up a retrained state).
+- Uploads live in memory only; they are gone when the registry restarts.
+
+Each mount gets a new version; replicas cache states under the id `NAME@VERSION`, so a replaced or re-mounted
+state is never served from a stale cache entry, and a request that raced an unmount gets 404, not old data.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from rwkvray.dims import ModelDims
+from rwkvray.errors import UserError
+from rwkvray.serve.api import ApiError, bad_request, not_found
+from rwkvray.state_file import load_state
+
+STATE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # no leading dot: no "..", no hidden files
+STATE_SUFFIX = ".pth"
+VERSION_MARK = "@"  # not a name character, so NAME@VERSION splits unambiguously
+
+
+def check_name(name: str, param: str = "name") -> str:
+    if not isinstance(name, str) or not STATE_NAME.fullmatch(name):
+        raise bad_request(f"invalid state name {name!r}: use 1-128 of A-Z a-z 0-9 . _ - (not starting with '.')",
+                          param, "invalid_state_name")
+    return name
+
+
+def state_path(states_dir: str, name: str) -> str:
+    """The file of a state, refusing anything (a symlink included) that resolves outside states_dir."""
+    root = os.path.realpath(states_dir)
+    path = os.path.realpath(os.path.join(root, check_name(name) + STATE_SUFFIX))
+    if os.path.dirname(path) != root:
+        raise bad_request(f"state {name!r} resolves outside the states folder", "name", "invalid_state_name")
+    return path
+
+
+def model_id(name: str, version: int) -> str:
+    return f"{name}{VERSION_MARK}{version}"
+
+
+def split_model_id(mid: str) -> tuple[str, int]:
+    name, _, version = mid.rpartition(VERSION_MARK)
+    return name, int(version)
+
+
+@dataclass
+class Mounted:
+    name: str
+    version: int
+    source: str  # "states_dir" or "upload"
+    time_state: torch.Tensor  # [L,H,N,N] fp32, CPU; never written to
+
+    def describe(self) -> dict:
+        return {"name": self.name, "source": self.source, "shape": list(self.time_state.shape)}
+
+
+class StateStore:
+    """Mounted states of one application. Thread-safe; every public method raises ApiError on bad input."""
+
+    def __init__(self, states_dir: str, dims: ModelDims, base_name: str, max_upload_bytes: int):
+        self.states_dir = states_dir
+        self.dims = dims
+        self.base_name = base_name
+        self.max_upload_bytes = max_upload_bytes
+        self.mounted: dict[str, Mounted] = {}
+        self.unmounted: set[str] = set()
+        self.next_version = 1
+        self.lock = threading.Lock()
+        os.makedirs(states_dir, exist_ok=True)
+
+    def resolve(self, name: str) -> str:
+        """The cache id for a request's state, mounting a known state on first use."""
+        check_name(name, "model")
+        with self.lock:
+            if name in self.mounted:
+                return model_id(name, self.mounted[name].version)
+            if name in self.unmounted:
+                raise not_found(f"state '{name}' is not mounted (it was unmounted; POST /v1/states to mount it again)")
+            path = state_path(self.states_dir, name)
+            if not os.path.isfile(path):
+                raise not_found(f"the model '{name}' does not exist: it is neither the base model "
+                                f"'{self.base_name}' nor a state in the states folder")
+            entry = self._add(name, "states_dir", self._read(path, name))
+            return model_id(name, entry.version)
+
+    def fetch(self, mid: str) -> torch.Tensor:
+        """The tensor behind a cache id from `resolve`; 404 if it was unmounted or replaced since."""
+        name, version = split_model_id(mid)
+        with self.lock:
+            entry = self.mounted.get(name)
+            if entry is None or entry.version != version:
+                raise not_found(f"state '{name}' is not mounted (it was unmounted or replaced during the request)")
+            return entry.time_state
+
+    def mount(self, name: str) -> dict:
+        """Mount (or re-read) NAME.pth from states_dir."""
+        self._check_not_base(name)
+        path = state_path(self.states_dir, name)
+        if not os.path.isfile(path):
+            raise not_found(f"no state file '{name}{STATE_SUFFIX}' in the states folder", "state_not_found")
+        time_state = self._read(path, name)
+        with self.lock:
+            return self._add(name, "states_dir", time_state).describe()
+
+    def upload(self, name: str, data: bytes) -> dict:
+        """Mount a state file sent by a client, after checking it fully (weights_only load, keys, shapes)."""
+        self._check_not_base(name)
+        if len(data) > self.max_upload_bytes:
+            raise upload_too_large(self.max_upload_bytes)
+        with tempfile.TemporaryDirectory(prefix="rwkvray-upload-") as folder:
+            path = os.path.join(folder, name + STATE_SUFFIX)
+            with open(path, "wb") as f:
+                f.write(data)
+            time_state = self._read(path, name)
+        with self.lock:
+            return self._add(name, "upload", time_state).describe()
+
+    def unmount(self, name: str) -> dict:
+        check_name(name)
+        with self.lock:
+            was_mounted = self.mounted.pop(name, None) is not None
+            if not was_mounted and (name in self.unmounted or not self._known(name)):
+                raise not_found(f"state '{name}' is not mounted", "state_not_found")
+            self.unmounted.add(name)
+        return {"name": name, "mounted": False}
+
+    def listing(self) -> dict:
+        with self.lock:
+            return {"object": "state_list",
+                    "mounted": [entry.describe() for entry in self.mounted.values()],
+                    "known": self.known_names(),
+                    "unmounted": sorted(self.unmounted)}
+
+    def servable_names(self) -> list[str]:
+        """Names a request may use as `model` right now: mounted, or known and not unmounted."""
+        with self.lock:
+            return sorted(set(self.mounted) | (set(self.known_names()) - self.unmounted))
+
+    def known_names(self) -> list[str]:
+        try:
+            files = os.listdir(self.states_dir)
+        except FileNotFoundError:
+            return []
+        stems = (f[: -len(STATE_SUFFIX)] for f in files if f.endswith(STATE_SUFFIX))
+        return sorted(stem for stem in stems if STATE_NAME.fullmatch(stem) and stem != self.base_name)
+
+    def _known(self, name: str) -> bool:
+        return os.path.isfile(state_path(self.states_dir, name))
+
+    def _check_not_base(self, name: str) -> None:
+        if check_name(name) == self.base_name:
+            raise bad_request(f"'{name}' is the base model's name; pick another state name", "name",
+                              "invalid_state_name")
+
+    def _read(self, path: str, name: str) -> torch.Tensor:
+        """load_state's checks (weights_only, exact keys, [H,N,N] per layer, finite, fits the model) as a 400."""
+        try:
+            return load_state(path, self.dims)
+        except UserError as err:
+            message = str(err).removeprefix(f"{path}: ")
+            raise bad_request(f"state '{name}': {message}", "state", "invalid_state") from None
+
+    def _add(self, name: str, source: str, time_state: torch.Tensor) -> Mounted:
+        entry = Mounted(name, self.next_version, source, time_state)
+        self.next_version += 1
+        self.mounted[name] = entry
+        self.unmounted.discard(name)
+        return entry
+
+
+def upload_too_large(limit: int) -> ApiError:
+    return ApiError(413, f"upload exceeds the limit of {limit / 2**20:g} MiB", "invalid_request_error",
+                    "file", "upload_too_large")

@@ -1,0 +1,215 @@
+"""The training loop every worker runs: plain PyTorch, with or without Ray around it.
+
+`train(spec, ctx)` is the whole loop. A context says who this worker is and where checkpoints go:
+LocalContext for a single process, RayContext (rwkvray.launch.train) under Ray Train.
+"""
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from rwkvray.atomic import atomic_path
+from rwkvray.data import TokenBatcher, eval_batches, load_documents, split_holdout
+from rwkvray.errors import UserError
+from rwkvray.metrics import RunLogger
+from rwkvray.model import load_model
+from rwkvray.peft import build_peft
+from rwkvray.peft.base import method_classes
+from rwkvray.schedule import learning_rate
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
+
+
+@dataclass
+class LocalContext:
+    """One process, no Ray: the latest checkpoint lives in <proj_dir>/checkpoint."""
+    proj_dir: str
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    distributed: bool = False
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.proj_dir, "checkpoint")
+
+    def resume(self, load) -> None:
+        if os.path.exists(os.path.join(self.checkpoint_dir, "progress.json")):
+            load(self.checkpoint_dir)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        if checkpoint_dir is None:
+            return
+        old = self.checkpoint_dir + ".old"
+        if os.path.exists(self.checkpoint_dir):
+            os.replace(self.checkpoint_dir, old)
+        shutil.copytree(checkpoint_dir, self.checkpoint_dir + ".new")
+        os.replace(self.checkpoint_dir + ".new", self.checkpoint_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class Progress:
+    step: int = 0           # optimizer steps done
+    best_val_loss: float | None = None
+
+
+def train(spec, ctx) -> dict:
+    """Run the spec's training on this worker; returns the last metrics."""
+    trainer = spec.trainer
+    torch.manual_seed(trainer.seed)
+    if trainer.precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    module = _build_module(spec, ctx.device)
+    train_docs, val_docs = _load_data(spec)
+    batcher = TokenBatcher(train_docs, spec.data.ctx_len, seed=trainer.seed)
+    engine = _build_engine(spec, module, ctx)
+    progress = Progress()
+    ctx.resume(lambda folder: _load_checkpoint(folder, engine, progress))
+
+    total = trainer.epoch_count * trainer.epoch_steps
+    logger = RunLogger(proj_dir(spec), total, progress.step, enabled=ctx.rank == 0,
+                       wandb_project=spec.logging.wandb_project, wandb_mode=spec.logging.wandb_mode,
+                       run_name=spec.run.name, config=spec.model_dump(mode="json"))
+    metrics = {}
+    while progress.step < total:
+        metrics = _train_step(spec, engine, batcher, progress, ctx)
+        progress.step += 1
+        metrics.update(_maybe_evaluate(spec, engine, val_docs, progress, ctx))
+        logger.log_step(**metrics)
+        _maybe_checkpoint(spec, engine, progress, metrics, ctx, logger)
+    logger.finish()
+    return metrics
+
+
+def proj_dir(spec) -> str:
+    return spec.trainer.proj_dir
+
+
+def _build_module(spec, device):
+    model, _ = load_model(spec.model.path, device=device, dtype=DTYPES[spec.trainer.precision])
+    _check_expected_dims(spec, model.dims)
+    model.op = spec.trainer.op
+    model.grad_cp = spec.trainer.grad_cp
+    return build_peft(model, spec.peft)
+
+
+def _check_expected_dims(spec, dims) -> None:
+    for key in ("n_layer", "n_embd"):
+        expected = getattr(spec.model, key, None)
+        if expected is not None and expected != getattr(dims, key):
+            raise UserError(f"model.{key}: the spec says {expected} but {spec.model.path} has {getattr(dims, key)}")
+
+
+def _load_data(spec):
+    data = spec.data
+    docs = load_documents(data.file, data.type, data.loss_mask)
+    if data.eval_file:
+        return docs, load_documents(data.eval_file, "jsonl", data.loss_mask)
+    if data.holdout_fraction > 0:
+        return split_holdout(docs, data.holdout_fraction, spec.trainer.seed)
+    return docs, []
+
+
+def _build_engine(spec, module, ctx):
+    from rwkvray.engine import DeepSpeedEngine, PlainEngine
+    if ctx.distributed:
+        from rwkvray.config import deepspeed_config
+        return DeepSpeedEngine(module, spec.optim, deepspeed_config(spec))
+    return PlainEngine(module, spec.optim, spec.trainer.grad_accum)
+
+
+def _train_step(spec, engine, batcher, progress, ctx) -> dict:
+    trainer, optim = spec.trainer, spec.optim
+    lr = learning_rate(progress.step, trainer.epoch_count * trainer.epoch_steps, optim.lr_init, optim.lr_final,
+                       optim.warmup_steps, optim.schedule)
+    engine.set_lr(lr)
+    start, tokens, loss_sum = time.perf_counter(), 0, 0.0
+    for micro in range(trainer.grad_accum):
+        batch = batcher.batch(progress.step * trainer.grad_accum + micro, ctx.rank, ctx.world_size, trainer.micro_bsz)
+        loss = engine(*(t.to(ctx.device) for t in (batch.input_ids, batch.targets, batch.mask)))
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.item()
+        tokens += batch.input_ids.numel()
+    loss = _mean_over_ranks(loss_sum / trainer.grad_accum, ctx)
+    tokens_per_s = tokens * ctx.world_size / (time.perf_counter() - start)
+    return {"step": progress.step + 1, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s}
+
+
+def _mean_over_ranks(value: float, ctx) -> float:
+    if not ctx.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.item() / ctx.world_size
+
+
+def _maybe_evaluate(spec, engine, val_docs, progress, ctx) -> dict:
+    every = spec.tune.eval_every_steps if spec.tune else None
+    epoch_end = progress.step % spec.trainer.epoch_steps == 0
+    if not val_docs or not (epoch_end or (every and progress.step % every == 0)):
+        return {}
+    val_loss = evaluate(engine, val_docs, spec.data.ctx_len, spec.trainer.micro_bsz, ctx.device)
+    progress.best_val_loss = min(val_loss, progress.best_val_loss or val_loss)
+    return {"val_loss": val_loss}
+
+
+@torch.no_grad()
+def evaluate(engine, docs, ctx_len: int, micro_bsz: int, device) -> float:
+    """Token-weighted mean loss over every held-out piece (each rank computes the same value)."""
+    total, count = 0.0, 0.0
+    for batch in eval_batches(docs, ctx_len, micro_bsz):
+        n = batch.mask.sum().item()
+        total += engine(*(t.to(device) for t in (batch.input_ids, batch.targets, batch.mask))).item() * n
+        count += n
+    return total / max(count, 1.0)
+
+
+def _maybe_checkpoint(spec, engine, progress, metrics, ctx, logger) -> None:
+    trainer, every = spec.trainer, spec.run.checkpoint_every_steps
+    epoch_end = progress.step % trainer.epoch_steps == 0
+    if not (epoch_end or (every and progress.step % every == 0)):
+        ctx.report(metrics)
+        return
+    epoch = progress.step // trainer.epoch_steps
+    if epoch_end and ctx.rank == 0 and (epoch % trainer.epoch_save == 0 or progress.step == trainer.epoch_count * trainer.epoch_steps):
+        for method in engine.module.methods:
+            path = os.path.join(proj_dir(spec), f"{method.file_prefix}-{epoch - 1}.pth")
+            method.save(path)
+            logger.note(f"saved {path}")
+    with tempfile.TemporaryDirectory() as folder:
+        _save_checkpoint(folder, engine, progress, ctx)
+        ctx.report(metrics, folder)
+
+
+def _save_checkpoint(folder, engine, progress, ctx) -> None:
+    engine.save(folder)
+    if ctx.rank == 0:
+        for method in engine.module.methods:
+            method.save(os.path.join(folder, f"{method.name}.pth"))
+        with open(os.path.join(folder, "progress.json"), "w") as f:
+            json.dump({"step": progress.step, "best_val_loss": progress.best_val_loss}, f)
+
+
+def _load_checkpoint(folder, engine, progress) -> None:
+    engine.load(folder)
+    with open(os.path.join(folder, "progress.json")) as f:
+        saved = json.load(f)
+    progress.step, progress.best_val_loss = saved["step"], saved["best_val_loss"]
+
+
+def export_final_state(spec, checkpoint_dir: str) -> str:
+    """Copy each method's file from the last checkpoint to <proj_dir>/<prefix>-final.pth and print where."""
+    paths = []
+    for cls in method_classes(spec.peft):
+        path = os.path.join(proj_dir(spec), f"{cls.file_prefix}-final.pth")
+        with atomic_path(path) as tmp:
+            shutil.copyfile(os.path.join(checkpoint_dir, f"{cls.name}.pth"), tmp)
+        print(f"final {cls.name} file: {path}")
+        paths.append(path)
+    return paths[0]

@@ -1,0 +1,20 @@
+"""Tiny random models for tests (no weights can be downloaded)."""
+import torch
+
+from rwkvray.dims import ModelDims
+from rwkvray.model import RWKV7
+
+TINY = ModelDims(n_layer=2, n_embd=128, head_size=64, vocab_size=300, dim_w=8, dim_a=8, dim_v=4, dim_g=16)
+
+
+def random_model(dims: ModelDims = TINY, seed: int = 0, dtype=torch.float32) -> RWKV7:
+    """Every parameter random, so every path (decay, value residual, gates, bonus) is exercised."""
+    torch.manual_seed(seed)
+    model = RWKV7(dims)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln0.weight", "ln1.weight", "ln2.weight", "ln_out.weight", "ln_x.weight")):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (0.5 if p.dim() < 2 else p.shape[-1] ** -0.5))
+    return model.to(dtype).eval()
