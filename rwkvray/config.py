@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from typing import Annotated, Any, Literal, Optional, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -86,9 +86,9 @@ def strict_choice(*values):
     def check(value):
         if any(value == v and type(value) is type(v) for v in values):
             return value
-        expected = ", ".join(str(v).lower() if isinstance(v, bool) else repr(v) for v in values[:-1])
-        last = str(values[-1]).lower() if isinstance(values[-1], bool) else repr(values[-1])
-        raise PydanticCustomError("literal_error", "bad choice", {"expected": f"{expected} or {last}"})
+        spelled = [short_repr(v) for v in values]
+        expected = ", ".join(spelled[:-1]) + " or " + spelled[-1]
+        raise PydanticCustomError("literal_error", "bad choice", {"expected": expected})
 
     return BeforeValidator(check)
 
@@ -112,7 +112,9 @@ Targets = Annotated[list[Target], Field(min_length=1), AfterValidator(unique_tar
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, validate_default=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", strict=True, allow_inf_nan=False, validate_default=True, protected_namespaces=()
+    )
 
 
 # ---------------------------------------------------------------- blocks
@@ -121,7 +123,7 @@ class StrictModel(BaseModel):
 class RunConfig(StrictModel):
     name: str = "rwkvray"
     storage_path: Annotated[str, AfterValidator(local_or_uri)] = "./runs"
-    checkpoint_every_steps: Optional[PositiveInt] = None  # None: checkpoint every trainer.epoch_save epochs
+    checkpoint_every_steps: PositiveInt | None = None  # None: checkpoint every trainer.epoch_save epochs
     keep_checkpoints: PositiveInt = 2
     max_failures: int = 0  # -1: retry forever
 
@@ -144,13 +146,13 @@ class ModelConfig(StrictModel):
     """The checkpoint, plus optional expectations checked against its weights (see check_model_expectations)."""
 
     path: ExistingFile
-    n_layer: Optional[PositiveInt] = None
-    n_embd: Optional[PositiveInt] = None
-    head_size: Optional[PositiveInt] = None
-    vocab_size: Optional[PositiveInt] = None
+    n_layer: PositiveInt | None = None
+    n_embd: PositiveInt | None = None
+    head_size: PositiveInt | None = None
+    vocab_size: PositiveInt | None = None
 
 
-def data_path(path: str, data_type: Optional[str]) -> str:
+def data_path(path: str, data_type: str | None) -> str:
     """A jsonl file must exist; a binidx prefix (with or without .bin/.idx) needs both its .bin and .idx."""
     if data_type != "binidx":
         resolved = absolute(path)
@@ -159,8 +161,7 @@ def data_path(path: str, data_type: Optional[str]) -> str:
         return existing_file(path)
     prefix = absolute(path)
     for extension in (".bin", ".idx"):
-        if prefix.endswith(extension):
-            prefix = prefix[: -len(extension)]
+        prefix = prefix.removesuffix(extension)
     for needed in (prefix + ".bin", prefix + ".idx"):
         if not os.path.isfile(needed):
             raise ValueError(f"binidx file not found: {needed}")
@@ -172,18 +173,18 @@ class DataConfig(StrictModel):
     file: str
     ctx_len: Annotated[int, Field(ge=2)] = 512
     loss_mask: Literal["none", "qa"] = "none"
-    eval_file: Optional[str] = None
+    eval_file: str | None = None
     holdout_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
     @field_validator("file", "eval_file")
     @classmethod
-    def existing_data(cls, path: Optional[str], info) -> Optional[str]:
+    def existing_data(cls, path: str | None, info) -> str | None:
         if path is None or "type" not in info.data:  # a bad type is reported on its own
             return path
         return data_path(path, info.data["type"])
 
     @model_validator(mode="after")
-    def consistent(self) -> "DataConfig":
+    def consistent(self) -> DataConfig:
         if self.loss_mask == "qa" and self.type == "binidx":
             raise SpecProblem("loss_mask", "qa needs jsonl data (binidx holds tokens only)")
         if self.eval_file and self.holdout_fraction > 0:
@@ -192,7 +193,7 @@ class DataConfig(StrictModel):
 
 
 class StateConfig(StrictModel):
-    init_from: Optional[ExistingFile] = None  # a state file to start from instead of zeros
+    init_from: ExistingFile | None = None  # a state file to start from instead of zeros
 
 
 class LoraConfig(StrictModel):
@@ -224,7 +225,7 @@ class PeftConfig(StrictModel):
     quant: Literal["none", "int8", "nf4"] = "none"
 
     @model_validator(mode="after")
-    def used_blocks(self) -> "PeftConfig":
+    def used_blocks(self) -> PeftConfig:
         if self.combine_state and self.method == "state":
             raise SpecProblem("combine_state", "needs a weight method (method: lora, pissa or disha)")
         for block in ("lora", "pissa", "disha"):
@@ -240,13 +241,15 @@ class OptimConfig(StrictModel):
     lr_final: PositiveFloat = 1e-4
     schedule: Literal["cos_decay", "wsd"] = "cos_decay"
     warmup_steps: NonNegativeInt = 0
-    betas: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)] = Field(default_factory=lambda: [0.9, 0.99])
+    betas: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: [0.9, 0.99]
+    )
     eps: PositiveFloat = 1e-8
     weight_decay: NonNegativeFloat = 0.0
     grad_clip: NonNegativeFloat = 1.0  # 0 turns clipping off
 
     @model_validator(mode="after")
-    def decreasing(self) -> "OptimConfig":
+    def decreasing(self) -> OptimConfig:
         if self.lr_final > self.lr_init:
             raise SpecProblem("lr_final", f"must be ≤ lr_init ({self.lr_init:g})")
         return self
@@ -262,11 +265,11 @@ class TrainerConfig(StrictModel):
     grad_cp: bool = False
     op: Literal["auto", "torch", "cuda", "fla"] = "auto"
     seed: NonNegativeInt = 42
-    proj_dir: Optional[str] = None  # where state files go; default: <storage_path>/<name>
+    proj_dir: str | None = None  # where state files go; default: <storage_path>/<name>
 
     @field_validator("proj_dir")
     @classmethod
-    def local_folder(cls, path: Optional[str]) -> Optional[str]:
+    def local_folder(cls, path: str | None) -> str | None:
         if path is not None and is_uri(path):
             raise ValueError("must be a local or shared folder, not a URI")
         return None if path is None else absolute(path)
@@ -275,7 +278,7 @@ class TrainerConfig(StrictModel):
 class DeepSpeedBlock(StrictModel):
     stage: Annotated[Literal[0, 1, 2, 3], strict_choice(0, 1, 2, 3)] = 1
     offload: bool = False  # ZeRO-Offload of the optimizer to CPU memory
-    config: Optional[dict[str, Any]] = None  # raw DeepSpeed config merged over the generated one
+    config: dict[str, Any] | None = None  # raw DeepSpeed config merged over the generated one
 
     @model_validator(mode="before")
     @classmethod
@@ -293,10 +296,12 @@ class DeepSpeedBlock(StrictModel):
         return data
 
     @model_validator(mode="after")
-    def legal(self) -> "DeepSpeedBlock":
+    def legal(self) -> DeepSpeedBlock:
         if self.offload and self.stage == 0:
             raise SpecProblem("offload", "needs stage 1, 2 or 3 (stage 0 has no ZeRO optimizer to offload)")
-        for path, owner in owned_keys(self.config or {}):
+        owned = owned_keys(self.config or {})
+        if owned:
+            path, owner = owned[0]
             raise SpecProblem(f"config.{path}", f"not allowed here: set {owner} instead")
         return self
 
@@ -308,17 +313,18 @@ class ScalingConfig(StrictModel):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     @model_validator(mode="after")
-    def resources(self) -> "ScalingConfig":
+    def resources(self) -> ScalingConfig:
         for name, amount in self.resources_per_worker.items():
             if name.upper() in ("CPU", "GPU") and name != name.upper():
-                raise SpecProblem(f"resources_per_worker.{name}", f"write {name.upper()} (Ray resource names are case-sensitive)")
+                message = f"write {name.upper()} (Ray resource names are case-sensitive)"
+                raise SpecProblem(f"resources_per_worker.{name}", message)
             if name == "GPU" and amount > 0 and not self.use_gpu:
                 raise SpecProblem("resources_per_worker.GPU", "needs use_gpu: true")
         return self
 
 
 class LoggingConfig(StrictModel):
-    wandb_project: Optional[str] = None
+    wandb_project: str | None = None
     wandb_mode: Literal["online", "offline", "disabled"] = "offline"
 
 
@@ -326,10 +332,10 @@ class SchedulerConfig(StrictModel):
     type: Literal["asha", "fifo"] = "asha"
     grace_period: PositiveInt = 1  # in reports (one every tune.eval_every_steps steps)
     reduction_factor: Annotated[float, Field(gt=1)] = 2.0
-    max_t: Optional[PositiveInt] = None  # in reports; None: the whole run
+    max_t: PositiveInt | None = None  # in reports; None: the whole run
 
     @model_validator(mode="after")
-    def ordered(self) -> "SchedulerConfig":
+    def ordered(self) -> SchedulerConfig:
         if self.max_t is not None and self.max_t < self.grace_period:
             raise SpecProblem("max_t", f"must be ≥ grace_period ({self.grace_period})")
         return self
@@ -365,13 +371,13 @@ class TuneConfig(StrictModel):
 
 class ServeConfig(StrictModel):
     model: ExistingFile
-    model_name: Optional[str] = None  # default: the model file's stem
+    model_name: str | None = None  # default: the model file's stem
     states_dir: Annotated[str, AfterValidator(absolute)] = "./states"  # created by the server if missing
     replicas: PositiveInt = 1
     max_mounted_states: PositiveInt = 8  # per replica (LRU)
     max_batch_size: PositiveInt = 8
     batch_wait_ms: NonNegativeFloat = 10.0
-    api_key_env: Optional[str] = None  # name of the env var holding the API key; None: no auth
+    api_key_env: str | None = None  # name of the env var holding the API key; None: no auth
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     max_tokens_cap: PositiveInt = 1024
@@ -384,13 +390,13 @@ class ServeConfig(StrictModel):
 
     @field_validator("api_key_env")
     @classmethod
-    def env_name(cls, name: Optional[str]) -> Optional[str]:
+    def env_name(cls, name: str | None) -> str | None:
         if name is not None and not ENV_NAME.fullmatch(name):
             raise ValueError(f"must be an environment variable name like RWKVRAY_API_KEY (got {name!r})")
         return name
 
     @model_validator(mode="after")
-    def defaults(self) -> "ServeConfig":
+    def defaults(self) -> ServeConfig:
         if os.path.isfile(self.states_dir):
             raise SpecProblem("states_dir", f"is a file, not a folder: {self.states_dir}")
         if self.default_max_tokens > self.max_tokens_cap:
@@ -402,16 +408,16 @@ class ServeConfig(StrictModel):
 
 class JobSpec(StrictModel):
     run: RunConfig = Field(default_factory=RunConfig)
-    model: Optional[ModelConfig] = None  # model and data: required to train or tune
-    data: Optional[DataConfig] = None
+    model: ModelConfig | None = None  # model and data: required to train or tune
+    data: DataConfig | None = None
     peft: PeftConfig = Field(default_factory=PeftConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     deepspeed: DeepSpeedBlock = Field(default_factory=DeepSpeedBlock)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    tune: Optional[TuneConfig] = None
-    serve: Optional[ServeConfig] = None
+    tune: TuneConfig | None = None
+    serve: ServeConfig | None = None
     _source: str = PrivateAttr(default="<spec>")
 
     @property
@@ -420,7 +426,7 @@ class JobSpec(StrictModel):
         return self._source
 
     @model_validator(mode="after")
-    def consistent(self) -> "JobSpec":
+    def consistent(self) -> JobSpec:
         if (self.model is None) != (self.data is None):
             raise SpecProblem("data" if self.data is None else "model", "required (model and data go together)")
         if self.model is None and self.serve is None:
@@ -441,7 +447,9 @@ class JobSpec(StrictModel):
         if self.peft.quant != "none":
             raise SpecProblem("peft.quant", f"{self.peft.quant} needs a GPU (bitsandbytes); set scaling.use_gpu: true")
         if self.deepspeed.offload:
-            raise SpecProblem("deepspeed.offload", "needs scaling.use_gpu: true (on CPU the optimizer already lives in host memory)")
+            raise SpecProblem(
+                "deepspeed.offload", "needs scaling.use_gpu: true (on CPU the optimizer already lives in host memory)"
+            )
         if self.tune is not None and self.tune.gpus_per_trial > 0:
             raise SpecProblem("tune.gpus_per_trial", "needs scaling.use_gpu: true")
 
@@ -451,17 +459,22 @@ class JobSpec(StrictModel):
         if not is_uri(self.run.storage_path):
             self.trainer.proj_dir = os.path.join(self.run.storage_path, self.run.name)
         elif self.model is not None:
-            raise SpecProblem("trainer.proj_dir", "required when run.storage_path is a URI (state files are written to a folder)")
+            raise SpecProblem(
+                "trainer.proj_dir", "required when run.storage_path is a URI (state files are written to a folder)"
+            )
 
     def check_tune(self) -> None:
         if self.tune.metric == "val_loss" and not (self.data.eval_file or self.data.holdout_fraction > 0):
-            raise SpecProblem("tune.metric", "val_loss needs evaluation data: set data.eval_file or data.holdout_fraction")
+            raise SpecProblem(
+                "tune.metric", "val_loss needs evaluation data: set data.eval_file or data.holdout_fraction"
+            )
         lowest_init = sampled_range(self.tune.space.get("lr_init"), self.optim.lr_init)[0]
         highest_final = sampled_range(self.tune.space.get("lr_final"), self.optim.lr_final)[1]
         if highest_final > lowest_init:
             raise SpecProblem(
                 "tune.space",
-                f"lr_final can reach {highest_final:g} but lr_init can be as low as {lowest_init:g}; every trial needs lr_final ≤ lr_init",
+                f"lr_final can reach {highest_final:g} but lr_init can be as low as {lowest_init:g}; "
+                "every trial needs lr_final ≤ lr_init",
             )
 
 
@@ -487,9 +500,8 @@ def parse_distribution(key: str, value: Any) -> dict[str, list]:
     number = (int, float) if is_lr else int
     if any(isinstance(a, bool) or not isinstance(a, number) for a in args):
         raise SpecProblem(key, f"{kind} values must be {'numbers' if is_lr else 'integers'} (got {args})")
-    if kind != "choice":
-        if len(args) != 2 or not args[0] < args[1]:
-            raise SpecProblem(key, f"{kind} needs [low, high] with low < high (got {args})")
+    if kind != "choice" and (len(args) != 2 or not args[0] < args[1]):
+        raise SpecProblem(key, f"{kind} needs [low, high] with low < high (got {args})")
     minimum = {"lr_init": 0, "lr_final": 0, "warmup_steps": 0, "ctx_len": 2}[key]
     if is_lr and min(args) <= 0:
         raise SpecProblem(key, f"learning rates must be > 0 (got {args})")
@@ -498,7 +510,7 @@ def parse_distribution(key: str, value: Any) -> dict[str, list]:
     return {kind: list(args)}
 
 
-def sampled_range(distribution: Optional[dict[str, list]], fixed: float) -> tuple[float, float]:
+def sampled_range(distribution: dict[str, list] | None, fixed: float) -> tuple[float, float]:
     if distribution is None:
         return fixed, fixed
     (kind, args), = distribution.items()
@@ -535,7 +547,9 @@ def spec_for_trial(spec: JobSpec, trial_config: dict[str, Any]) -> JobSpec:
 
 
 STRATEGY = re.compile(r"deepspeed_stage_([0-3])(_offload)?")
-DATA_PARALLEL_STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_false", "ddp_find_unused_parameters_true", "single_device")
+DATA_PARALLEL_STRATEGIES = (
+    "auto", "ddp", "ddp_find_unused_parameters_false", "ddp_find_unused_parameters_true", "single_device"
+)
 
 
 def parse_strategy(strategy: str) -> tuple[int, bool]:
@@ -668,17 +682,20 @@ def load_spec(path: str) -> JobSpec:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}:{mark.line + 1}" if mark else path
-        raise UserError(f"{where}: YAML syntax error: {e.problem or e.context}") from None
+        kind = "" if isinstance(e, yaml.constructor.ConstructorError) else "YAML syntax error: "  # e.g. a duplicate key
+        raise UserError(f"{where}: {kind}{e.problem or e.context}") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: YAML error: {str(e).splitlines()[0]}") from None
     if data is None:
         raise UserError(f"{path}: the spec is empty (expected blocks such as model, data, trainer)")
     if not isinstance(data, dict):
-        raise UserError(f"{path}: the top level must be a mapping of blocks (model, data, ...), not a {yaml_type(data)}")
+        raise UserError(
+            f"{path}: the top level must be a mapping of blocks (model, data, ...), not a {yaml_type(data)}"
+        )
     return spec_from_dict(data, path)
 
 
-def spec_from_dict(data: dict, source: str, key_names: Optional[dict[str, str]] = None) -> JobSpec:
+def spec_from_dict(data: dict, source: str, key_names: dict[str, str] | None = None) -> JobSpec:
     """Validate a spec given as a dict. key_names renames key paths in messages (e.g. to command-line flags)."""
     if not isinstance(data, dict):
         raise UserError(f"{source}: the spec must be a mapping (got {yaml_type(data)})")
@@ -691,7 +708,7 @@ def spec_from_dict(data: dict, source: str, key_names: Optional[dict[str, str]] 
     return spec
 
 
-def format_validation_error(err: ValidationError, source: str, key_names: Optional[dict[str, str]] = None) -> str:
+def format_validation_error(err: ValidationError, source: str, key_names: dict[str, str] | None = None) -> str:
     """ONE line: `{source}: optim.lr_init: must be > 0`, several problems joined with '; '."""
     names = key_names or {}
     problems = [f"{names.get(path, path)}: {message}" for path, message in validation_problems(err)]
@@ -775,7 +792,7 @@ def suggestion(loc: list) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def nested_model(annotation: Any) -> Optional[type[BaseModel]]:
+def nested_model(annotation: Any) -> type[BaseModel] | None:
     candidates = (annotation, *get_args(annotation))
     return next((t for t in candidates if isinstance(t, type) and issubclass(t, BaseModel)), None)
 
@@ -789,7 +806,8 @@ def short_repr(value: Any) -> str:
 
 
 def yaml_type(value: Any) -> str:
-    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(value), type(value).__name__)
+    names = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}
+    return names.get(type(value), type(value).__name__)
 
 
 # ---------------------------------------------------------------- YAML

@@ -2,6 +2,7 @@
 
 Both expose the same four calls the training loop uses: forward, backward, step, and save/load.
 """
+import contextlib
 import os
 
 import torch
@@ -37,6 +38,9 @@ class PlainEngine:
     def set_lr(self, lr: float):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+
+    def gathered(self):
+        return contextlib.nullcontext()
 
     def save(self, folder: str):
         trainable = {n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
@@ -75,6 +79,11 @@ class DeepSpeedEngine:
     def set_lr(self, lr: float):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+
+    def gathered(self):
+        """Whole trainable tensors on every rank (ZeRO-3 keeps only a shard of each between steps)."""
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(self.module.trainable_parameters(), enabled=self.engine.zero_optimization_stage() == 3)
 
     def save(self, folder: str):
         self.engine.save_checkpoint(folder, tag="deepspeed")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 from rwkvray.config import TARGETS, JobSpec, spec_from_dict, strategy_to_deepspeed
 from rwkvray.errors import UserError
@@ -34,14 +34,19 @@ CONFIG_KEYS = {  # method -> {RWKV-PEFT JSON key: our key}
 }
 LOAD_KEYS = ("load", "lora_load", "pissa_load", "pissa_init", "bone_load")  # adapter weights to start from
 LEGACY_ADAPTER_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_parts", "lora_load", "svd_niter")
-IGNORED_FOR_X070 = (  # RWKV-PEFT reads these only for RWKV-5/6, pile pretraining, infctx or logging
+IGNORED_FOR_X070 = (  # RWKV-PEFT reads these only for RWKV-5/6, pile pretraining or infctx
     ("pre_ffn", int), ("head_qk", int), ("tiny_att_dim", int), ("tiny_att_layer", int), ("dim_ffn", int),
     ("dropout", float), ("my_pile_version", int), ("my_pile_shift", int), ("my_pile_edecay", int),
     ("magic_prime", int), ("layerwise_lr", int), ("ds_bucket_mb", int), ("my_sample_len", int),
     ("my_ffn_shift", int), ("my_att_shift", int), ("my_pos_emb", int), ("load_partial", int),
-    ("my_random_steps", int), ("my_exit_tokens", int), ("chunk_ctx", int), ("avg_loss", int),
-    ("sft_split", str), ("num_workers", int), ("prefetch_factor", int), ("merge", int),
+    ("my_random_steps", int), ("my_exit_tokens", int), ("chunk_ctx", int), ("sft_split", str),
 )
+NO_EFFECT_HERE = {  # flag -> (type, why it changes nothing on Ray)
+    "num_workers": (int, "DataLoader workers: each Ray worker builds its own batches"),
+    "prefetch_factor": (int, "DataLoader prefetching: each Ray worker builds its own batches"),
+    "avg_loss": (int, "loss logging style"),
+    "merge": (int, "adapter export style; rwkvray saves the trained PEFT parameters"),
+}
 REQUIRED_VALUES = {  # flag -> (the values we can honour, why another value cannot be)
     "epoch_begin": ({0}, "rwkvray resumes from its own checkpoints: rerun with the same --name instead"),
     "my_pile_stage": ({0}, "RWKV-LM pile pretraining stages are not supported"),
@@ -97,7 +102,7 @@ def add_main_flags(group) -> None:
     group.add_argument("--vocab_size", type=int, help="checked against the checkpoint (0: do not check)")
     group.add_argument("--n_layer", type=int, help="checked against the checkpoint")
     group.add_argument("--n_embd", type=int, help="checked against the checkpoint")
-    group.add_argument("--head_size_a", "--head_size", dest="head_size_a", type=int, help="checked against the checkpoint")
+    group.add_argument("--head_size_a", "--head_size", dest="head_size_a", type=int, help="checked against the model")
     group.add_argument("--dim_att", type=int, help="0 or n_embd")
     group.add_argument("--my_testing", help="model version: must be x070 (RWKV-7)")
 
@@ -167,6 +172,8 @@ def add_rwkvray_flags(group) -> None:
 def add_compat_flags(group) -> None:
     for name, kind in IGNORED_FOR_X070:
         group.add_argument(f"--{name}", type=kind, help="ignored for RWKV-7, as in RWKV-PEFT")
+    for name, (kind, why) in NO_EFFECT_HERE.items():
+        group.add_argument(f"--{name}", type=kind, help=f"ignored: {why}")
     for name, (values, _) in REQUIRED_VALUES.items():
         kind = type(next(iter(values)))
         group.add_argument(f"--{name}", type=kind, help=f"accepted value: {', '.join(map(str, sorted(values)))}")
@@ -260,14 +267,15 @@ def map_data(args, spec: SpecBuilder) -> None:
             raise flag_error("loss_mask", f"{args.loss_mask!r} is not supported (use none, pad or qa)")
         spec.put("data.loss_mask", "qa" if args.loss_mask == "qa" else "none", "--loss_mask")
     if args.dataload not in (None, "pad", "only"):
-        raise flag_error("dataload", f"{args.dataload!r} is not supported: rwkvray samples pieces of whole documents (like pad)")
+        why = "rwkvray samples pieces of whole documents (like pad)"
+        raise flag_error("dataload", f"{args.dataload!r} is not supported: {why}")
     if args.dataload == "only" and (args.micro_bsz or 1) != 1:
         raise flag_error("dataload", "only needs --micro_bsz 1")
     spec.put_given("data.eval_file", args.eval_file, "--eval_file")
     spec.put_given("data.holdout_fraction", args.holdout_fraction, "--holdout_fraction")
 
 
-def infer_data_type(path: Optional[str]) -> Optional[str]:
+def infer_data_type(path: str | None) -> str | None:
     if path is None:
         return None
     if path.endswith(".jsonl"):
@@ -275,7 +283,8 @@ def infer_data_type(path: Optional[str]) -> Optional[str]:
     prefix = os.path.splitext(path)[0] if path.endswith((".bin", ".idx")) else path
     if os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"):
         return "binidx"
-    raise flag_error("data_type", f"not given, and {path} is neither a .jsonl file nor a binidx prefix: pass --data_type")
+    why = f"not given, and {path} is neither a .jsonl file nor a binidx prefix: pass --data_type"
+    raise flag_error("data_type", why)
 
 
 def map_peft(args, spec: SpecBuilder) -> None:
@@ -326,7 +335,8 @@ def map_adapter_config(args, method: str, spec: SpecBuilder) -> None:
     for where, key, value in entries:
         if key in LOAD_KEYS:
             if value:
-                raise UserError(f"{SOURCE}: {where}: starting from saved adapter weights is not supported (rerun with the same --name to resume)")
+                why = "starting from saved adapter weights is not supported (rerun with the same --name to resume)"
+                raise UserError(f"{SOURCE}: {where}: {why}")
             continue
         if key not in CONFIG_KEYS[method]:
             raise UserError(f"{SOURCE}: {where}: unknown key for {method} (use {', '.join(CONFIG_KEYS[method])})")
@@ -344,7 +354,8 @@ def expand_targets(names: Any, where: str) -> list[str]:
     for name in names:
         matches = [t for t in TARGETS if name in (t, t.split(".")[0], t.split(".")[1])]
         if not matches:
-            raise UserError(f"{SOURCE}: {where}: {name!r} is not a module rwkvray adapts (use {', '.join(TARGETS)}, att or ffn)")
+            why = f"{name!r} is not a module rwkvray adapts (use {', '.join(TARGETS)}, att or ffn)"
+            raise UserError(f"{SOURCE}: {where}: {why}")
         chosen.update(matches)
     return [t for t in TARGETS if t in chosen]
 
@@ -366,8 +377,9 @@ def map_optim(args, spec: SpecBuilder) -> None:
 
 
 def map_trainer(args, spec: SpecBuilder) -> None:
-    for flag, key in (("epoch_steps", "epoch_steps"), ("epoch_count", "epoch_count"), ("epoch_save", "epoch_save"),
-                      ("micro_bsz", "micro_bsz"), ("accumulate_grad_batches", "grad_accum"), ("precision", "precision")):
+    same_meaning = {"epoch_steps": "epoch_steps", "epoch_count": "epoch_count", "epoch_save": "epoch_save",
+                    "micro_bsz": "micro_bsz", "accumulate_grad_batches": "grad_accum", "precision": "precision"}
+    for flag, key in same_meaning.items():
         spec.put_given(f"trainer.{key}", getattr(args, flag), f"--{flag}")
     if args.grad_cp is not None:
         if args.grad_cp not in (0, 1):

@@ -171,29 +171,54 @@ def evaluate(engine, docs, ctx_len: int, micro_bsz: int, device) -> float:
 
 
 def _maybe_checkpoint(spec, engine, progress, metrics, ctx, logger) -> None:
+    """Checkpoint at every epoch end and every run.checkpoint_every_steps; report evaluations in between.
+
+    Every rank reports at the same steps: under Ray Train a report is a barrier.
+    """
     trainer, every = spec.trainer, spec.run.checkpoint_every_steps
     epoch_end = progress.step % trainer.epoch_steps == 0
     if not (epoch_end or (every and progress.step % every == 0)):
-        ctx.report(metrics)
+        if "val_loss" in metrics:
+            ctx.report(metrics)
         return
-    epoch = progress.step // trainer.epoch_steps
-    if epoch_end and ctx.rank == 0 and (epoch % trainer.epoch_save == 0 or progress.step == trainer.epoch_count * trainer.epoch_steps):
-        for method in engine.module.methods:
-            path = os.path.join(proj_dir(spec), f"{method.file_prefix}-{epoch - 1}.pth")
-            method.save(path)
-            logger.note(f"saved {path}")
     with tempfile.TemporaryDirectory() as folder:
-        _save_checkpoint(folder, engine, progress, ctx)
+        engine.save(folder)
+        with engine.gathered():  # ZeRO-3 partitions the trainable tensors: gather them on every rank
+            metrics["replica_divergence"] = _replica_divergence(engine, ctx)
+            if ctx.rank == 0:
+                if epoch_end:
+                    _save_epoch_files(spec, engine, progress.step // trainer.epoch_steps, logger)
+                _save_progress(folder, engine, progress)
         ctx.report(metrics, folder)
 
 
-def _save_checkpoint(folder, engine, progress, ctx) -> None:
-    engine.save(folder)
-    if ctx.rank == 0:
-        for method in engine.module.methods:
-            method.save(os.path.join(folder, f"{method.name}.pth"))
-        with open(os.path.join(folder, "progress.json"), "w") as f:
-            json.dump({"step": progress.step, "best_val_loss": progress.best_val_loss}, f)
+def _save_epoch_files(spec, engine, epoch: int, logger) -> None:
+    """rwkv-<epoch>.pth every epoch_save epochs and after the last one, numbered from 0 as RWKV-PEFT does."""
+    trainer = spec.trainer
+    if epoch % trainer.epoch_save and epoch != trainer.epoch_count:
+        return
+    for method in engine.module.methods:
+        path = os.path.join(proj_dir(spec), f"{method.file_prefix}-{epoch - 1}.pth")
+        method.save(path)
+        logger.note(f"saved {path}")
+
+
+def _save_progress(folder, engine, progress) -> None:
+    for method in engine.module.methods:
+        method.save(os.path.join(folder, f"{method.name}.pth"))
+    with open(os.path.join(folder, "progress.json"), "w") as f:
+        json.dump({"step": progress.step, "best_val_loss": progress.best_val_loss}, f)
+
+
+def _replica_divergence(engine, ctx) -> float:
+    """Largest difference of the trainable tensors between ranks: 0 when gradients are all-reduced."""
+    flat = torch.cat([p.detach().float().reshape(-1).cpu() for p in engine.module.trainable_parameters()])
+    if not ctx.distributed:
+        return 0.0
+    high, low = flat.clone(), flat.clone()
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    return (high - low).abs().max().item()
 
 
 def _load_checkpoint(folder, engine, progress) -> None:

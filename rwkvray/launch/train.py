@@ -4,14 +4,14 @@ import torch
 
 from rwkvray.train_loop import export_final_state, train
 
-FAULT_STEP_ENV = "RWKVRAY_FAULT_AT_STEP"     # chaos testing: one worker exits at this step, once
-FAULT_MARKER_ENV = "RWKVRAY_FAULT_MARKER"    # file that records the fault already happened
+FAULT_STEP_ENV = "RWKVRAY_FAULT_AT_STEP"     # chaos testing: the last worker exits after reporting this step
+FAULT_MARKER_ENV = "RWKVRAY_FAULT_MARKER"    # file that records the fault already happened (so it fires once)
 
 
 class RayContext:
     """Who this worker is, under Ray Train; checkpoints go through ray.train.report."""
 
-    def __init__(self):
+    def __init__(self, fault: dict | None = None):
         import ray.train
         import ray.train.torch
         context = ray.train.get_context()
@@ -19,6 +19,7 @@ class RayContext:
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.distributed = True
+        self.fault = fault
 
     def resume(self, load) -> None:
         import ray.train
@@ -31,24 +32,30 @@ class RayContext:
         import ray.train
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
-        _maybe_inject_fault(metrics.get("step"), self.rank)
+        if self.fault and self.rank == self.world_size - 1 and metrics.get("step") == self.fault["step"]:
+            _crash_once(self.fault["marker"])
 
 
-def _maybe_inject_fault(step, rank) -> None:
-    fault_step, marker = os.environ.get(FAULT_STEP_ENV), os.environ.get(FAULT_MARKER_ENV)
-    if fault_step and marker and rank == 1 and step == int(fault_step) and not os.path.exists(marker):
+def _crash_once(marker: str) -> None:
+    """Chaos testing: kill this worker process the first time only (the marker file remembers)."""
+    if not os.path.exists(marker):
         open(marker, "w").close()
         os._exit(1)
+
+
+def _fault_from_env() -> dict | None:
+    step, marker = os.environ.get(FAULT_STEP_ENV), os.environ.get(FAULT_MARKER_ENV)
+    return {"step": int(step), "marker": marker} if step and marker else None
 
 
 def worker_loop(config: dict) -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, gloo collectives
-    train(config["spec"], RayContext())
+    train(config["spec"], RayContext(config.get("fault")))
 
 
-def run_on_ray(spec, address: str | None = None) -> str:
-    """Fit the spec on the cluster; returns (and prints) the path of the final state file."""
+def run_on_ray(spec, address: str | None = None):
+    """Fit the spec on the cluster, print the final state file's path; returns the Ray Train result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -57,7 +64,7 @@ def run_on_ray(spec, address: str | None = None) -> str:
     scaling = spec.scaling
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"spec": spec},
+        train_loop_config={"spec": spec, "fault": _fault_from_env()},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=scaling.resources_per_worker or None,
                                      placement_strategy=scaling.placement_strategy),
@@ -68,4 +75,5 @@ def run_on_ray(spec, address: str | None = None) -> str:
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
-        return export_final_state(spec, folder)
+        export_final_state(spec, folder)
+    return result

@@ -63,10 +63,28 @@ class PeftModel(nn.Module):
 
 def method_classes(peft_spec) -> list[type[PeftMethod]]:
     """The spec's `method`, plus state tuning when `combine_state` is set."""
-    import rwkvray.peft.state  # noqa: F401  registers the method
+    import rwkvray.peft.disha  # noqa: F401  importing a method's module registers it
+    import rwkvray.peft.lora  # noqa: F401
+    import rwkvray.peft.pissa  # noqa: F401
+    import rwkvray.peft.state  # noqa: F401
     names = [peft_spec.method] + (["state"] if peft_spec.combine_state and peft_spec.method != "state" else [])
     return [METHODS[name] for name in names]
 
 
 def build_peft(base: RWKV7, peft_spec) -> PeftModel:
-    return PeftModel(base, [cls.from_spec(base, peft_spec) for cls in method_classes(peft_spec)])
+    model = PeftModel(base, [cls.from_spec(base, peft_spec) for cls in method_classes(peft_spec)])
+    if peft_spec.quant != "none":  # after the methods: PiSSA must take its SVD of the full-precision weights
+        from rwkvray.quant import quantize_frozen_linears
+        quantize_frozen_linears(base, peft_spec.quant)
+    return model
+
+
+def target_linears(base: RWKV7, targets: list[str]) -> list[tuple[str, nn.Module]]:
+    """(BlinkDL name, module) of each targeted Linear, layer by layer: ("blocks.0.att.key", Linear), ..."""
+    names = [f"blocks.{i}.{target}" for i in range(base.dims.n_layer) for target in targets]
+    return [(name, base.get_submodule(name)) for name in names]
+
+
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent), child, module)

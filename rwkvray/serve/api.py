@@ -6,13 +6,18 @@ that would change the answer in a way this server cannot honour (n > 1, logprobs
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import email.message
+import json
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Any, AsyncIterator, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_STOP_STRINGS = 4
+MAX_JSON_BYTES = 8 * 2**20  # request bodies other than state uploads
 
 
 class ApiError(Exception):
@@ -46,16 +51,21 @@ class OpenAIRequest(BaseModel):
     max_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    stop: Optional[Union[str, list[str]]] = None
+    stop: list[str] = Field(default_factory=list)  # a single string is accepted too
     stream: bool = False
+    stream_options: Optional[dict] = None
     n: int = 1
     logprobs: Optional[Any] = None
     seed: Optional[int] = None
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
     def stop_list(cls, stop):
-        stops = [stop] if isinstance(stop, str) else (stop or [])
+        return [] if stop is None else [stop] if isinstance(stop, str) else stop
+
+    @field_validator("stop")
+    @classmethod
+    def stop_limits(cls, stops: list[str]) -> list[str]:
         if len(stops) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         if any(not s for s in stops):
@@ -147,3 +157,115 @@ def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: Optional
 
 def model_card(name: str, created: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "rwkvray"}
+
+
+# ---------------------------------------------------------------- request bodies and streaming
+
+
+async def read_body(request, limit: int, too_large: ApiError) -> bytes:
+    """The request body, refused as soon as it passes `limit` bytes (declared or actual)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request) -> dict:
+    too_large = ApiError(413, f"the request body is larger than {MAX_JSON_BYTES // 2**20} MiB",
+                         "invalid_request_error", None, "request_too_large")
+    return json_object(await read_body(request, MAX_JSON_BYTES, too_large))
+
+
+def json_object(body: bytes) -> dict:
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise bad_request(f"the body is not valid JSON ({err})") from None
+    if not isinstance(payload, dict):
+        raise bad_request("the body must be a JSON object")
+    return payload
+
+
+def decode_base64(data: Any) -> bytes:
+    if not isinstance(data, str):
+        raise bad_request("`data` must be a base64 string", "data")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request("`data` is not valid base64", "data") from None
+
+
+def header_param(header: str, value: str, param: str) -> Optional[str]:
+    message = email.message.Message()
+    message[header] = value
+    return message.get_param(param, header=header)
+
+
+def multipart_fields(body: bytes, content_type: str) -> dict[str, bytes]:
+    """The fields of a multipart/form-data body by name (RFC 7578), without extra dependencies."""
+    boundary = header_param("content-type", content_type, "boundary")
+    if not boundary:
+        raise bad_request("multipart body without a boundary")
+    fields = {}
+    for part in body.split(b"--" + boundary.encode("latin-1"))[1:]:
+        if part.startswith(b"--"):  # the closing delimiter
+            break
+        head, found, payload = part.partition(b"\r\n\r\n")
+        if not found:
+            raise bad_request("malformed multipart part (no blank line after its headers)")
+        headers = dict(line.decode("latin-1").split(":", 1) for line in head.split(b"\r\n") if b":" in line)
+        disposition = next((v for k, v in headers.items() if k.strip().lower() == "content-disposition"), "")
+        name = header_param("content-disposition", disposition.strip(), "name")
+        if name:
+            fields[name] = payload.removesuffix(b"\r\n")
+    return fields
+
+
+def strip_reply_space(text: str) -> str:
+    """The chat template ends with `Assistant:` and the model answers ` text`: drop that one space."""
+    return text.removeprefix(" ")
+
+
+async def sse_events(request_id: str, model: str, first, rest, chat: bool,
+                     include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's streaming format, ending with `data: [DONE]`."""
+    def event(body: dict) -> str:
+        return f"data: {json.dumps(body)}\n\n"
+
+    if chat:
+        yield event(chat_chunk(request_id, model, {"role": "assistant", "content": ""}, None))
+    at_start, last = True, first
+    try:
+        async for chunk in prepend(first, rest):
+            last = chunk
+            text = chunk.text
+            if chat and at_start and text:
+                text, at_start = strip_reply_space(text), False
+            if text or chunk.finish_reason:
+                if chat:
+                    delta = {"content": text} if text else {}
+                    yield event(chat_chunk(request_id, model, delta, chunk.finish_reason))
+                else:
+                    yield event(completion_body(request_id, model, text, chunk.finish_reason))
+    except Exception as err:  # the status line is gone; tell the client in the stream itself
+        status = err.status if isinstance(err, ApiError) else 500
+        message = err.message if isinstance(err, ApiError) else f"internal error: {type(err).__name__}"
+        yield event(ApiError(status, message, "server_error" if status >= 500 else "invalid_request_error").body())
+        return
+    if include_usage:
+        counts = usage(last.prompt_tokens, last.completion_tokens)
+        yield event({"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                     "created": int(time.time()), "model": model, "choices": [], "usage": counts})
+    yield "data: [DONE]\n\n"
+
+
+async def prepend(first, rest) -> AsyncIterator:
+    yield first
+    async for item in rest:
+        yield item

@@ -1,0 +1,335 @@
+"""The Ray Serve application: an OpenAI-compatible endpoint for one base RWKV-7 model and its tuned states.
+
+Three deployments:
+- `Gateway`, the FastAPI ingress: auth, request checks, tokenization, OpenAI shapes, SSE streaming.
+- `StateRegistry` (one replica): which states are mounted, and their tensors (see states.py for the rules).
+- `StateModel` (`replicas` of them): the base model, loaded once per replica, and the batching engine. It
+  caches states with `@serve.multiplexed` under ids `NAME@VERSION` fetched from the registry, so Serve routes a
+  state's requests to replicas that already hold it; one batch still mixes rows of any states.
+
+`build_app(config)` returns the bound application; `app_builder(args)` is the import path for `serve run` and
+`serve deploy` (jobs/serve_config.yaml); `run_server(spec)` is `rwkvray serve SPEC.yaml`.
+"""
+
+import hmac
+import os
+import time
+from typing import AsyncIterator, Optional
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rwkvray.checkpoint import load_checkpoint
+from rwkvray.config import ServeConfig, require_serve_block, spec_from_dict, load_spec
+from rwkvray.data import REPLY_END, render_chat
+from rwkvray.dims import ModelDims
+from rwkvray.errors import UserError
+from rwkvray.model import load_model, pick_device
+from rwkvray.serve.api import (ApiError, ChatCompletionRequest, CompletionRequest, OpenAIRequest, bad_request,
+                               chat_body, completion_body, decode_base64, json_object, model_card, multipart_fields,
+                               new_id, parse_request, read_body, read_json, sse_events, strip_reply_space, usage)
+from rwkvray.serve.engine import BatchEngine, Chunk, SamplingParams
+from rwkvray.serve.states import StateStore, check_name, upload_too_large
+from rwkvray.tokenizer import get_tokenizer
+
+APP_NAME = "rwkvray"
+BASE64_OVERHEAD = 4 / 3
+ENGINE_QUEUE_FACTOR = 2  # requests a model replica accepts per batch slot (the extra ones wait to join)
+
+fastapi_app = FastAPI(title="rwkvray", docs_url=None, redoc_url=None)
+
+
+@fastapi_app.exception_handler(ApiError)
+async def api_error_response(request: Request, err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+@fastapi_app.exception_handler(StarletteHTTPException)
+async def http_error_response(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(ApiError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
+
+
+@fastapi_app.exception_handler(Exception)
+async def server_error_response(request: Request, err: Exception) -> JSONResponse:
+    return JSONResponse(ApiError(500, f"internal error: {type(err).__name__}", "server_error").body(),
+                        status_code=500)
+
+
+# ---------------------------------------------------------------- deployments
+
+
+class LoadedState:
+    """A mounted state's tensor on this replica's device, held by the multiplex LRU cache."""
+
+    def __init__(self, time_state: torch.Tensor, device: torch.device):
+        self.time_state = time_state.to(device)
+
+    def __del__(self):
+        # Serve calls this on eviction and the garbage collector calls it again: it must be idempotent.
+        # Rows already running keep their own copies, so dropping the tensor here never disturbs them.
+        self.time_state = None
+
+
+@serve.deployment
+class StateModel:
+    def __init__(self, config: ServeConfig, registry):
+        self.device = pick_device("auto")
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model, self.base_state = load_model(config.model, self.device, dtype)  # once per replica
+        self.registry = registry
+        self.engine = BatchEngine(self.model, get_tokenizer(), config.max_batch_size, config.batch_wait_ms / 1000)
+
+        async def load_mounted_state(mid: str) -> LoadedState:
+            return LoadedState(await self.registry.fetch.remote(mid), self.device)
+
+        # Wired here because the cache size comes from the config.
+        self.cached_state = serve.multiplexed(max_num_models_per_replica=config.max_mounted_states)(
+            load_mounted_state)
+
+    async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
+        """Streams the chunks of one request, from the state named by the multiplexed model id ("" = base)."""
+        time_state = await self._time_state()
+        async for chunk in self.engine.generate(prompt, time_state, params):
+            yield chunk
+
+    async def complete(self, prompt: list[int], params: SamplingParams) -> Chunk:
+        time_state = await self._time_state()
+        texts = []
+        async for chunk in self.engine.generate(prompt, time_state, params):
+            texts.append(chunk.text)
+        return Chunk("".join(texts), chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens)
+
+    async def stats(self) -> dict:
+        return {"steps": self.engine.steps, "max_rows_seen": self.engine.max_rows_seen,
+                "device": str(self.device)}
+
+    async def _time_state(self) -> Optional[torch.Tensor]:
+        mid = serve.get_multiplexed_model_id()
+        if not mid:
+            return self.base_state
+        return (await self.cached_state(mid)).time_state
+
+
+@serve.deployment
+class StateRegistry:
+    """The single source of truth for mounted states (async methods over a StateStore)."""
+
+    def __init__(self, states_dir: str, dims: ModelDims, base_name: str, max_upload_bytes: int):
+        self.store = StateStore(states_dir, dims, base_name, max_upload_bytes)
+
+    async def resolve(self, name: str) -> str:
+        return self.store.resolve(name)
+
+    async def fetch(self, mid: str) -> torch.Tensor:
+        return self.store.fetch(mid)
+
+    async def mount(self, name: str) -> dict:
+        return self.store.mount(name)
+
+    async def upload(self, name: str, data: bytes) -> dict:
+        return self.store.upload(name, data)
+
+    async def unmount(self, name: str) -> dict:
+        return self.store.unmount(name)
+
+    async def listing(self) -> dict:
+        return self.store.listing()
+
+    async def servable_names(self) -> list[str]:
+        return self.store.servable_names()
+
+
+@serve.deployment
+@serve.ingress(fastapi_app)
+class Gateway:
+    def __init__(self, config: ServeConfig, vocab_size: int, api_key: Optional[str], registry, model):
+        self.config = config
+        self.vocab_size = vocab_size
+        self.api_key = api_key
+        self.registry = registry
+        self.model = model
+        self.tokenizer = get_tokenizer()
+        self.created = int(time.time())
+        self.max_upload_bytes = int(config.max_upload_mb * 2**20)
+
+    @fastapi_app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @fastapi_app.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self.authorize(request)
+        names = [self.config.model_name, *await self.registry.servable_names.remote()]
+        return {"object": "list", "data": [model_card(name, self.created) for name in names]}
+
+    @fastapi_app.get("/v1/states")
+    async def states(self, request: Request) -> dict:
+        self.authorize(request)
+        return await self.registry.listing.remote()
+
+    @fastapi_app.post("/v1/states")
+    async def mount_state(self, request: Request) -> dict:
+        """JSON {"name"} mounts NAME.pth from states_dir; JSON {"name", "data": base64} or multipart
+        (fields `name` and `file`) uploads a state file."""
+        self.authorize(request)
+        limit = int(self.max_upload_bytes * BASE64_OVERHEAD) + 2**16  # room for base64 or multipart framing
+        body = await read_body(request, limit, upload_too_large(self.max_upload_bytes))
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            fields = multipart_fields(body, content_type)
+            name, data = (fields.get("name") or b"").decode("utf-8", "replace"), fields.get("file")
+            if data is None:
+                raise bad_request("multipart upload needs a `file` field", "file")
+        else:
+            payload = json_object(body)
+            name, data = payload.get("name"), payload.get("data")
+            if data is not None:
+                data = decode_base64(data)
+        check_name(name)
+        if data is None:
+            return await self.registry.mount.remote(name)
+        if len(data) > self.max_upload_bytes:
+            raise upload_too_large(self.max_upload_bytes)
+        return await self.registry.upload.remote(name, data)
+
+    @fastapi_app.delete("/v1/states/{name}")
+    async def unmount_state(self, name: str, request: Request) -> dict:
+        self.authorize(request)
+        return await self.registry.unmount.remote(check_name(name))
+
+    @fastapi_app.post("/v1/completions")
+    async def completions(self, request: Request):
+        self.authorize(request)
+        req = parse_request(CompletionRequest, await read_json(request))
+        return await self.answer(req, req.prompt, "prompt", chat=False)
+
+    @fastapi_app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        self.authorize(request)
+        req = parse_request(ChatCompletionRequest, await read_json(request))
+        try:
+            prompt = render_chat([m.model_dump() for m in req.messages], add_generation_prompt=True)
+        except UserError as err:
+            raise bad_request(str(err), "messages") from None
+        return await self.answer(req, prompt, "messages", chat=True)
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "missing or incorrect API key (send `Authorization: Bearer <key>`)",
+                           "invalid_request_error", None, "invalid_api_key")
+
+    async def answer(self, req: OpenAIRequest, prompt: str, prompt_param: str, chat: bool):
+        tokens = self.prompt_tokens(prompt, prompt_param)
+        params = self.sampling_params(req, chat)
+        handle = self.model
+        if req.model != self.config.model_name:
+            handle = handle.options(multiplexed_model_id=await self.registry.resolve.remote(req.model))
+        request_id = new_id("chatcmpl" if chat else "cmpl")
+        if not req.stream:
+            result = await handle.complete.remote(tokens, params)
+            text = strip_reply_space(result.text) if chat else result.text
+            counts = usage(result.prompt_tokens, result.completion_tokens)
+            if chat:
+                return chat_body(request_id, req.model, text, result.finish_reason, counts)
+            return completion_body(request_id, req.model, text, result.finish_reason, counts)
+        chunks = handle.options(stream=True).generate.remote(tokens, params)
+        first = await chunks.__anext__()  # errors before the first token still become a plain HTTP error
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        events = sse_events(request_id, req.model, first, chunks, chat, include_usage)
+        return StreamingResponse(events, media_type="text/event-stream")
+
+    def prompt_tokens(self, prompt: str, param: str) -> list[int]:
+        tokens = self.tokenizer.encode(prompt)
+        if len(tokens) > self.config.max_prompt_tokens:
+            raise bad_request(f"the prompt has {len(tokens)} tokens, more than this server's limit of "
+                              f"{self.config.max_prompt_tokens}", param, "context_length_exceeded")
+        outside = [t for t in tokens if t >= self.vocab_size]
+        if outside:
+            raise bad_request(f"prompt token id {outside[0]} is outside the model's vocab of {self.vocab_size}",
+                              param)
+        return tokens
+
+    def sampling_params(self, req: OpenAIRequest, chat: bool) -> SamplingParams:
+        config = self.config
+        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or config.default_max_tokens
+        if max_tokens > config.max_tokens_cap:
+            raise bad_request(f"max_tokens is {max_tokens}, more than this server's limit of "
+                              f"{config.max_tokens_cap}", "max_tokens")
+        temperature = config.default_temperature if req.temperature is None else req.temperature
+        top_p = config.default_top_p if req.top_p is None else req.top_p
+        stop = req.stop + ([REPLY_END] if chat else [])  # a chat reply ends where the next user turn begins
+        return SamplingParams(max_tokens, temperature, top_p, stop)
+
+
+# ---------------------------------------------------------------- building and running
+
+
+def use_gpu(config: ServeConfig) -> bool:
+    if config.use_gpu != "auto":
+        return config.use_gpu
+    import ray
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return torch.cuda.is_available()
+
+
+def read_api_key(config: ServeConfig) -> Optional[str]:
+    """The API key from the environment; a configured but unset variable is an error (never serve open)."""
+    if config.api_key_env is None:
+        return None
+    key = os.environ.get(config.api_key_env, "")
+    if not key:
+        raise UserError(f"serve.api_key_env: the environment variable {config.api_key_env} is not set "
+                        "(set it, or remove api_key_env to serve without a key)")
+    return key
+
+
+def build_app(config: ServeConfig):
+    """The bound Serve application for a validated serve block."""
+    dims = load_checkpoint(config.model).dims  # refuse a bad model file here, before any replica starts
+    api_key = read_api_key(config)
+    registry = StateRegistry.options(num_replicas=1, max_ongoing_requests=1000,
+                                     ray_actor_options={"num_cpus": 0}).bind(
+        config.states_dir, dims, config.model_name, int(config.max_upload_mb * 2**20))
+    gpu = use_gpu(config)
+    model = StateModel.options(
+        num_replicas=config.replicas,
+        max_ongoing_requests=config.max_batch_size * ENGINE_QUEUE_FACTOR,
+        ray_actor_options={"num_cpus": 0 if gpu else 1, "num_gpus": 1 if gpu else 0},
+    ).bind(config, registry)
+    return Gateway.options(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}).bind(
+        config, dims.vocab_size, api_key, registry, model)
+
+
+def app_builder(args: dict):
+    """Import path for `serve run` / `serve deploy`: args are the fields of a serve block, or {"spec": PATH}
+    naming a job spec with a serve block."""
+    if set(args) == {"spec"}:
+        config = require_serve_block(load_spec(args["spec"]))
+    else:
+        config = require_serve_block(spec_from_dict({"serve": dict(args)}, "serve app args"))
+    return build_app(config)
+
+
+def run_server(spec, address: Optional[str] = None) -> None:
+    """`rwkvray serve SPEC.yaml`: deploy on the cluster at `address` (or a local Ray), print the URL, and
+    serve until Ctrl-C, which removes the application."""
+    from rwkvray.launch.ray_session import connect
+    config = require_serve_block(spec)
+    connect(address)
+    app = build_app(config)  # after connecting: use_gpu "auto" asks the cluster
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    print(f"serving {config.model_name} at http://{config.host}:{config.port}/v1 "
+          f"(states from {config.states_dir}); Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(APP_NAME)
