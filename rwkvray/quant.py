@@ -64,11 +64,11 @@ def quantized_linear(bnb, linear: nn.Linear, kind: str) -> nn.Module:
 
 def frozen_weight(layer: nn.Module) -> torch.Tensor:
     """A frozen Linear's weight [out, in] as a dense tensor: dequantized if bitsandbytes stores it."""
-    weight = layer.weight
-    if hasattr(weight, "quant_state"):  # Params4bit
-        import bitsandbytes
-        return bitsandbytes.functional.dequantize_4bit(weight.data, weight.quant_state)
-    if getattr(weight, "SCB", None) is not None:  # Int8Params: int8 rows with one absmax scale per row
-        import bitsandbytes
-        return bitsandbytes.functional.int8_vectorwise_dequant(weight.data, weight.SCB)
-    return weight
+    if type(layer) is nn.Linear:
+        return layer.weight
+    import bitsandbytes
+    if isinstance(layer, bitsandbytes.nn.Linear4bit):
+        return bitsandbytes.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    # int8 rows with one absmax scale per row; the first forward moves the scales into the layer's state
+    scales = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+    return bitsandbytes.functional.int8_vectorwise_dequant(layer.weight.data, scales)

@@ -73,6 +73,37 @@ class LoadedState:
         self.time_state = None
 
 
+REGISTRY_CALLS = ("resolve", "fetch", "mount", "upload", "unmount", "listing", "servable_names")
+
+
+@serve.deployment
+class StateRegistry:
+    """The single source of truth for mounted states: one StateStore behind one replica.
+
+    A refusal (404, 400, ...) comes back as an ApiError value rather than an exception: it is an answer, not
+    a failure, and Serve would log a traceback for every raised one.
+    """
+
+    def __init__(self, states_dir: str, dims: ModelDims, base_name: str, max_upload_bytes: int):
+        self.store = StateStore(states_dir, dims, base_name, max_upload_bytes)
+
+    async def call(self, method: str, *args):
+        if method not in REGISTRY_CALLS:
+            raise ValueError(f"unknown registry call {method!r}")
+        try:
+            return getattr(self.store, method)(*args)
+        except ApiError as err:
+            return err
+
+
+async def ask_registry(registry, method: str, *args):
+    """A StateRegistry call whose ApiError answer is raised here, in the caller."""
+    answer = await registry.call.remote(method, *args)
+    if isinstance(answer, ApiError):
+        raise answer
+    return answer
+
+
 @serve.deployment
 class StateModel:
     def __init__(self, config: ServeConfig, registry):
@@ -83,7 +114,7 @@ class StateModel:
         self.engine = BatchEngine(self.model, get_tokenizer(), config.max_batch_size, config.batch_wait_ms / 1000)
 
         async def load_mounted_state(mid: str) -> LoadedState:
-            return LoadedState(await self.registry.fetch.remote(mid), self.device)
+            return LoadedState(await ask_registry(self.registry, "fetch", mid), self.device)
 
         # Wired here because the cache size comes from the config.
         self.cached_state = serve.multiplexed(max_num_models_per_replica=config.max_mounted_states)(
@@ -114,35 +145,6 @@ class StateModel:
 
 
 @serve.deployment
-class StateRegistry:
-    """The single source of truth for mounted states (async methods over a StateStore)."""
-
-    def __init__(self, states_dir: str, dims: ModelDims, base_name: str, max_upload_bytes: int):
-        self.store = StateStore(states_dir, dims, base_name, max_upload_bytes)
-
-    async def resolve(self, name: str) -> str:
-        return self.store.resolve(name)
-
-    async def fetch(self, mid: str) -> torch.Tensor:
-        return self.store.fetch(mid)
-
-    async def mount(self, name: str) -> dict:
-        return self.store.mount(name)
-
-    async def upload(self, name: str, data: bytes) -> dict:
-        return self.store.upload(name, data)
-
-    async def unmount(self, name: str) -> dict:
-        return self.store.unmount(name)
-
-    async def listing(self) -> dict:
-        return self.store.listing()
-
-    async def servable_names(self) -> list[str]:
-        return self.store.servable_names()
-
-
-@serve.deployment
 @serve.ingress(fastapi_app)
 class Gateway:
     def __init__(self, config: ServeConfig, vocab_size: int, api_key: Optional[str], registry, model):
@@ -162,13 +164,13 @@ class Gateway:
     @fastapi_app.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self.authorize(request)
-        names = [self.config.model_name, *await self.registry.servable_names.remote()]
+        names = [self.config.model_name, *await ask_registry(self.registry, "servable_names")]
         return {"object": "list", "data": [model_card(name, self.created) for name in names]}
 
     @fastapi_app.get("/v1/states")
     async def states(self, request: Request) -> dict:
         self.authorize(request)
-        return await self.registry.listing.remote()
+        return await ask_registry(self.registry, "listing")
 
     @fastapi_app.post("/v1/states")
     async def mount_state(self, request: Request) -> dict:
@@ -190,15 +192,15 @@ class Gateway:
                 data = decode_base64(data)
         check_name(name)
         if data is None:
-            return await self.registry.mount.remote(name)
+            return await ask_registry(self.registry, "mount", name)
         if len(data) > self.max_upload_bytes:
             raise upload_too_large(self.max_upload_bytes)
-        return await self.registry.upload.remote(name, data)
+        return await ask_registry(self.registry, "upload", name, data)
 
     @fastapi_app.delete("/v1/states/{name}")
     async def unmount_state(self, name: str, request: Request) -> dict:
         self.authorize(request)
-        return await self.registry.unmount.remote(check_name(name))
+        return await ask_registry(self.registry, "unmount", check_name(name))
 
     @fastapi_app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -229,7 +231,7 @@ class Gateway:
         params = self.sampling_params(req, chat)
         handle = self.model
         if req.model != self.config.model_name:
-            handle = handle.options(multiplexed_model_id=await self.registry.resolve.remote(req.model))
+            handle = handle.options(multiplexed_model_id=await ask_registry(self.registry, "resolve", req.model))
         request_id = new_id("chatcmpl" if chat else "cmpl")
         if not req.stream:
             result = await handle.complete.remote(tokens, params)

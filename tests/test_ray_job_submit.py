@@ -1,0 +1,80 @@
+"""`ray job submit` of a job spec to a head node this test starts (and stops, by PID)."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from rwkvray.checkpoint import save_checkpoint
+from rwkvray.init_model import default_dims, init_weights
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    bin_dir = os.path.dirname(sys.executable)
+    port, dashboard = free_port(), free_port()
+    head = subprocess.Popen(
+        [os.path.join(bin_dir, "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"],
+        stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"]})
+    try:
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def wait_for(client_factory, timeout=90):
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return client_factory()
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(2)
+
+
+def test_ray_job_submit_runs_a_spec(ray_head, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    work = tmp_path / "work"
+    work.mkdir()
+    save_checkpoint(init_weights(default_dims(1, 64), seed=0, perturb=0.2), str(work / "tiny.pth"))
+    shutil.copy(SAMPLE, work / "data.jsonl")
+    spec = {"run": {"name": "submitted", "storage_path": str(tmp_path / "runs")},
+            "model": {"path": "tiny.pth"}, "data": {"file": "data.jsonl", "ctx_len": 32},
+            "trainer": {"epoch_count": 1, "epoch_steps": 3, "micro_bsz": 2, "precision": "fp32", "op": "torch"},
+            "scaling": {"num_workers": 1}}
+    (work / "job.yaml").write_text(yaml.safe_dump(spec))
+
+    client = wait_for(lambda: JobSubmissionClient(ray_head))
+    rwkvray = os.path.join(os.path.dirname(sys.executable), "rwkvray")
+    job = client.submit_job(entrypoint=f"{rwkvray} run job.yaml", runtime_env={"working_dir": str(work)})
+    deadline = time.time() + 300
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.time() < deadline, "job did not finish in 5 minutes"
+        time.sleep(2)
+    logs = client.get_job_logs(job)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
+    final = tmp_path / "runs" / "submitted" / "rwkv-final.pth"
+    assert f"final state file: {final}" in logs
+    assert final.stat().st_size > 0

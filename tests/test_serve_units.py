@@ -1,0 +1,282 @@
+"""The Serve endpoint's parts without Ray: batching engine, state registry, request parsing."""
+import asyncio
+import io
+import os
+
+import pytest
+import torch
+
+from rwkvray.dims import ModelDims
+from rwkvray.generate import generate_tokens
+from rwkvray.serve.api import ApiError, CompletionRequest, multipart_fields, parse_request
+from rwkvray.serve.engine import BatchEngine, SamplingParams, StopScanner
+from rwkvray.serve.states import StateStore, state_path
+from rwkvray.state_file import save_state
+from rwkvray.tokenizer import get_tokenizer
+from tests.helpers import random_model
+
+# The real tokenizer's ids reach 65535, so prompts need the full vocab; everything else is tiny.
+SERVE_DIMS = ModelDims(n_layer=2, n_embd=64, head_size=64, vocab_size=65536, dim_w=8, dim_a=8, dim_v=4, dim_g=16)
+STATE_SCALE = 20.0  # large enough that each random state visibly changes the greedy text
+PROMPTS = ["User: hi\n\nAssistant:", "Hello world", "The capital of France is", "1 2 3", "a"]
+
+
+def serve_model():
+    return random_model(SERVE_DIMS)
+
+
+def random_state(seed: int, dims: ModelDims = SERVE_DIMS) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return STATE_SCALE * torch.randn(dims.n_layer, *dims.state_shape, generator=generator)
+
+
+def reference_text(model, prompt: str, time_state, max_tokens: int) -> str:
+    """What `rwkvray generate --temperature 0` prints for this prompt and state."""
+    tokenizer = get_tokenizer()
+    return tokenizer.decode(list(generate_tokens(model, tokenizer.encode(prompt), time_state, max_tokens,
+                                                 temperature=0.0)))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return serve_model()
+
+
+async def collect(engine, prompt: str, time_state, params: SamplingParams):
+    chunks = [chunk async for chunk in engine.generate(get_tokenizer().encode(prompt), time_state, params)]
+    return "".join(chunk.text for chunk in chunks), chunks[-1]
+
+
+# ---------------------------------------------------------------- stop strings
+
+
+def test_stop_scanner_holds_back_a_possible_stop_and_cuts_at_it():
+    scanner = StopScanner(["\n\nUser:"])
+    assert scanner.push("Hel") == ("Hel", False)
+    assert scanner.push("lo\n\nUs") == ("lo", False)
+    assert scanner.push("er: more") == ("", True)
+
+
+def test_stop_scanner_releases_a_false_alarm():
+    scanner = StopScanner(["\n\nUser:"])
+    assert scanner.push("a\n\n") == ("a", False)
+    assert scanner.push("Hi") == ("\n\nHi", False)
+    assert scanner.push("\n") == ("", False)
+    assert scanner.flush() == "\n"
+
+
+# ---------------------------------------------------------------- engine
+
+
+def test_mixed_states_decode_in_one_batch_and_match_single_generation(model):
+    states = [None, random_state(1), random_state(2), random_state(3)]
+    cases = [(prompt, state) for prompt in PROMPTS[:3] for state in states]
+    expected = [reference_text(model, prompt, state, 8) for prompt, state in cases]
+
+    async def run():
+        engine = BatchEngine(model, get_tokenizer(), max_batch_size=16, batch_wait_s=0.02)
+        results = await asyncio.gather(*(collect(engine, p, s, SamplingParams(8)) for p, s in cases))
+        return engine, results
+
+    engine, results = asyncio.run(run())
+    assert [text for text, _ in results] == expected
+    assert len(set(expected[:4])) == 4  # the states really differ, so any cross-talk would show
+    assert engine.max_rows_seen == len(cases)
+    assert engine.steps <= 8  # one batched step per token for all rows, not one per row
+
+
+def test_rows_join_a_running_batch_and_never_write_the_mounted_state(model):
+    mounted = random_state(4)
+    before = mounted.clone()
+
+    async def run():
+        engine = BatchEngine(model, get_tokenizer(), max_batch_size=8)
+        first = asyncio.ensure_future(collect(engine, PROMPTS[0], mounted, SamplingParams(16)))
+        while engine.steps < 4:
+            await asyncio.sleep(0.001)
+        later = await asyncio.gather(collect(engine, PROMPTS[1], mounted, SamplingParams(6)),
+                                     collect(engine, PROMPTS[2], None, SamplingParams(6)))
+        return [await first, *later]
+
+    texts = [text for text, _ in asyncio.run(run())]
+    assert texts == [reference_text(model, PROMPTS[0], before, 16), reference_text(model, PROMPTS[1], before, 6),
+                     reference_text(model, PROMPTS[2], None, 6)]
+    assert torch.equal(mounted, before)
+
+
+def test_batch_size_is_capped_and_extra_requests_wait(model):
+    async def run():
+        engine = BatchEngine(model, get_tokenizer(), max_batch_size=2)
+        results = await asyncio.gather(*(collect(engine, p, None, SamplingParams(4)) for p in PROMPTS))
+        return engine, results
+
+    engine, results = asyncio.run(run())
+    assert [text for text, _ in results] == [reference_text(model, p, None, 4) for p in PROMPTS]
+    assert engine.max_rows_seen == 2
+
+
+def test_stop_string_ends_the_row_and_is_not_returned(model):
+    full = reference_text(model, PROMPTS[2], None, 12)
+    stop = full[5:8]
+    assert full.find(stop) == 5
+
+    async def run():
+        engine = BatchEngine(model, get_tokenizer(), max_batch_size=4)
+        return await collect(engine, PROMPTS[2], None, SamplingParams(12, stop=[stop]))
+
+    text, last = asyncio.run(run())
+    assert (text, last.finish_reason) == (full[:5], "stop")
+    assert last.completion_tokens < 12
+
+
+def test_length_finish_reports_token_counts(model):
+    async def run():
+        engine = BatchEngine(model, get_tokenizer(), max_batch_size=4)
+        return await collect(engine, PROMPTS[1], None, SamplingParams(5))
+
+    _, last = asyncio.run(run())
+    assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == (
+        "length", len(get_tokenizer().encode(PROMPTS[1])), 5)
+
+
+def test_a_client_leaving_early_frees_its_row_without_disturbing_others(model):
+    async def run():
+        engine = BatchEngine(model, get_tokenizer(), max_batch_size=4)
+        stream = engine.generate(get_tokenizer().encode(PROMPTS[0]), None, SamplingParams(40))
+        other = asyncio.ensure_future(collect(engine, PROMPTS[1], random_state(5), SamplingParams(10)))
+        await stream.__anext__()
+        await stream.aclose()
+        text, _ = await other
+        return engine, text
+
+    engine, text = asyncio.run(run())
+    assert text == reference_text(model, PROMPTS[1], random_state(5), 10)
+    assert engine.active == [] and engine.steps < 40
+
+
+def test_sampled_rows_do_not_change_greedy_rows(model):
+    async def run():
+        engine = BatchEngine(model, get_tokenizer(), max_batch_size=4, batch_wait_s=0.02)
+        return await asyncio.gather(collect(engine, PROMPTS[0], None, SamplingParams(8, temperature=1.0, top_p=0.9)),
+                                    collect(engine, PROMPTS[1], None, SamplingParams(8)))
+
+    (_, sampled), (greedy, _) = asyncio.run(run())
+    assert sampled.finish_reason in ("stop", "length")
+    assert greedy == reference_text(model, PROMPTS[1], None, 8)
+
+
+# ---------------------------------------------------------------- state registry
+
+
+@pytest.fixture
+def store(tmp_path):
+    states_dir = tmp_path / "states"
+    states_dir.mkdir()
+    save_state(random_state(1), str(states_dir / "alpha.pth"))
+    return StateStore(str(states_dir), SERVE_DIMS, "base", max_upload_bytes=2**20)
+
+
+def error_of(call, *args) -> ApiError:
+    with pytest.raises(ApiError) as caught:
+        call(*args)
+    return caught.value
+
+
+def file_bytes(tensors) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    return buffer.getvalue()
+
+
+def state_bytes(time_state: torch.Tensor) -> bytes:
+    return file_bytes({f"blocks.{i}.att.time_state": layer.clone() for i, layer in enumerate(time_state)})
+
+
+def test_known_state_mounts_on_first_use_and_unmount_blocks_it(store):
+    mid = store.resolve("alpha")
+    assert torch.equal(store.fetch(mid), random_state(1))
+    assert store.listing()["mounted"] == [{"name": "alpha", "source": "states_dir", "shape": [2, 1, 64, 64]}]
+    assert store.unmount("alpha") == {"name": "alpha", "mounted": False}
+    assert error_of(store.resolve, "alpha").status == 404
+    assert error_of(store.fetch, mid).status == 404  # a request that raced the unmount gets 404, not old data
+    assert error_of(store.unmount, "alpha").status == 404
+    store.mount("alpha")
+    assert store.resolve("alpha") != mid  # re-mounting gives a new cache id
+
+
+def test_dropped_in_file_is_servable_without_restart(store):
+    assert "beta" not in store.servable_names()
+    save_state(random_state(2), os.path.join(store.states_dir, "beta.pth"))
+    assert store.servable_names() == ["alpha", "beta"]
+    assert torch.equal(store.fetch(store.resolve("beta")), random_state(2))
+
+
+def test_unknown_state_is_404(store):
+    err = error_of(store.resolve, "nope")
+    assert (err.status, err.code, err.param) == (404, "model_not_found", "model")
+
+
+@pytest.mark.parametrize("name", ["../alpha", "/etc/passwd", "a/b", "..", ".hidden", "", "x" * 129, "a\x00b"])
+def test_path_like_names_are_refused(store, name):
+    err = error_of(store.mount, name)
+    assert (err.status, err.code) == (400, "invalid_state_name")
+
+
+def test_symlink_out_of_the_states_dir_is_refused(store, tmp_path):
+    save_state(random_state(3), str(tmp_path / "secret.pth"))
+    os.symlink(tmp_path / "secret.pth", os.path.join(store.states_dir, "sneaky.pth"))
+    assert error_of(store.resolve, "sneaky").status == 400
+    assert error_of(state_path, store.states_dir, "sneaky").message == \
+        "state 'sneaky' resolves outside the states folder"
+
+
+def test_upload_mounts_a_checked_state(store):
+    assert store.upload("gamma", state_bytes(random_state(7)))["source"] == "upload"
+    assert torch.equal(store.fetch(store.resolve("gamma")), random_state(7))
+
+
+@pytest.mark.parametrize("data, fragment", [
+    (b"definitely not a checkpoint", "not a PyTorch checkpoint"),
+    (file_bytes({"blocks.0.att.time_state": torch.zeros(1, 64, 64), "emb.weight": torch.zeros(2)}),
+     "unexpected key 'emb.weight'"),
+    (file_bytes({"blocks.1.att.time_state": torch.zeros(1, 64, 64)}), "missing key(s) 'blocks.0.att.time_state'"),
+    (file_bytes([torch.zeros(1)]), "expected a dict of tensors"),
+    (file_bytes({"blocks.0.att.time_state": os.system}), "not a PyTorch checkpoint"),  # a pickled callable
+])
+def test_bad_uploads_are_refused_before_mounting(store, data, fragment):
+    err = error_of(store.upload, "bad", data)
+    assert err.status == 400 and fragment in err.message, err.message
+    assert "bad" not in store.servable_names() and error_of(store.resolve, "bad").status == 404
+
+
+def test_wrong_shape_state_names_both_shapes(store):
+    wrong = torch.zeros(2, 2, 64, 64)
+    err = error_of(store.upload, "wide", state_bytes(wrong))
+    assert err.status == 400
+    assert err.message == ("state 'wide': state shape [2, 2, 64, 64] (L,H,N,N) does not fit the model's "
+                           "[2, 1, 64, 64]")
+
+
+def test_oversized_upload_is_413_and_base_name_is_reserved(store):
+    assert error_of(store.upload, "big", b"x" * (2**20 + 1)).status == 413
+    assert error_of(store.upload, "base", state_bytes(random_state(1))).code == "invalid_state_name"
+
+
+# ---------------------------------------------------------------- request parsing
+
+
+def test_request_errors_name_the_field():
+    err = error_of(parse_request, CompletionRequest, {"model": "m", "prompt": "x", "max_tokens": 0})
+    assert (err.status, err.param) == (400, "max_tokens")
+    assert error_of(parse_request, CompletionRequest, {"model": "m"}).param == "prompt"
+    assert error_of(parse_request, CompletionRequest, {"model": "m", "prompt": "x", "n": 2}).message == \
+        "n: only n=1 is supported"
+    assert parse_request(CompletionRequest, {"model": "m", "prompt": ["x"], "stop": "\n"}).stop == ["\n"]
+
+
+def test_multipart_fields_keep_binary_payloads_exactly():
+    payload = bytes(range(256)) * 4 + b"\r\n--not-the-boundary\r\n"
+    body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\ngamma\r\n"
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"g.pth\"\r\n"
+            b"Content-Type: application/octet-stream\r\n\r\n" + payload + b"\r\n--XyZ--\r\n")
+    assert multipart_fields(body, "multipart/form-data; boundary=XyZ") == {"name": b"gamma", "file": payload}
