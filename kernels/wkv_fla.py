@@ -18,7 +18,8 @@ def wkv7_fla(r, w, k, v, a, b, s0):
     """Same contract as `rwkvray.kernels.wkv7`: y in r's dtype, final state fp32 [B,H,N,N]."""
     chunk_rwkv7, options = fla_kernel()
     log_decay = (-w.float().exp()).to(r.dtype)
-    y, state = chunk_rwkv7(r, log_decay, k, v, a, b, scale=1.0, initial_state=s0.float().transpose(-1, -2).contiguous(),
+    initial_state = s0.float().transpose(-1, -2).contiguous()
+    y, state = chunk_rwkv7(r, log_decay, k, v, a, b, scale=1.0, initial_state=initial_state,
                            output_final_state=True, **options)
     return y.to(r.dtype), state.float().transpose(-1, -2)
 

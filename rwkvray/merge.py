@@ -16,7 +16,7 @@ from rwkvray.errors import UserError
 from rwkvray.peft.disha import bat_delta, bone_delta
 
 KINDS = ("lora", "pissa", "disha")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PARTS = {"lora": ("lora_A", "lora_B"), "pissa": ("lora_A", "lora_B", "init_lora_A", "init_lora_B"), "disha": ("disha",)}
 _ADAPTER_KEY = re.compile(r"^(blocks\.\d+\.(?:att\.(?:receptance|key|value|output)|ffn\.(?:key|value)))\.(\w+)$")
 
@@ -28,7 +28,7 @@ def merge_adapter(kind: str, base_path: str, adapter_path: str, out_path: str, d
     if kind not in KINDS:
         raise UserError(f"--type: unknown adapter type {kind!r} (expected lora, pissa or disha)")
     if dtype is not None and dtype not in DTYPES:
-        raise UserError(f"--dtype: unknown dtype {dtype!r} (expected bf16, fp16 or fp32)")
+        raise UserError(f"--dtype: unknown dtype {dtype!r} (expected bf16 or fp32)")
     base = read_tensor_dict(base_path)
     parse_checkpoint(base, base_path)  # a plain x070 checkpoint, or one line saying why not
     adapter = read_tensor_dict(adapter_path)
@@ -95,7 +95,8 @@ def _delta(kind: str, weight: torch.Tensor, parts: dict, module: str, path: str,
 def _checked_pair(B: torch.Tensor, A: torch.Tensor, shape, prefix: str, path: str):
     """B [out, r] and A [r, in] for a weight [out, in]."""
     out_features, in_features = shape
-    if A.dim() != 2 or B.dim() != 2 or A.shape[1] != in_features or B.shape[0] != out_features or A.shape[0] != B.shape[1]:
+    fits = A.dim() == 2 and B.dim() == 2 and A.shape[0] == B.shape[1]
+    if not fits or A.shape[1] != in_features or B.shape[0] != out_features:
         raise UserError(f"{path}: '{prefix}_B' {list(B.shape)} and '{prefix}_A' {list(A.shape)} do not fit a "
                         f"[{out_features}, {in_features}] weight (expected [{out_features}, r] and [r, {in_features}])")
     return B, A

@@ -23,7 +23,8 @@ def import_bitsandbytes(kind: str):
     try:
         import bitsandbytes
     except ModuleNotFoundError:
-        raise UserError(f"peft.quant: {kind} needs bitsandbytes, which is not installed (pip install bitsandbytes)") from None
+        raise UserError(f"peft.quant: {kind} needs bitsandbytes, which is not installed "
+                        "(pip install bitsandbytes)") from None
     except ImportError as err:
         raise UserError(f"peft.quant: {kind} needs bitsandbytes, which cannot be imported: {err}") from None
     return bitsandbytes
@@ -54,7 +55,8 @@ def quantized_linear(bnb, linear: nn.Linear, kind: str) -> nn.Module:
         layer.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
     try:
         layer = layer.to(weight.device)
-        layer(torch.zeros(1, linear.in_features, device=weight.device, dtype=weight.dtype))  # the backend can run it
+        with torch.no_grad():  # fail here, in one line, if the backend cannot run it
+            layer(torch.zeros(1, linear.in_features, device=weight.device, dtype=weight.dtype))
     except (RuntimeError, NotImplementedError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"peft.quant: bitsandbytes {bnb.__version__} cannot run {kind} on "

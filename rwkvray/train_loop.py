@@ -14,7 +14,7 @@ import torch
 
 from rwkvray.atomic import atomic_path
 from rwkvray.data import TokenBatcher, eval_batches, load_documents, split_holdout
-from rwkvray.errors import UserError
+from rwkvray.config import check_model_expectations
 from rwkvray.metrics import RunLogger
 from rwkvray.model import load_model
 from rwkvray.peft import build_peft
@@ -79,9 +79,12 @@ def train(spec, ctx) -> dict:
     while progress.step < total:
         metrics = _train_step(spec, engine, batcher, progress, ctx)
         progress.step += 1
-        metrics.update(_maybe_evaluate(spec, engine, val_docs, progress, ctx))
+        report = _report_due(spec, progress.step)
+        if report and val_docs:
+            metrics["val_loss"] = evaluate(engine, val_docs, spec.data.ctx_len, spec.trainer.micro_bsz, ctx.device)
         logger.log_step(**metrics)
-        _maybe_checkpoint(spec, engine, progress, metrics, ctx, logger)
+        if report:
+            _checkpoint_and_report(spec, engine, progress, metrics, ctx, logger)
     logger.finish()
     return metrics
 
@@ -92,17 +95,10 @@ def proj_dir(spec) -> str:
 
 def _build_module(spec, device):
     model, _ = load_model(spec.model.path, device=device, dtype=DTYPES[spec.trainer.precision])
-    _check_expected_dims(spec, model.dims)
+    check_model_expectations(spec.model, model.dims, spec.source)
     model.op = spec.trainer.op
     model.grad_cp = spec.trainer.grad_cp
     return build_peft(model, spec.peft)
-
-
-def _check_expected_dims(spec, dims) -> None:
-    for key in ("n_layer", "n_embd"):
-        expected = getattr(spec.model, key, None)
-        if expected is not None and expected != getattr(dims, key):
-            raise UserError(f"model.{key}: the spec says {expected} but {spec.model.path} has {getattr(dims, key)}")
 
 
 def _load_data(spec):
@@ -149,14 +145,11 @@ def _mean_over_ranks(value: float, ctx) -> float:
     return t.item() / ctx.world_size
 
 
-def _maybe_evaluate(spec, engine, val_docs, progress, ctx) -> dict:
-    every = spec.tune.eval_every_steps if spec.tune else None
-    epoch_end = progress.step % spec.trainer.epoch_steps == 0
-    if not val_docs or not (epoch_end or (every and progress.step % every == 0)):
-        return {}
-    val_loss = evaluate(engine, val_docs, spec.data.ctx_len, spec.trainer.micro_bsz, ctx.device)
-    progress.best_val_loss = min(val_loss, progress.best_val_loss or val_loss)
-    return {"val_loss": val_loss}
+def _report_due(spec, step: int) -> bool:
+    """Evaluate, checkpoint and report at every epoch end, every run.checkpoint_every_steps and every
+    tune.eval_every_steps. Every rank reports at the same steps: under Ray Train a report is a barrier."""
+    periods = [spec.trainer.epoch_steps, spec.run.checkpoint_every_steps, spec.tune.eval_every_steps if spec.tune else None]
+    return any(p and step % p == 0 for p in periods)
 
 
 @torch.no_grad()
@@ -170,24 +163,18 @@ def evaluate(engine, docs, ctx_len: int, micro_bsz: int, device) -> float:
     return total / max(count, 1.0)
 
 
-def _maybe_checkpoint(spec, engine, progress, metrics, ctx, logger) -> None:
-    """Checkpoint at every epoch end and every run.checkpoint_every_steps; report evaluations in between.
-
-    Every rank reports at the same steps: under Ray Train a report is a barrier.
-    """
-    trainer, every = spec.trainer, spec.run.checkpoint_every_steps
-    epoch_end = progress.step % trainer.epoch_steps == 0
-    if not (epoch_end or (every and progress.step % every == 0)):
-        if "val_loss" in metrics:
-            ctx.report(metrics)
-        return
+def _checkpoint_and_report(spec, engine, progress, metrics, ctx, logger) -> None:
+    if "val_loss" in metrics:
+        progress.best_val_loss = min(metrics["val_loss"], progress.best_val_loss or metrics["val_loss"])
+        metrics["best_val_loss"] = progress.best_val_loss
+    epoch_end = progress.step % spec.trainer.epoch_steps == 0
     with tempfile.TemporaryDirectory() as folder:
         engine.save(folder)
         with engine.gathered():  # ZeRO-3 partitions the trainable tensors: gather them on every rank
             metrics["replica_divergence"] = _replica_divergence(engine, ctx)
             if ctx.rank == 0:
                 if epoch_end:
-                    _save_epoch_files(spec, engine, progress.step // trainer.epoch_steps, logger)
+                    _save_epoch_files(spec, engine, progress.step // spec.trainer.epoch_steps, logger)
                 _save_progress(folder, engine, progress)
         ctx.report(metrics, folder)
 

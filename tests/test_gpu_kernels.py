@@ -235,11 +235,13 @@ def test_fla_wrapper_converts_decay_and_state_layout_both_ways(monkeypatch, fla_
 def test_fla_wrapper_asks_old_releases_for_batch_first_layout(monkeypatch, fla_cache):
     def old_chunk_rwkv7(r, w, k, v, a, b, scale=1.0, initial_state=None, output_final_state=True,
                         cu_seqlens=None, head_first=True):
-        assert head_first is False
+        assert head_first is False and scale == 1.0
         return r, initial_state
 
     install_fake_fla(monkeypatch, old_chunk_rwkv7)
-    assert wkv_fla.fla_kernel()[1] == {"head_first": False}
+    inputs = wkv_inputs(1, 3, 2, 64)
+    y, s = wkv7(*inputs, op="fla")
+    assert torch.equal(y, inputs[0]) and torch.equal(s, inputs[6].float())
 
 
 def test_fla_wrapper_refuses_a_chunk_rwkv7_without_initial_state(monkeypatch, fla_cache):

@@ -1,5 +1,6 @@
 """LoRA, PiSSA and DiSHA (bone, bat) on a tiny random model: training, frozen base, adapter files, merge, errors."""
 import os
+import sys
 
 import pytest
 import torch
@@ -219,6 +220,14 @@ def test_every_method_is_registered():
 # ---------------------------------------------------------------- bad configs
 
 
+def test_lora_without_the_peft_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # what `import peft` sees when it is absent
+    with pytest.raises(UserError) as err:
+        build_peft(random_model(), peft_spec("lora"))
+    assert str(err.value) == ("peft.method: lora and pissa need the peft package, which is not installed "
+                              "(pip install 'rwkvray[peft]')")
+
+
 @pytest.mark.parametrize("peft, key", [
     ({"method": "disha", "disha": {"mode": "lokr"}}, "peft.disha.mode"),
     ({"method": "disha", "disha": {"r": 0}}, "peft.disha.r"),
@@ -295,7 +304,8 @@ def test_lora_merge_takes_alpha_from_the_flag_for_rwkv_peft_files(base_path, ada
     merge_adapter("lora", base_path, foreign, out, lora_alpha=8.0)
     merge_adapter("lora", base_path, adapters["lora"], str(tmp_path / "ours.pth"))
     key = "blocks.1.ffn.value.weight"
-    assert torch.equal(torch.load(out, weights_only=True)[key], torch.load(tmp_path / "ours.pth", weights_only=True)[key])
+    ours = torch.load(tmp_path / "ours.pth", weights_only=True)
+    assert torch.equal(torch.load(out, weights_only=True)[key], ours[key])
 
 
 @pytest.mark.parametrize("kind, adapter, message", [

@@ -88,7 +88,8 @@ def test_quantized_base_trains_and_stays_frozen(peft, batch):
     quantized = {name: model.base.get_submodule(name) for name in ALL_LINEARS}
     quantized = {name: module.base_layer if hasattr(module, "base_layer") else module
                  for name, module in quantized.items()}
-    assert {type(m).__name__ for m in quantized.values()} == {"Linear8bitLt" if peft["quant"] == "int8" else "Linear4bit"}
+    expected_class = "Linear8bitLt" if peft["quant"] == "int8" else "Linear4bit"
+    assert {type(m).__name__ for m in quantized.values()} == {expected_class}
     before = {name: m.weight.data.clone() for name, m in quantized.items()}
     losses = train_steps(model, batch)
     assert losses[-1] < losses[0] - (0.01 if peft["method"] == "state" else 0.5), losses
@@ -117,3 +118,17 @@ def test_unknown_quant_kind_is_refused():
     with pytest.raises(UserError) as err:
         quantize_frozen_linears(random_model(), "fp8")
     assert str(err.value) == "peft.quant: unknown kind 'fp8' (expected none, int8 or nf4)"
+
+
+def test_a_backend_that_cannot_run_the_kind_is_a_clear_error(monkeypatch):
+    bitsandbytes_or_skip()
+    import bitsandbytes
+
+    def no_kernel(self, x):
+        raise NotImplementedError("no kernel for this device\nsecond line")
+
+    monkeypatch.setattr(bitsandbytes.nn.Linear4bit, "forward", no_kernel)
+    with pytest.raises(UserError) as err:
+        quantize_frozen_linears(random_model(), "nf4")
+    assert str(err.value) == (f"peft.quant: bitsandbytes {bitsandbytes.__version__} cannot run nf4 on cpu: "
+                              "no kernel for this device")

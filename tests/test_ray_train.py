@@ -18,7 +18,7 @@ SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data",
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
 

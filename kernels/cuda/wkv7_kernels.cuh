@@ -9,8 +9,9 @@
 // reloads S at checkpoints and in between steps it back: S_{t-1} = (S_t - v k^T - sa b^T) diag(1/d_t).
 // That division is safe because the model clamps w <= -0.5, so d_t >= exp(-exp(-0.5)) > 0.545.
 //
-// This header has no host code and no launch syntax, so it also compiles as plain C++ under
-// cpu_emulation.h (the CPU tests run this exact code with one host thread per CUDA thread).
+// Include wkv7.h (CUDA) or cpu_emulation.h first. This header has no host code and no launch syntax, so it
+// also compiles as plain C++ under cpu_emulation.h: the CPU tests run this exact code, one host thread per
+// CUDA thread.
 #pragma once
 
 namespace wkv7 {

@@ -6,6 +6,5 @@ def connect(address: str | None = None):
     import ray
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    # the driver's working directory holds the spec's relative paths; workers get absolute ones
-    ray.init(address=address, log_to_driver=True, configure_logging=False)
+    # "local" starts a fresh instance even when another one runs on this machine
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)

@@ -1,7 +1,10 @@
 """`rwkvray run`: a TorchTrainer whose workers each run the plain training loop with a DeepSpeed engine."""
 import os
+import sys
+
 import torch
 
+from rwkvray.config import require_training_blocks
 from rwkvray.train_loop import export_final_state, train
 
 FAULT_STEP_ENV = "RWKVRAY_FAULT_AT_STEP"     # chaos testing: the last worker exits after reporting this step
@@ -54,26 +57,41 @@ def worker_loop(config: dict) -> None:
     train(config["spec"], RayContext(config.get("fault")))
 
 
-def run_on_ray(spec, address: str | None = None):
-    """Fit the spec on the cluster, print the final state file's path; returns the Ray Train result."""
+def build_trainer(spec, callbacks=()):
+    """The TorchTrainer for a spec: one worker per scaling.num_workers, each running `worker_loop`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from rwkvray.launch.ray_session import connect
-    connect(address)
     scaling = spec.scaling
-    trainer = TorchTrainer(
+    return TorchTrainer(
         worker_loop,
         train_loop_config={"spec": spec, "fault": _fault_from_env()},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=scaling.resources_per_worker or None,
                                      placement_strategy=scaling.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-        run_config=RunConfig(name=spec.run.name, storage_path=os.path.abspath(spec.run.storage_path),
+        run_config=RunConfig(name=spec.run.name, storage_path=spec.run.storage_path, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=spec.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints)),
     )
-    result = trainer.fit()
+
+
+def warn_if_cluster_too_small(spec) -> None:
+    """Ray waits, silently, for GPUs no node has yet (an autoscaler may add them): say so at once."""
+    import ray
+    needed = spec.scaling.num_workers * spec.scaling.resources_per_worker.get("GPU", 1) if spec.scaling.use_gpu else 0
+    available = ray.cluster_resources().get("GPU", 0)
+    if needed > available:
+        print(f"warning: {spec.source} asks for {needed:g} GPUs but the Ray cluster has {available:g} now; "
+              "waiting for an autoscaler to add nodes", file=sys.stderr)
+
+
+def run_on_ray(spec, address: str | None = None):
+    """Fit the spec on the cluster, print the final state file's path; returns the Ray Train result."""
+    from rwkvray.launch.ray_session import connect
+    require_training_blocks(spec)
+    connect(address)
+    warn_if_cluster_too_small(spec)
+    result = build_trainer(spec).fit()
     with result.checkpoint.as_directory() as folder:
         export_final_state(spec, folder)
     return result

@@ -19,6 +19,7 @@ from rwkvray.model import RWKV7
 from rwkvray.peft.base import PeftMethod, replace_module, target_linears
 from rwkvray.quant import frozen_weight
 
+
 def bone_delta(disha: torch.Tensor, in_features: int) -> torch.Tensor:
     """Bone's weight update [out, in]: column g*r + j of the update is row j of D."""
     return disha.t().repeat(1, in_features // disha.shape[0])

@@ -22,9 +22,9 @@ def inject_lora(base: RWKV7, targets: list[str], **lora_config) -> list[tuple[st
     """
     try:
         from peft import LoraConfig, inject_adapter_in_model
-    except ImportError as err:
-        raise UserError(f"peft.method: LoRA and PiSSA need the peft package ({err}); "
-                        "pip install 'rwkvray[peft]'") from None
+    except ModuleNotFoundError:
+        raise UserError("peft.method: lora and pissa need the peft package, which is not installed "
+                        "(pip install 'rwkvray[peft]')") from None
     names = [name for name, _ in target_linears(base, targets)]
     inject_adapter_in_model(LoraConfig(target_modules=names, bias="none", **lora_config), base)
     layers = [(name, base.get_submodule(name)) for name in names]

@@ -134,7 +134,8 @@ class StateModel:
         return Chunk("".join(texts), chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens)
 
     async def stats(self) -> dict:
-        return {"steps": self.engine.steps, "max_rows_seen": self.engine.max_rows_seen,
+        engine = self.engine
+        return {"steps": engine.steps, "mixed_steps": engine.mixed_steps, "max_rows_seen": engine.max_rows_seen,
                 "device": str(self.device)}
 
     async def _time_state(self) -> Optional[torch.Tensor]:

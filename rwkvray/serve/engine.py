@@ -130,6 +130,7 @@ class BatchEngine:
         self.wake = asyncio.Event()
         self.loop_task: Optional[asyncio.Task] = None
         self.steps = 0  # batched decode steps so far (for tests and stats)
+        self.mixed_steps = 0  # steps whose rows started from more than one state
         self.max_rows_seen = 0
 
     async def generate(self, prompt: list[int], time_state: Optional[torch.Tensor],
@@ -218,6 +219,7 @@ class BatchEngine:
             self.state, self.logits, tokens = self.state.rows(index), self.logits[index], tokens[keep]
         self.logits, self.state = await self._in_worker(self._step, tokens, self.state)
         self.steps += 1
+        self.mixed_steps += len({id(row.time_state) for row in self.active}) > 1
 
     @torch.no_grad()
     def _sample(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:

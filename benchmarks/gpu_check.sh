@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU check in one run (about 5 minutes on an H100, capped at 8): the GPU kernel tests, then the benchmark.
+# Run from the repository root on a machine with an NVIDIA GPU. Logs and results go to $OUT.
+# FLA is optional: wheels placed in .whl/ (see benchmarks/README.md) are installed into /tmp/site first.
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# rwkvray itself, offline. pyproject.toml maps kernels/ to rwkvray.kernels; should pip be unable to install it,
+# a link in this (throwaway) checkout does the same.
+if ! $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; then
+    tail -3 "$OUT/install.log"
+    echo "pip install -e . failed: linking rwkvray/kernels -> ../kernels instead"
+    ln -sfn ../kernels rwkvray/kernels
+fi
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvcc --version | tail -2
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  $PY -c "import fla, triton; print('fla', fla.__version__, 'triton', triton.__version__)" 2>&1 | tail -1
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# The emulated-kernel tests are CPU tests (CI runs them); here only what needs the GPU.
+timeout 210 $PY -m pytest -q -rs -p no:cacheprovider tests/test_gpu_kernels.py -k "not emulated" \
+    --junitxml "$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
+timeout 230 $PY benchmarks/state_tune_bench.py --ops cuda,fla --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"

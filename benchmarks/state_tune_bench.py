@@ -1,0 +1,288 @@
+"""State-tuning speed and memory on one GPU, compared with the goals of docs/perf-targets.md.
+
+One step is what training does: forward (model.hidden) from the tuned state, chunked cross-entropy over the
+65536-way head, backward, and AdamW on the state only; every weight is frozen. 3 warm-up steps, then 10 timed.
+tokens/s = B*T*steps / wall time; peak = torch.cuda.max_memory_allocated over the timed steps (no CUDA context).
+
+    python benchmarks/state_tune_bench.py --json benchmarks/results/<date>-<gpu>.json     # the goal table's rows
+    python benchmarks/state_tune_bench.py --sizes 1.5B --shapes 8x1024 --ops cuda,fla,torch --grad-cp both
+    python benchmarks/state_tune_bench.py --smoke --json /tmp/smoke.json                   # CPU, seconds, no GPU
+"""
+import argparse
+import datetime
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rwkvray.dims import ModelDims
+from rwkvray.errors import UserError
+from rwkvray.loss import masked_lm_loss
+from rwkvray.model import RNNState, RWKV7
+
+VOCAB = 65536
+HEAD_SIZE = 64
+# n_layer, n_embd and the w/a/v/g low-rank dims of the released models. RWKV-LM x070 sizes them as
+# max(32, round(x / 32) * 32) with x = 1.8*sqrt(C), 1.8*sqrt(C), 1.3*sqrt(C), 0.6*C**0.8; that matches the
+# released 0.1B, 1.5B and 2.9B checkpoints.
+SIZES = {
+    "0.1B": (12, 768, 64, 64, 32, 128),
+    "0.4B": (24, 1024, 64, 64, 32, 160),
+    "1.5B": (24, 2048, 96, 96, 64, 256),
+    "2.9B": (32, 2560, 96, 96, 64, 320),
+}
+SMOKE_DIMS = ModelDims(n_layer=2, n_embd=128, head_size=HEAD_SIZE, vocab_size=1024, dim_w=32, dim_a=32, dim_v=32,
+                       dim_g=32)
+SMOKE_SHAPES = [(1, 64), (2, 32)]
+
+
+@dataclass(frozen=True)
+class Target:
+    peer_cuda: float     # tok/s of RWKV-PEFT with its CUDA op
+    peer_fla: float      # tok/s of RWKV-PEFT with FLA
+    peer_peak_gb: float
+    goal: float          # our goal, tok/s
+    goal_peak_gb: float
+
+
+# docs/perf-targets.md: the peer measured 2026-11-22 on one "NVIDIA H100 80GB HBM3", grad_cp=1, bf16.
+TARGET_GPU = "H100"
+TARGETS = {
+    ("0.1B", 1, 1024): Target(8_874, 6_657, 0.96, 50_000, 0.9),
+    ("0.4B", 1, 1024): Target(4_501, 3_550, 1.47, 20_000, 1.4),
+    ("1.5B", 1, 1024): Target(4_448, 2_867, 3.75, 15_000, 3.4),
+    ("2.9B", 1, 1024): Target(3_640, 2_368, 7.18, 10_000, 6.6),
+    ("0.1B", 8, 1024): Target(86_980, 53_135, 6.42, 250_000, 2.5),
+    ("0.4B", 8, 1024): Target(35_859, 25_080, 5.34, 100_000, 3.5),
+    ("1.5B", 8, 1024): Target(21_866, 18_811, 8.00, 55_000, 6.0),
+    ("2.9B", 8, 1024): Target(13_134, 12_188, 11.87, 30_000, 9.5),
+    ("1.5B", 4, 4096): Target(18_479, 20_135, 14.43, 55_000, 10.0),
+}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        print("error: the benchmark needs a CUDA GPU; run with --smoke on the CPU", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.smoke else "cuda")
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"
+    comparable = TARGET_GPU in gpu
+    rows = []
+    for size, dims, shapes in plan(args):
+        model = build_model(dims, device, torch.float32 if args.smoke else torch.bfloat16)
+        for (batch, seq_len) in shapes:
+            for op in args.ops:
+                for grad_cp in args.grad_cp:
+                    row = {"size": size, "n_layer": dims.n_layer, "n_embd": dims.n_embd, "batch": batch,
+                           "seq_len": seq_len, "op": op, "grad_cp": grad_cp, "warmup": args.warmup,
+                           "steps": args.steps}
+                    row.update(measure(model, op, grad_cp, batch, seq_len, args.warmup, args.steps))
+                    row.update(compare(size, batch, seq_len, op, row, comparable))
+                    rows.append(row)
+                    print(format_row(row), flush=True)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    report = {
+        "gpu": gpu,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "fla": fla_version(),
+        "command": shlex.join(["python"] + sys.argv if argv is None else ["python", __file__, *argv]),
+        "smoke": args.smoke,
+        "comparable_to_targets": comparable,
+        "rows": rows,
+    }
+    print_table(report)
+    if args.json:
+        write_json(Path(args.json), report)
+    return 0
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=csv(SIZES), help=f"comma list of {', '.join(SIZES)}")
+    parser.add_argument("--shapes", type=shapes_arg, help="comma list of BxT, e.g. 1x1024,8x1024,4x4096")
+    parser.add_argument("--ops", type=csv(("cuda", "fla", "torch")), default=["cuda", "fla"],
+                        help="WKV backends to time (default cuda,fla; torch is slow at these sizes)")
+    parser.add_argument("--grad-cp", choices=("on", "off", "both"), default="on",
+                        help="recompute each block in backward (the peer ran with it on)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny model on the CPU with op torch, 1 warm-up and 2 timed steps: checks the script")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be at least 1 and --warmup at least 0")
+    args.grad_cp = {"on": [True], "off": [False], "both": [False, True]}[args.grad_cp]
+    if args.smoke:
+        args.ops, args.warmup, args.steps = ["torch"], 1, 2
+        args.grad_cp = [False, True]
+    return args
+
+
+def csv(allowed):
+    def parse(text):
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in allowed]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(allowed)}")
+        return items
+    return parse
+
+
+def shapes_arg(text):
+    try:
+        return [tuple(int(n) for n in item.lower().split("x")) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected BxT items such as 8x1024") from None
+
+
+def plan(args):
+    """(size name, dims, [(B, T)]): the goal table's rows unless --sizes or --shapes narrow or widen them."""
+    if args.smoke:
+        return [("smoke", SMOKE_DIMS, SMOKE_SHAPES)]
+    result = []
+    for size in args.sizes or list(SIZES):
+        if args.sizes is None and args.shapes is None:
+            shapes = [(b, t) for (s, b, t) in TARGETS if s == size]
+        else:
+            shapes = args.shapes or [(1, 1024), (8, 1024), (4, 4096)]
+        L, C, dim_w, dim_a, dim_v, dim_g = SIZES[size]
+        result.append((size, ModelDims(L, C, HEAD_SIZE, VOCAB, dim_w, dim_a, dim_v, dim_g), shapes))
+    return result
+
+
+def build_model(dims: ModelDims, device: torch.device, dtype: torch.dtype) -> RWKV7:
+    """Built in `dtype` straight on the device (a 2.9B model never passes through the CPU), random and frozen."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = RWKV7(dims)
+    finally:
+        torch.set_default_dtype(default)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # LayerNorm and GroupNorm
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+            elif name.endswith(".weight"):  # Linear [out, in] and the embedding: unit-scale outputs
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+            elif p.shape[0] == 1:  # [1, 1, C] mixes and biases
+                p.normal_(0.0, 0.5)
+            else:  # LoRA matrices used as x @ A, and r_k
+                p.normal_(0.0, p.shape[0] ** -0.5)
+    return model.requires_grad_(False)
+
+
+def measure(model: RWKV7, op: str, grad_cp: bool, batch: int, seq_len: int, warmup: int, steps: int) -> dict:
+    dims = model.dims
+    device = model.head.weight.device
+    model.op, model.grad_cp = op, grad_cp
+    time_state = torch.nn.Parameter(torch.zeros(dims.n_layer, *dims.state_shape, device=device))
+    optimizer = torch.optim.AdamW([time_state], lr=1e-3)
+    generator = torch.Generator(device).manual_seed(0)
+    tokens = torch.randint(0, dims.vocab_size, (batch, seq_len + 1), device=device, generator=generator)
+    mask = torch.ones(batch, seq_len, device=device)
+
+    def step():
+        state = RNNState.from_time_state(time_state, batch, dims.n_embd, dtype=model.head.weight.dtype)
+        hidden, _ = model.hidden(tokens[:, :-1], state)
+        loss = masked_lm_loss(hidden, model.head, tokens[:, 1:], mask)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    cuda = device.type == "cuda"
+    try:
+        for _ in range(warmup):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    except torch.cuda.OutOfMemoryError:
+        return {"status": "oom"}
+    except UserError as error:
+        return {"status": f"error: {error}"}
+    except Exception as error:  # a failing backend (say a Triton compile error) must not cost the other rows
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return {"status": f"error: {type(error).__name__}: {first_line}"}
+    return {
+        "status": "ok",
+        "tokens_per_s": batch * seq_len * steps / wall,
+        "step_ms": 1000 * wall / steps,
+        "peak_alloc_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+        "loss": loss.item(),
+    }
+
+
+def compare(size, batch, seq_len, op, row, comparable) -> dict:
+    """The goal and the peer's figure for this row; verdicts only on the GPU model the targets were taken on."""
+    target = TARGETS.get((size, batch, seq_len))
+    if target is None:
+        return {"goal_tok_s": None}
+    peer = {"cuda": target.peer_cuda, "fla": target.peer_fla}.get(op)
+    result = {"goal_tok_s": target.goal, "goal_peak_gb": target.goal_peak_gb, "peer_tok_s": peer,
+              "peer_peak_gb": target.peer_peak_gb}
+    if row["status"] == "ok" and comparable:
+        result["x_goal"] = row["tokens_per_s"] / target.goal
+        result["x_peer"] = row["tokens_per_s"] / peer if peer else None
+        result["meets_goal"] = row["tokens_per_s"] >= target.goal and row["peak_alloc_gb"] <= target.goal_peak_gb
+    return result
+
+
+def format_row(row) -> str:
+    head = f"{row['size']:>5} {row['batch']}x{row['seq_len']:<5} {row['op']:>5} cp={'on ' if row['grad_cp'] else 'off'}"
+    if row["status"] != "ok":
+        return f"{head}  {row['status']}"
+    peak = f"{row['peak_alloc_gb']:6.2f} GB" if row["peak_alloc_gb"] is not None else "    n/a"
+    text = f"{head} {row['tokens_per_s']:>10,.0f} tok/s {row['step_ms']:9.1f} ms/step  peak {peak}"
+    if row.get("goal_tok_s"):
+        text += f"  goal {row['goal_tok_s']:>7,.0f} tok/s {row['goal_peak_gb']:5.1f} GB"
+        if "meets_goal" in row:
+            peer = f" x{row['x_peer']:.2f} peer" if row["x_peer"] else ""
+            text += f"  x{row['x_goal']:.2f} goal{peer}  {'MEETS GOAL' if row['meets_goal'] else 'below goal'}"
+    return text
+
+
+def print_table(report):
+    print(f"\n{report['gpu']}, torch {report['torch']}, CUDA {report['cuda']}, fla {report['fla']}, {report['date']}")
+    if not report["comparable_to_targets"]:
+        print(f"the targets were measured on an {TARGET_GPU}: no verdicts on this device")
+    for row in report["rows"]:
+        print(format_row(row))
+
+
+def fla_version():
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("fla-core")
+    except PackageNotFoundError:
+        return None
+
+
+def write_json(path: Path, report: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""`rwkvray tune`: sweep the learning-rate schedule with Ray Tune, then hand back the best state.
+
+Each trial runs the same training loop as `rwkvray run`: in-process for single-worker trials (a plain
+function trainable), or as a Ray Train run of its own when the spec asks for several workers.
+"""
+import functools
+import json
+import os
+import shutil
+
+import torch
+
+from rwkvray.atomic import atomic_path
+from rwkvray.config import ray_search_space, require_tune_block, spec_for_trial
+from rwkvray.peft.base import method_classes
+from rwkvray.train_loop import train
+
+METRIC_KEYS = {"val_loss": "val_loss", "train_loss": "loss"}  # spec metric -> key the training loop reports
+
+
+class TrialContext:
+    """A single-worker trial: the loop runs in the trial's process and reports through ray.tune."""
+    rank, world_size, distributed = 0, 1, False
+
+    def __init__(self, use_gpu: bool):
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+    def resume(self, load) -> None:
+        import ray.tune
+        checkpoint = ray.tune.get_checkpoint()
+        if checkpoint:
+            with checkpoint.as_directory() as folder:
+                load(folder)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        import ray.tune
+        checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=checkpoint)
+
+
+def run_trial(config: dict, spec) -> None:
+    import ray.tune
+    trial_spec = spec_for_trial(spec, config)
+    context = ray.tune.get_context()
+    trial_spec.run.name = f"{spec.run.name}-{context.get_trial_id()}"
+    trial_spec.trainer.proj_dir = os.path.join(context.get_trial_dir(), "proj")
+    if spec.scaling.num_workers == 1:
+        train(trial_spec, TrialContext(spec.tune.gpus_per_trial > 0))
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from rwkvray.launch.train import build_trainer
+    build_trainer(trial_spec, callbacks=[TuneReportCallback()]).fit()
+
+
+def run_sweep(spec, address: str | None = None):
+    """Run (or resume) the sweep; print the trial table; write best_state.pth and best.json."""
+    from ray import tune
+
+    from rwkvray.launch.ray_session import connect
+    sweep = require_tune_block(spec)
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # one kept checkpoint is the point
+    connect(address)
+    sweep_dir = os.path.join(spec.run.storage_path, spec.run.name)
+    metric = METRIC_KEYS[sweep.metric]
+    trainable = tune.with_resources(functools.partial(run_trial, spec=spec), _trial_resources(spec))
+    if tune.Tuner.can_restore(os.path.join(sweep_dir, "sweep")):
+        print(f"resuming the sweep in {sweep_dir}/sweep")
+        tuner = tune.Tuner.restore(os.path.join(sweep_dir, "sweep"), trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space=ray_search_space(sweep),
+                           tune_config=_tune_config(sweep, metric, spec.trainer.seed),
+                           run_config=tune.RunConfig(name="sweep", storage_path=sweep_dir, checkpoint_config=tune.CheckpointConfig(
+                               num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=sweep.mode)))
+    results = tuner.fit()
+    total_steps = spec.trainer.epoch_count * spec.trainer.epoch_steps
+    print(trial_table(results, metric, sweep.mode, list(sweep.space), total_steps))
+    return export_best(spec, results, metric, sweep.mode, sweep_dir)
+
+
+def _trial_resources(spec) -> dict:
+    sweep = spec.tune
+    if spec.scaling.num_workers > 1:  # the trial only drives a Ray Train run, whose workers hold the resources
+        return {"cpu": 0}
+    return {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}
+
+
+def _tune_config(sweep, metric: str, seed: int):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    options = sweep.scheduler
+    if options.type == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=options.grace_period,
+                                  reduction_factor=options.reduction_factor, max_t=options.max_t or 10**9)
+    else:
+        scheduler = FIFOScheduler()
+    search = BasicVariantGenerator(random_state=seed, max_concurrent=sweep.max_concurrent_trials)  # seeded samples
+    return tune.TuneConfig(metric=metric, mode=sweep.mode, num_samples=sweep.num_samples, scheduler=scheduler,
+                           search_alg=search)
+
+
+def trial_table(results, metric: str, mode: str, params: list[str], total_steps: int) -> str:
+    """One line per trial: its sampled values, best metric, reports made and how it ended."""
+    header = ["trial", *params, f"best {metric}", "reports", "status"]
+    rows = [header]
+    for result in results:
+        best = _best_value(result, metric, mode)
+        finished = result.metrics.get("step") == total_steps
+        status = "error" if result.error else ("finished" if finished else "stopped early")
+        rows.append([str(result.metrics.get("trial_id", "?")),
+                     *(f"{result.config.get(p):.4g}" for p in params),
+                     "-" if best is None else f"{best:.4f}", str(len(result.metrics_dataframe)), status])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def _best_value(result, metric: str, mode: str):
+    frame = result.metrics_dataframe
+    if frame is None or metric not in frame:
+        return None
+    values = frame[metric].dropna()
+    return None if values.empty else float(values.min() if mode == "min" else values.max())
+
+
+def export_best(spec, results, metric: str, mode: str, sweep_dir: str) -> dict:
+    """Copy the best trial's state file to <sweep_dir>/best_state.pth and describe it in best.json."""
+    best = results.get_best_result(metric=metric, mode=mode, scope="all")
+    checkpoint = best.get_best_checkpoint(metric=metric, mode=mode)
+    summary = {"trial": best.metrics.get("trial_id"), "params": {k: best.config[k] for k in spec.tune.space},
+               metric: _best_value(best, metric, mode), "checkpoint": checkpoint.path}
+    with checkpoint.as_directory() as folder:
+        for cls in method_classes(spec.peft):
+            name = "best_state.pth" if cls.name == "state" else f"best_{cls.name}.pth"
+            with atomic_path(os.path.join(sweep_dir, name)) as tmp:
+                shutil.copyfile(os.path.join(folder, f"{cls.name}.pth"), tmp)
+            summary[cls.name + "_file"] = os.path.join(sweep_dir, name)
+    with atomic_path(os.path.join(sweep_dir, "best.json")) as tmp, open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"best trial {summary['trial']}: {metric} {summary[metric]:.4f}, params {summary['params']}")
+    print(f"wrote {os.path.join(sweep_dir, 'best.json')}")
+    return summary
