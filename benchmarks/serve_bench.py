@@ -164,7 +164,8 @@ def print_table(result: dict) -> None:
     for key, label in (("one_state", "8 requests, 1 state"), ("eight_states", "8 requests, 8 states")):
         d = decode[key]
         mixed = f", {d['mixed_steps']}/{d['steps']} steps mixed" if "steps" in d else ""
-        rows.append((f"decode, {label}", f"{d['tokens_per_s']:.1f} tok/s ({d['tokens']} tok in {d['seconds']:.2f} s{mixed})"))
+        detail = f"{d['tokens']} tok in {d['seconds']:.2f} s{mixed}"
+        rows.append((f"decode, {label}", f"{d['tokens_per_s']:.1f} tok/s ({detail})"))
     rows.append(("8 states / 1 state", f"{result['eight_over_one']:.2f}x"))
     width = max(len(label) for label, _ in rows)
     for label, value in rows:

@@ -21,21 +21,15 @@ from pathlib import Path
 import torch
 
 from rwkvray.dims import ModelDims
+from rwkvray.init_model import default_dims
 from rwkvray.errors import UserError
 from rwkvray.loss import masked_lm_loss
 from rwkvray.model import RNNState, RWKV7
 
 VOCAB = 65536
 HEAD_SIZE = 64
-# n_layer, n_embd and the w/a/v/g low-rank dims of the released models. RWKV-LM x070 sizes them as
-# max(32, round(x / 32) * 32) with x = 1.8*sqrt(C), 1.8*sqrt(C), 1.3*sqrt(C), 0.6*C**0.8; that matches the
-# released 0.1B, 1.5B and 2.9B checkpoints.
-SIZES = {
-    "0.1B": (12, 768, 64, 64, 32, 128),
-    "0.4B": (24, 1024, 64, 64, 32, 160),
-    "1.5B": (24, 2048, 96, 96, 64, 256),
-    "2.9B": (32, 2560, 96, 96, 64, 320),
-}
+# n_layer, n_embd of the released models; default_dims gives their low-rank dims (64/64/32/128 at 768 …)
+SIZES = {"0.1B": (12, 768), "0.4B": (24, 1024), "1.5B": (24, 2048), "2.9B": (32, 2560)}
 SMOKE_DIMS = ModelDims(n_layer=2, n_embd=128, head_size=HEAD_SIZE, vocab_size=1024, dim_w=32, dim_a=32, dim_v=32,
                        dim_g=32)
 SMOKE_SHAPES = [(1, 64), (2, 32)]
@@ -156,8 +150,7 @@ def plan(args):
             shapes = [(b, t) for (s, b, t) in TARGETS if s == size]
         else:
             shapes = args.shapes or [(1, 1024), (8, 1024), (4, 4096)]
-        L, C, dim_w, dim_a, dim_v, dim_g = SIZES[size]
-        result.append((size, ModelDims(L, C, HEAD_SIZE, VOCAB, dim_w, dim_a, dim_v, dim_g), shapes))
+        result.append((size, default_dims(*SIZES[size], vocab_size=VOCAB, head_size=HEAD_SIZE), shapes))
     return result
 
 

@@ -43,9 +43,11 @@ def cmd_train(args) -> None:
         from rwkvray.launch.train import run_on_ray
         run_on_ray(spec)
         return
+    from rwkvray.metrics import summarize
     from rwkvray.train_loop import LocalContext, export_final_state, proj_dir, train
     context = LocalContext(proj_dir(spec))
     train(spec, context)
+    print(summarize(context.proj_dir))
     export_final_state(spec, context.checkpoint_dir)
 
 
@@ -83,6 +85,12 @@ def cmd_export_state(args) -> None:
     from rwkvray.state_file import export_state
     export_state(args.state, args.out, args.format)
     print(f"wrote {args.out}")
+
+
+def cmd_merge(args) -> None:
+    from rwkvray.merge import merge_adapter
+    merged = merge_adapter(args.type, args.base, args.adapter, args.out, args.dtype, args.lora_alpha)
+    print(f"wrote {args.out}: {len(merged)} weights merged")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["safetensors"], default="safetensors")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export_state)
+
+    p = sub.add_parser("merge", help="fold a LoRA, PiSSA or DiSHA adapter into a full BlinkDL checkpoint")
+    p.add_argument("--type", choices=["lora", "pissa", "disha"], required=True)
+    p.add_argument("--base", required=True)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="cast every tensor (default: keep the base's dtypes)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha, for RWKV-PEFT LoRA files (ours store it)")
+    p.set_defaults(func=cmd_merge)
     return parser
 
 

@@ -444,8 +444,6 @@ class JobSpec(StrictModel):
             raise SpecProblem("trainer.op", f"{self.trainer.op} needs a GPU (set scaling.use_gpu: true, or op: torch)")
         if self.trainer.precision == "fp16":
             raise SpecProblem("trainer.precision", "fp16 needs a GPU (set scaling.use_gpu: true, or use bf16/fp32)")
-        if self.peft.quant != "none":
-            raise SpecProblem("peft.quant", f"{self.peft.quant} needs a GPU (bitsandbytes); set scaling.use_gpu: true")
         if self.deepspeed.offload:
             raise SpecProblem(
                 "deepspeed.offload", "needs scaling.use_gpu: true (on CPU the optimizer already lives in host memory)"

@@ -86,3 +86,16 @@ def plot_loss(rows: list[dict], path: str) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def summarize(proj_dir: str) -> str:
+    """One line for the end of a run: how the loss moved (mean of the first and last five steps)."""
+    with open(os.path.join(proj_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    head, tail = rows[:5], rows[-5:]
+    mean = lambda part: sum(r["loss"] for r in part) / len(part)
+    line = f"loss {mean(head):.3f} -> {mean(tail):.3f} over {len(rows)} steps"
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    if val:
+        line += f"; val_loss {val[0]:.3f} -> {val[-1]:.3f}"
+    return line

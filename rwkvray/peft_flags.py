@@ -45,7 +45,6 @@ NO_EFFECT_HERE = {  # flag -> (type, why it changes nothing on Ray)
     "num_workers": (int, "DataLoader workers: each Ray worker builds its own batches"),
     "prefetch_factor": (int, "DataLoader prefetching: each Ray worker builds its own batches"),
     "avg_loss": (int, "loss logging style"),
-    "merge": (int, "adapter export style; rwkvray saves the trained PEFT parameters"),
 }
 REQUIRED_VALUES = {  # flag -> (the values we can honour, why another value cannot be)
     "epoch_begin": ({0}, "rwkvray resumes from its own checkpoints: rerun with the same --name instead"),
@@ -53,6 +52,7 @@ REQUIRED_VALUES = {  # flag -> (the values we can honour, why another value cann
     "data_shuffle": ({1}, "rwkvray always draws batches at random (seeded by --random_seed)"),
     "my_qa_mask": ({0}, "use --loss_mask qa"),
     "head_size_divisor": ({8}, "RWKV-7 fixes it at 8 (ln_x eps 64e-5)"),
+    "merge": ({0}, "rwkvray train writes the state/adapter file; fold it in with rwkvray merge or merge-state"),
     "optim": ({"none"}, "rwkvray uses AdamW"),
     "optimizer": ({"none"}, "rwkvray uses AdamW"),
 }

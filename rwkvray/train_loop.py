@@ -68,6 +68,7 @@ def train(spec, ctx) -> dict:
     train_docs, val_docs = _load_data(spec)
     batcher = TokenBatcher(train_docs, spec.data.ctx_len, seed=trainer.seed)
     engine = _build_engine(spec, module, ctx)
+    engine.module.train()  # adapter dropout on; the frozen base has no dropout of its own
     progress = Progress()
     ctx.resume(lambda folder: _load_checkpoint(folder, engine, progress))
 
@@ -156,10 +157,12 @@ def _report_due(spec, step: int) -> bool:
 def evaluate(engine, docs, ctx_len: int, micro_bsz: int, device) -> float:
     """Token-weighted mean loss over every held-out piece (each rank computes the same value)."""
     total, count = 0.0, 0.0
+    engine.module.eval()
     for batch in eval_batches(docs, ctx_len, micro_bsz):
         n = batch.mask.sum().item()
         total += engine(*(t.to(device) for t in (batch.input_ids, batch.targets, batch.mask))).item() * n
         count += n
+    engine.module.train()
     return total / max(count, 1.0)
 
 

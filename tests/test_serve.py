@@ -117,11 +117,16 @@ def test_openai_client_plain_completion_and_streamed_chat(server):
         assert plain.choices[0].text == server.reference(PROMPTS[1], name, 8)
         assert plain.usage.completion_tokens == 8 and plain.model == name
         stream = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
-                                                max_tokens=8, temperature=0, stream=True)
+                                                max_tokens=8, temperature=0, stream=True,
+                                                stream_options={"include_usage": True})
         chunks = list(stream)
-        assert "".join(c.choices[0].delta.content or "" for c in chunks) == server.chat_reference("hi", name, 8)
-        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == server.chat_reference("hi", name, 8)
+        assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+        assert chunks[-1].choices == [] and 1 <= chunks[-1].usage.completion_tokens <= 8
     assert server.reference(PROMPTS[1], BASE, 8) != server.reference(PROMPTS[1], "alpha", 8)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="no-such-state", prompt="hi", max_tokens=2)
 
 
 def test_greedy_endpoint_equals_rwkvray_generate(server, capsys):

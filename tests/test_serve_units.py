@@ -167,6 +167,21 @@ def test_sampled_rows_do_not_change_greedy_rows(model):
     assert greedy == reference_text(model, PROMPTS[1], None, 8)
 
 
+def test_a_seeded_row_samples_the_same_text_alone_and_in_a_batch(model):
+    from rwkvray.generate import generate_tokens
+    seeded = SamplingParams(10, temperature=1.0, top_p=0.95, seed=1234)
+
+    async def run(batched: bool):
+        engine = BatchEngine(model, get_tokenizer(), max_batch_size=4, batch_wait_s=0.02)
+        others = [collect(engine, PROMPTS[0], random_state(3), SamplingParams(10, temperature=1.0))] if batched else []
+        results = await asyncio.gather(collect(engine, PROMPTS[1], None, seeded), *others)
+        return results[0][0]
+
+    alone, batched = asyncio.run(run(False)), asyncio.run(run(True))
+    cli = get_tokenizer().decode(list(generate_tokens(model, get_tokenizer().encode(PROMPTS[1]), None, 10, 1.0, 0.95, 1234)))
+    assert alone == batched == cli
+
+
 # ---------------------------------------------------------------- state registry
 
 
@@ -282,3 +297,52 @@ def test_multipart_fields_keep_binary_payloads_exactly():
             b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"g.pth\"\r\n"
             b"Content-Type: application/octet-stream\r\n\r\n" + payload + b"\r\n--XyZ--\r\n")
     assert multipart_fields(body, "multipart/form-data; boundary=XyZ") == {"name": b"gamma", "file": payload}
+
+
+# ---------------------------------------------------------------- app building (no Ray runtime needed)
+
+
+@pytest.fixture
+def serve_args(tmp_path):
+    """The args of jobs/serve_config.yaml, pointed at a tiny model and a temp states folder."""
+    import yaml
+    from rwkvray.checkpoint import save_checkpoint
+    save_checkpoint(random_model(SERVE_DIMS).state_dict(), str(tmp_path / "tiny.pth"))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "jobs", "serve_config.yaml")) as f:
+        app = yaml.safe_load(f)["applications"][0]
+    assert app["import_path"] == "rwkvray.serve.app:app_builder"
+    return {**app["args"], "model": str(tmp_path / "tiny.pth"), "states_dir": str(tmp_path / "states"),
+            "use_gpu": False}
+
+
+def test_config_file_args_and_a_spec_path_both_build_the_app(serve_args, monkeypatch, tmp_path):
+    pytest.importorskip("ray")
+    import yaml
+    from ray import serve
+    from rwkvray.serve.app import app_builder
+    monkeypatch.setenv(serve_args["api_key_env"], "k")
+    assert isinstance(app_builder(serve_args), serve.Application)
+    spec = tmp_path / "serve.yaml"
+    spec.write_text(yaml.safe_dump({"serve": serve_args}))
+    assert isinstance(app_builder({"spec": str(spec)}), serve.Application)
+
+
+def test_app_builder_refuses_bad_args_and_a_missing_api_key(serve_args, monkeypatch):
+    pytest.importorskip("ray")
+    from rwkvray.errors import UserError
+    from rwkvray.serve.app import app_builder
+    monkeypatch.delenv(serve_args["api_key_env"], raising=False)
+    with pytest.raises(UserError, match="^serve.api_key_env: the environment variable RWKVRAY_API_KEY is not set"):
+        app_builder(serve_args)
+    with pytest.raises(UserError, match="^serve app args: serve.max_batch_size: "):
+        app_builder({**serve_args, "max_batch_size": 0})
+
+
+def test_releasing_a_cached_state_twice_is_harmless():
+    pytest.importorskip("ray")
+    from rwkvray.serve.app import LoadedState
+    loaded = LoadedState(random_state(1), torch.device("cpu"))
+    loaded.__del__()  # what Serve's LRU does on eviction; the garbage collector calls it again later
+    loaded.__del__()
+    assert loaded.time_state is None

@@ -3,7 +3,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from rwkvray.checkpoint import save_checkpoint
 from rwkvray.cli import main
@@ -55,6 +54,10 @@ def test_sweep_stops_a_trial_early_and_exports_the_best_state(local_ray, tmp_pat
     assert best["val_loss"] == pytest.approx(lowest)
     assert best["trial"] == next(r["trial_id"] for r in trial_results if r["val_loss"] == lowest)
     assert best["params"]["lr_init"] in (0.3, 0.1)
+    assert (sweep_dir / "trials" / best["trial"] / "rwkv-0.pth").exists()
+
+    assert run_sweep(spec) == summary  # the same sweep again resumes the finished one instead of starting over
+    assert "resuming the sweep" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("tune_block, message", [

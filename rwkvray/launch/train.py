@@ -5,6 +5,7 @@ import sys
 import torch
 
 from rwkvray.config import require_training_blocks
+from rwkvray.metrics import summarize
 from rwkvray.train_loop import export_final_state, train
 
 FAULT_STEP_ENV = "RWKVRAY_FAULT_AT_STEP"     # chaos testing: the last worker exits after reporting this step
@@ -92,6 +93,7 @@ def run_on_ray(spec, address: str | None = None):
     connect(address)
     warn_if_cluster_too_small(spec)
     result = build_trainer(spec).fit()
+    print(summarize(spec.trainer.proj_dir))
     with result.checkpoint.as_directory() as folder:
         export_final_state(spec, folder)
     return result

@@ -41,9 +41,9 @@ class TrialContext:
 def run_trial(config: dict, spec) -> None:
     import ray.tune
     trial_spec = spec_for_trial(spec, config)
-    context = ray.tune.get_context()
-    trial_spec.run.name = f"{spec.run.name}-{context.get_trial_id()}"
-    trial_spec.trainer.proj_dir = os.path.join(context.get_trial_dir(), "proj")
+    trial_id = ray.tune.get_context().get_trial_id()
+    trial_spec.run.name = f"{spec.run.name}-{trial_id}"
+    trial_spec.trainer.proj_dir = os.path.join(spec.trainer.proj_dir, "trials", trial_id)
     if spec.scaling.num_workers == 1:
         train(trial_spec, TrialContext(spec.tune.gpus_per_trial > 0))
         return
@@ -61,7 +61,7 @@ def run_sweep(spec, address: str | None = None):
     sweep = require_tune_block(spec)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # one kept checkpoint is the point
     connect(address)
-    sweep_dir = os.path.join(spec.run.storage_path, spec.run.name)
+    sweep_dir = os.path.join(spec.run.storage_path, spec.run.name)  # Ray Tune's experiment storage (may be a URI)
     metric = METRIC_KEYS[sweep.metric]
     trainable = tune.with_resources(functools.partial(run_trial, spec=spec), _trial_resources(spec))
     if tune.Tuner.can_restore(os.path.join(sweep_dir, "sweep")):
@@ -75,7 +75,7 @@ def run_sweep(spec, address: str | None = None):
     results = tuner.fit()
     total_steps = spec.trainer.epoch_count * spec.trainer.epoch_steps
     print(trial_table(results, metric, sweep.mode, list(sweep.space), total_steps))
-    return export_best(spec, results, metric, sweep.mode, sweep_dir)
+    return export_best(spec, results, metric, sweep.mode)
 
 
 def _trial_resources(spec) -> dict:
@@ -123,8 +123,10 @@ def _best_value(result, metric: str, mode: str):
     return None if values.empty else float(values.min() if mode == "min" else values.max())
 
 
-def export_best(spec, results, metric: str, mode: str, sweep_dir: str) -> dict:
-    """Copy the best trial's state file to <sweep_dir>/best_state.pth and describe it in best.json."""
+def export_best(spec, results, metric: str, mode: str) -> dict:
+    """Copy the best trial's state file to <proj_dir>/best_state.pth and describe it in best.json
+    (proj_dir is <storage_path>/<name> unless the spec sets it)."""
+    out_dir = spec.trainer.proj_dir
     best = results.get_best_result(metric=metric, mode=mode, scope="all")
     checkpoint = best.get_best_checkpoint(metric=metric, mode=mode)
     summary = {"trial": best.metrics.get("trial_id"), "params": {k: best.config[k] for k in spec.tune.space},
@@ -132,11 +134,11 @@ def export_best(spec, results, metric: str, mode: str, sweep_dir: str) -> dict:
     with checkpoint.as_directory() as folder:
         for cls in method_classes(spec.peft):
             name = "best_state.pth" if cls.name == "state" else f"best_{cls.name}.pth"
-            with atomic_path(os.path.join(sweep_dir, name)) as tmp:
+            with atomic_path(os.path.join(out_dir, name)) as tmp:
                 shutil.copyfile(os.path.join(folder, f"{cls.name}.pth"), tmp)
-            summary[cls.name + "_file"] = os.path.join(sweep_dir, name)
-    with atomic_path(os.path.join(sweep_dir, "best.json")) as tmp, open(tmp, "w") as f:
+            summary[cls.name + "_file"] = os.path.join(out_dir, name)
+    with atomic_path(os.path.join(out_dir, "best.json")) as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=2)
     print(f"best trial {summary['trial']}: {metric} {summary[metric]:.4f}, params {summary['params']}")
-    print(f"wrote {os.path.join(sweep_dir, 'best.json')}")
+    print(f"wrote {os.path.join(out_dir, 'best.json')}")
     return summary

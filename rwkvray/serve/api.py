@@ -1,4 +1,5 @@
-"""The OpenAI-compatible surface: request models, response bodies and the error shape.
+"""The OpenAI-compatible surface: request models, response bodies, the error shape, body reading (size-capped
+JSON, base64 and multipart) and SSE streaming. Web-framework free, so it is tested without Ray.
 
 Errors always have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`. Unknown request fields are
 ignored, as OpenAI's own server ignores what a client may send (user, presence_penalty, ...), except those

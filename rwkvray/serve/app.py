@@ -267,7 +267,7 @@ class Gateway:
         temperature = config.default_temperature if req.temperature is None else req.temperature
         top_p = config.default_top_p if req.top_p is None else req.top_p
         stop = req.stop + ([REPLY_END] if chat else [])  # a chat reply ends where the next user turn begins
-        return SamplingParams(max_tokens, temperature, top_p, stop)
+        return SamplingParams(max_tokens, temperature, top_p, stop, req.seed)
 
 
 # ---------------------------------------------------------------- building and running

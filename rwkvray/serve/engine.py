@@ -31,6 +31,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
+    seed: Optional[int] = None  # a seeded row samples from its own generator: the same text whatever it is batched with
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Row:
         self.params = params
         self.decoder = StreamDecoder(tokenizer)
         self.scanner = StopScanner(params.stop)
+        self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
         self.generated = 0
         self.cancelled = False
         self.done = False
@@ -120,8 +122,7 @@ class BatchEngine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
-        device = model.emb.weight.device
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # sampling runs on the CPU
         self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rwkv-engine")
         self.waiting: deque[Row] = deque()
         self.active: list[Row] = []
@@ -224,14 +225,21 @@ class BatchEngine:
     @torch.no_grad()
     def _sample(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
         """Greedy rows take the argmax; only sampled rows pay for softmax, sort and the nucleus cut."""
-        tokens = logits.argmax(-1)
-        sampled = [i for i, row in enumerate(rows) if row.params.temperature > 0]
-        if sampled:
-            index = torch.tensor(sampled, device=logits.device)
-            temperature = torch.tensor([rows[i].params.temperature for i in sampled])
-            top_p = torch.tensor([rows[i].params.top_p for i in sampled])
-            tokens[index] = sample(logits[index], temperature, top_p, self.generator)
-        return tokens.cpu()
+        tokens = logits.argmax(-1).cpu()
+        shared = [i for i, row in enumerate(rows) if row.params.temperature > 0 and row.generator is None]
+        if shared:
+            tokens[shared] = self._sample_rows(logits, rows, shared, self.generator)
+        for i, row in enumerate(rows):
+            if row.params.temperature > 0 and row.generator is not None:
+                tokens[i] = self._sample_rows(logits, rows, [i], row.generator)[0]
+        return tokens
+
+    @staticmethod
+    def _sample_rows(logits, rows, picked: list[int], generator) -> torch.Tensor:
+        index = torch.tensor(picked, device=logits.device)
+        temperature = torch.tensor([rows[i].params.temperature for i in picked])
+        top_p = torch.tensor([rows[i].params.top_p for i in picked])
+        return sample(logits[index].cpu(), temperature, top_p, generator)
 
     @torch.no_grad()
     def _step(self, tokens: torch.Tensor, state: RNNState) -> tuple[torch.Tensor, RNNState]:
