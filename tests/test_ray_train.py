@@ -79,12 +79,18 @@ def test_killed_worker_resumes_to_the_same_final_state(zero1_run, tiny_model, tm
     torch.testing.assert_close(final, reference, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero2_and_zero3_complete(local_ray, tiny_model, tmp_path, stage):
+@pytest.mark.parametrize("stage, lora", [(2, True), (3, False)])
+def test_zero2_and_zero3_complete(local_ray, tiny_model, tmp_path, stage, lora):
+    """ZeRO-2 trains LoRA plus the state (a weight method through Ray Train); ZeRO-3 the state alone."""
     spec = two_worker_spec(tiny_model, tmp_path, f"zero{stage}", stage)
     spec.trainer.epoch_count = 1
+    if lora:
+        spec.peft.method, spec.peft.combine_state = "lora", True
     result = run_on_ray(spec)
     assert result.error is None
     assert result.metrics["replica_divergence"] == 0.0
     final = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth"))
     assert final.shape == (2, 2, 64, 64) and final.abs().max() > 0
+    if lora:
+        adapter = torch.load(os.path.join(spec.trainer.proj_dir, "lora-final.pth"), weights_only=True)
+        assert adapter["blocks.0.att.key.lora_B"].abs().max() > 0

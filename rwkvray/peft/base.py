@@ -3,6 +3,8 @@
 A method adds its trainable tensors (an initial state, adapter matrices) to a frozen base model,
 saves them as its adapter file, and can fold them back into a full checkpoint.
 """
+import importlib
+
 import torch
 import torch.nn as nn
 
@@ -63,11 +65,9 @@ class PeftModel(nn.Module):
 
 def method_classes(peft_spec) -> list[type[PeftMethod]]:
     """The spec's `method`, plus state tuning when `combine_state` is set."""
-    import rwkvray.peft.disha  # noqa: F401  importing a method's module registers it
-    import rwkvray.peft.lora  # noqa: F401
-    import rwkvray.peft.pissa  # noqa: F401
-    import rwkvray.peft.state  # noqa: F401
     names = [peft_spec.method] + (["state"] if peft_spec.combine_state and peft_spec.method != "state" else [])
+    for name in names:  # each method lives in rwkvray/peft/<name>.py; importing it registers it
+        importlib.import_module(f"rwkvray.peft.{name}")
     return [METHODS[name] for name in names]
 
 
