@@ -43,9 +43,13 @@ def cmd_train(args) -> None:
         from rwkvray.launch.train import run_on_ray
         run_on_ray(spec)
         return
+    import torch
+
     from rwkvray.metrics import summarize
     from rwkvray.train_loop import LocalContext, export_final_state, proj_dir, train
-    context = LocalContext(proj_dir(spec))
+    if spec.scaling.use_gpu and not torch.cuda.is_available():
+        raise UserError("--accelerator gpu: this machine has no CUDA device (use --accelerator cpu)")
+    context = LocalContext(proj_dir(spec), device=torch.device("cuda" if spec.scaling.use_gpu else "cpu"))
     train(spec, context)
     print(summarize(context.proj_dir))
     export_final_state(spec, context.checkpoint_dir)
@@ -161,7 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # RWKV-PEFT's flags go to their own parser untouched (argparse's REMAINDER can't)
+        args = argparse.Namespace(func=cmd_train, flags=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except UserError as err:

@@ -38,8 +38,10 @@ class LocalContext:
         return os.path.join(self.proj_dir, "checkpoint")
 
     def resume(self, load) -> None:
-        if os.path.exists(os.path.join(self.checkpoint_dir, "progress.json")):
-            load(self.checkpoint_dir)
+        for folder in (self.checkpoint_dir, self.checkpoint_dir + ".old"):  # .old: a crash mid-swap in report
+            if os.path.exists(os.path.join(folder, "progress.json")):
+                load(folder)
+                return
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
         if checkpoint_dir is None:

@@ -29,7 +29,7 @@ def run_cli(*args):
 
 @pytest.mark.parametrize("make_file, message", [
     (lambda p: None, "no such file"),
-    (lambda p: p.write_bytes(os.urandom(300)), "is not a checkpoint"),
+    (lambda p: p.write_bytes(os.urandom(300)), "not a PyTorch checkpoint"),
     (lambda p: torch.save({"blocks.0.att.time_maa_x": torch.zeros(1, 1, 64), "emb.weight": torch.zeros(10, 64)}, p),
      "RWKV-6"),
 ])
