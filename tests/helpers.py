@@ -18,3 +18,16 @@ def random_model(dims: ModelDims = TINY, seed: int = 0, dtype=torch.float32) -> 
             else:
                 p.copy_(torch.randn_like(p) * (0.5 if p.dim() < 2 else p.shape[-1] ** -0.5))
     return model.to(dtype).eval()
+
+
+def train_steps(model, batch, steps: int) -> list[float]:
+    """A few AdamW steps of a PeftModel on one fixed batch; the losses."""
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(steps):
+        loss = model(*batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

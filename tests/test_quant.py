@@ -13,7 +13,7 @@ from rwkvray.config import PeftConfig
 from rwkvray.errors import UserError
 from rwkvray.peft import build_peft
 from rwkvray.quant import frozen_weight, quantize_frozen_linears
-from tests.helpers import TINY, random_model
+from tests.helpers import TINY, random_model, train_steps
 
 TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 ALL_LINEARS = [f"blocks.{i}.{t}" for i in range(TINY.n_layer) for t in TARGETS]
@@ -34,18 +34,6 @@ def batch():
 
 def relative_error(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def train_steps(model, batch, steps=4):
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.0)
-    losses = []
-    for _ in range(steps):
-        loss = model(*batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
 
 
 @pytest.mark.parametrize("kind, bound, storage", [("int8", 0.03, torch.int8), ("nf4", 0.25, torch.uint8)])
@@ -91,7 +79,7 @@ def test_quantized_base_trains_and_stays_frozen(peft, batch):
     expected_class = "Linear8bitLt" if peft["quant"] == "int8" else "Linear4bit"
     assert {type(m).__name__ for m in quantized.values()} == {expected_class}
     before = {name: m.weight.data.clone() for name, m in quantized.items()}
-    losses = train_steps(model, batch)
+    losses = train_steps(model, batch, steps=4)
     assert losses[-1] < losses[0] - (0.01 if peft["method"] == "state" else 0.5), losses
     assert all(torch.equal(before[name], m.weight.data) for name, m in quantized.items())
 
