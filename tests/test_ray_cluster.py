@@ -22,7 +22,7 @@ def two_node_cluster():
     cluster.shutdown()
 
 
-def test_two_workers_spread_over_two_nodes(two_node_cluster, tiny_model, tmp_path):
+def test_two_workers_spread_over_two_nodes(two_node_cluster, tiny_model, tmp_path):  # noqa: F811 (a fixture)
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     spec = two_worker_spec(tiny_model, tmp_path, "two-nodes")
     spec.scaling.placement_strategy = "STRICT_SPREAD"

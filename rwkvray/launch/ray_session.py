@@ -1,10 +1,20 @@
-"""Connect to the Ray cluster named by --address / RAY_ADDRESS, or start a local instance (the embedded default)."""
+"""Join the Ray cluster named by --address / RAY_ADDRESS, or start a local instance (the embedded default)."""
+import contextlib
 import os
 
 
-def connect(address: str | None = None):
+@contextlib.contextmanager
+def ray_session(address: str | None = None):
+    """Ray for the length of one command; a caller that already joined Ray keeps its connection."""
     import ray
     if ray.is_initialized():
+        yield
         return
     # "local" starts a fresh instance even when another one runs on this machine
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
+    try:
+        yield
+    finally:
+        # explicitly, before interpreter exit: otherwise Ray Train's placement-group cleaner races the
+        # shutting-down GCS and prints a traceback
+        ray.shutdown()

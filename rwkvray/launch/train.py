@@ -88,12 +88,12 @@ def warn_if_cluster_too_small(spec) -> None:
 
 def run_on_ray(spec, address: str | None = None):
     """Fit the spec on the cluster, print the final state file's path; returns the Ray Train result."""
-    from rwkvray.launch.ray_session import connect
+    from rwkvray.launch.ray_session import ray_session
     require_training_blocks(spec)
-    connect(address)
-    warn_if_cluster_too_small(spec)
-    result = build_trainer(spec).fit()
-    print(summarize(spec.trainer.proj_dir))
-    with result.checkpoint.as_directory() as folder:
-        export_final_state(spec, folder)
+    with ray_session(address):
+        warn_if_cluster_too_small(spec)
+        result = build_trainer(spec).fit()
+        print(summarize(spec.trainer.proj_dir))
+        with result.checkpoint.as_directory() as folder:
+            export_final_state(spec, folder)
     return result

@@ -55,27 +55,30 @@ def run_trial(config: dict, spec) -> None:
 
 def run_sweep(spec, address: str | None = None):
     """Run (or resume) the sweep; print the trial table; write best_state.pth and best.json."""
-    from ray import tune
-
-    from rwkvray.launch.ray_session import connect
+    from rwkvray.launch.ray_session import ray_session
     sweep = require_tune_block(spec)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # one kept checkpoint is the point
-    connect(address)
+    with ray_session(address):
+        results = _fit_sweep(spec, sweep)
+        total_steps = spec.trainer.epoch_count * spec.trainer.epoch_steps
+        metric = METRIC_KEYS[sweep.metric]
+        print(trial_table(results, metric, sweep.mode, list(sweep.space), total_steps))
+        return export_best(spec, results, metric, sweep.mode)
+
+
+def _fit_sweep(spec, sweep):
+    from ray import tune
     sweep_dir = os.path.join(spec.run.storage_path, spec.run.name)  # Ray Tune's experiment storage (may be a URI)
-    metric = METRIC_KEYS[sweep.metric]
     trainable = tune.with_resources(functools.partial(run_trial, spec=spec), _trial_resources(spec))
     if tune.Tuner.can_restore(os.path.join(sweep_dir, "sweep")):
         print(f"resuming the sweep in {sweep_dir}/sweep")
-        tuner = tune.Tuner.restore(os.path.join(sweep_dir, "sweep"), trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(trainable, param_space=ray_search_space(sweep),
-                           tune_config=_tune_config(sweep, metric, spec.trainer.seed),
-                           run_config=tune.RunConfig(name="sweep", storage_path=sweep_dir, checkpoint_config=tune.CheckpointConfig(
-                               num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=sweep.mode)))
-    results = tuner.fit()
-    total_steps = spec.trainer.epoch_count * spec.trainer.epoch_steps
-    print(trial_table(results, metric, sweep.mode, list(sweep.space), total_steps))
-    return export_best(spec, results, metric, sweep.mode)
+        return tune.Tuner.restore(os.path.join(sweep_dir, "sweep"), trainable, resume_errored=True).fit()
+    metric = METRIC_KEYS[sweep.metric]
+    checkpoints = tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=sweep.mode)
+    tuner = tune.Tuner(trainable, param_space=ray_search_space(sweep),
+                       tune_config=_tune_config(sweep, metric, spec.trainer.seed),
+                       run_config=tune.RunConfig(name="sweep", storage_path=sweep_dir, checkpoint_config=checkpoints))
+    return tuner.fit()
 
 
 def _trial_resources(spec) -> dict:

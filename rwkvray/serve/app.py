@@ -323,16 +323,16 @@ def app_builder(args: dict):
 def run_server(spec, address: Optional[str] = None) -> None:
     """`rwkvray serve SPEC.yaml`: deploy on the cluster at `address` (or a local Ray), print the URL, and
     serve until Ctrl-C, which removes the application."""
-    from rwkvray.launch.ray_session import connect
+    from rwkvray.launch.ray_session import ray_session
     config = require_serve_block(spec)
-    connect(address)
-    app = build_app(config)  # after connecting: use_gpu "auto" asks the cluster
-    serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(app, name=APP_NAME, route_prefix="/")
-    print(f"serving {config.model_name} at http://{config.host}:{config.port}/v1 "
-          f"(states from {config.states_dir}); Ctrl-C to stop", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.delete(APP_NAME)
+    with ray_session(address):
+        app = build_app(config)  # after connecting: use_gpu "auto" asks the cluster
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        print(f"serving {config.model_name} at http://{config.host}:{config.port}/v1 "
+              f"(states from {config.states_dir}); Ctrl-C to stop", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.delete(APP_NAME)
