@@ -89,10 +89,11 @@ def plot_loss(rows: list[dict], path: str) -> None:
 
 
 def summarize(proj_dir: str) -> str:
-    """One line for the end of a run: how the loss moved (mean of the first and last five steps)."""
+    """One line for the end of a run: how the loss moved (mean of the first and last few steps, up to five)."""
     with open(os.path.join(proj_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    head, tail = rows[:5], rows[-5:]
+    window = max(1, min(5, len(rows) // 2))
+    head, tail = rows[:window], rows[-window:]
     mean = lambda part: sum(r["loss"] for r in part) / len(part)
     line = f"loss {mean(head):.3f} -> {mean(tail):.3f} over {len(rows)} steps"
     val = [r["val_loss"] for r in rows if "val_loss" in r]

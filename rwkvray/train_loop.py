@@ -143,7 +143,7 @@ def _train_step(spec, engine, batcher, progress, ctx) -> dict:
 def _mean_over_ranks(value: float, ctx) -> float:
     if not ctx.distributed:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=ctx.device)  # nccl reduces only GPU tensors
     torch.distributed.all_reduce(t)
     return t.item() / ctx.world_size
 
@@ -204,7 +204,7 @@ def _save_progress(folder, engine, progress) -> None:
 
 def _replica_divergence(engine, ctx) -> float:
     """Largest difference of the trainable tensors between ranks: 0 when gradients are all-reduced."""
-    flat = torch.cat([p.detach().float().reshape(-1).cpu() for p in engine.module.trainable_parameters()])
+    flat = torch.cat([p.detach().float().reshape(-1).to(ctx.device) for p in engine.module.trainable_parameters()])
     if not ctx.distributed:
         return 0.0
     high, low = flat.clone(), flat.clone()

@@ -1,4 +1,5 @@
 """The `rwkvray` command as a user meets it: one-line errors, no tracebacks, RWKV-PEFT command lines that run."""
+import json
 import os
 import shlex
 import subprocess
@@ -52,7 +53,8 @@ def test_rwkv_peft_state_tuning_command_line_trains(tiny_model, tmp_path, capsys
     for name in ("rwkv-0.pth", "rwkv-1.pth", "rwkv-final.pth", "metrics.jsonl", "loss.png", "train_log.txt"):
         assert (tmp_path / "out" / name).exists(), name
     assert load_state(str(tmp_path / "out" / "rwkv-final.pth")).shape == (2, 1, 64, 64)
-    assert "over 6 steps" in capsys.readouterr().out
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert f"loss {sum(losses[:3]) / 3:.3f} -> {sum(losses[3:]) / 3:.3f} over 6 steps" in capsys.readouterr().out
 
 
 def test_n_layer_flag_that_does_not_match_the_checkpoint_is_refused(tiny_model, tmp_path, capsys):
