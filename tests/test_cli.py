@@ -8,19 +8,15 @@ import sys
 import pytest
 import torch
 
-from rwkvray.checkpoint import save_checkpoint
 from rwkvray.cli import main
-from rwkvray.init_model import default_dims, init_weights
 from rwkvray.state_file import load_state
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("model") / "tiny.pth")
-    save_checkpoint(init_weights(default_dims(2, 64), seed=0, perturb=0.2), path)
-    return path
+def tiny_model(make_tiny_model):
+    return make_tiny_model(2, 64)
 
 
 def run_cli(*args):

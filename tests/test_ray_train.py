@@ -5,9 +5,7 @@ import os
 import pytest
 import torch
 
-from rwkvray.checkpoint import save_checkpoint
 from rwkvray.config import spec_from_dict
-from rwkvray.init_model import default_dims, init_weights
 from rwkvray.launch.train import FAULT_MARKER_ENV, FAULT_STEP_ENV, run_on_ray
 from rwkvray.state_file import load_state
 
@@ -24,10 +22,8 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("model") / "tiny.pth")
-    save_checkpoint(init_weights(default_dims(2, 128), seed=0, perturb=0.2), path)
-    return path
+def tiny_model(make_tiny_model):
+    return make_tiny_model(2, 128)
 
 
 def two_worker_spec(model_path, storage, name, stage=1):

@@ -5,10 +5,9 @@ import os
 import pytest
 import torch
 
-from rwkvray.checkpoint import load_checkpoint, save_checkpoint
+from rwkvray.checkpoint import load_checkpoint
 from rwkvray.cli import main
 from rwkvray.config import spec_from_dict
-from rwkvray.init_model import default_dims, init_weights
 from rwkvray.model import RNNState, load_model
 from rwkvray.loss import masked_lm_loss
 from rwkvray.state_file import load_state
@@ -18,10 +17,8 @@ SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data",
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("model") / "tiny.pth")
-    save_checkpoint(init_weights(default_dims(2, 256), seed=0, perturb=0.2), path)
-    return path
+def tiny_model(make_tiny_model):
+    return make_tiny_model(2, 256)
 
 
 def make_spec(model_path, proj_dir, **overrides):
