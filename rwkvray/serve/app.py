@@ -13,6 +13,7 @@ Three deployments:
 
 import hmac
 import os
+import signal
 import time
 from typing import AsyncIterator, Optional
 
@@ -331,6 +332,7 @@ def run_server(spec, address: Optional[str] = None) -> None:
         serve.run(app, name=APP_NAME, route_prefix="/")
         print(f"serving {config.model_name} at http://{config.host}:{config.port}/v1 "
               f"(states from {config.states_dir}); Ctrl-C to stop", flush=True)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop acts like Ctrl-C
         try:
             while True:
                 time.sleep(3600)
