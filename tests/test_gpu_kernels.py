@@ -214,8 +214,10 @@ def install_fake_fla(monkeypatch, chunk_rwkv7):
 @pytest.fixture
 def fla_cache():
     wkv_fla.fla_kernel.cache_clear()
+    wkv_fla.checked_kernel.cache_clear()
     yield
     wkv_fla.fla_kernel.cache_clear()
+    wkv_fla.checked_kernel.cache_clear()
 
 
 def test_fla_wrapper_converts_decay_and_state_layout_both_ways(monkeypatch, fla_cache):
@@ -236,12 +238,45 @@ def test_fla_wrapper_asks_old_releases_for_batch_first_layout(monkeypatch, fla_c
     def old_chunk_rwkv7(r, w, k, v, a, b, scale=1.0, initial_state=None, output_final_state=True,
                         cu_seqlens=None, head_first=True):
         assert head_first is False and scale == 1.0
-        return r, initial_state
+        y, state = wkv7_loop(r, torch.log(-w), k, v, a, b, initial_state.transpose(-1, -2))
+        return y, state.transpose(-1, -2)
 
     install_fake_fla(monkeypatch, old_chunk_rwkv7)
     inputs = wkv_inputs(1, 3, 2, 64)
-    y, s = wkv7(*inputs, op="fla")
-    assert torch.equal(y, inputs[0]) and torch.equal(s, inputs[6].float())
+    y, s = wkv7(*(x.float() for x in inputs), op="fla")
+    y_ref, s_ref = wkv7_loop(*inputs)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-6
+
+
+def test_fla_is_called_by_keyword_so_a_fork_with_its_own_order_still_works(monkeypatch, fla_cache):
+    """rwkv-fla's order r, k, v, w, a, b with the same names: keywords land each tensor where it belongs."""
+    def reordered(r, k, v, w, a, b, scale=1.0, initial_state=None, output_final_state=False, safe_gate=False,
+                  lower_bound=None):
+        return fake_chunk_rwkv7(r, w, k, v, a, b, scale, initial_state, output_final_state, None, safe_gate,
+                                None, lower_bound)
+
+    install_fake_fla(monkeypatch, reordered)
+    inputs = wkv_inputs(2, 5, 2, 64, seed=2)
+    y, s = wkv7(*(x.float() for x in inputs), op="fla")
+    y_ref, s_ref = wkv7_loop(*inputs)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-6
+
+
+def test_fla_fork_that_swaps_arguments_under_our_names_is_refused(monkeypatch, fla_cache):
+    """A fork that declares r, w, k, v, a, b but reads k as the value and v as the key: the signature passes,
+    the first-use self-check does not."""
+    def swapped(r, w, k, v, a, b, scale=1.0, initial_state=None, output_final_state=False, safe_gate=False,
+                lower_bound=None):
+        y, state = wkv7_loop(r, torch.log(-w), v, k, a, b, initial_state.transpose(-1, -2))
+        return y, state.transpose(-1, -2)
+
+    install_fake_fla(monkeypatch, swapped)
+    with pytest.raises(UserError) as error:
+        wkv7(*wkv_inputs(1, 4, 1, 64), op="fla")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("fla ") and "chunk_rwkv7 does not reproduce the RWKV-7 recurrence on a tiny self-check" in message
+    assert message.endswith("(rwkv-fla orders them r, k, v, w, a, b); install fla-core>=0.6.0")
 
 
 def test_fla_wrapper_refuses_a_chunk_rwkv7_without_initial_state(monkeypatch, fla_cache):
@@ -324,3 +359,14 @@ def test_state_tuning_step_agrees_across_ops():
         loss, grad = results[op]
         assert abs(loss - loss_ref) / abs(loss_ref) < 1e-2, (op, loss, loss_ref)
         assert rel_err(grad, grad_ref) < 3e-2, (op, rel_err(grad, grad_ref))
+
+
+def test_interpreter_mends_name_the_pins_when_versions_differ(monkeypatch):
+    """Another triton (or none) must skip the FLA interpreter tests with this reason, not run half-mended."""
+    from tests import triton_interp
+    found = {"triton": "3.9.0", "fla-core": None}
+    monkeypatch.setattr(triton_interp, "installed", found.get)
+    assert triton_interp.version_mismatch() == ("the Triton interpreter mends are written for triton==3.7.1, "
+                                                "fla-core==0.6.0; found triton 3.9.0, fla-core missing")
+    found.update({"triton": "3.7.1", "fla-core": "0.6.0"})
+    assert triton_interp.version_mismatch() is None
