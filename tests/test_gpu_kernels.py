@@ -10,6 +10,7 @@ fp32 kernel on the CPU, 1e-3 on the GPU (fast-math exp), 2e-2 for bf16 inputs an
 """
 import ctypes
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -165,6 +166,30 @@ def test_emulated_cuda_kernel_has_no_shared_memory_race(tmp_path):
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
     assert "ThreadSanitizer" not in run.stderr, run.stderr[:3000]
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+NVCC = shutil.which("nvcc")
+PTXAS_ENTRY = re.compile(r"Compiling entry function '_ZN4wkv7\d+(\w+?_kernel)I(\w+?)E\w*' for '(sm_\d+)'")
+PTXAS_USAGE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads.*?Used (\d+) registers", re.S)
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc (no GPU needed)")
+def test_cuda_kernels_fit_in_registers_without_spills(tmp_path):
+    """ptxas's own report for Ampere and Hopper: every kernel under the 255-register limit, no spill traffic."""
+    built = subprocess.run([NVCC, "-c", "-O3", "--use_fast_math", "-Xptxas", "-v", f"-I{CUDA_DIR}",
+                            "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                            str(CUDA_DIR / "wkv7.cu"), "-o", str(tmp_path / "wkv7.o")],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    report = {}
+    for entry in PTXAS_ENTRY.finditer(built.stderr):
+        stores, loads, registers = PTXAS_USAGE.search(built.stderr, entry.end()).groups()
+        report[entry.groups()] = (int(registers), int(stores) + int(loads))
+    kernels = {(kernel, arch) for kernel, _, arch in report}
+    assert kernels == {(k, arch) for k in ("forward_kernel", "backward_kernel") for arch in ("sm_80", "sm_90")}
+    assert len(report) == 8, report  # fp32 and bf16 each
+    for name, (registers, spilled) in report.items():
+        assert registers < 255 and spilled == 0, (name, registers, spilled)
 
 
 # ---- errors and the FLA wrapper, without a GPU --------------------------------------------------------------
