@@ -87,7 +87,7 @@ class GraphedEngine(PlainEngine):
             return self.module(input_ids, targets, mask)
         batch = static_batch(self.shape, input_ids, targets, mask)
         if self.captured is None:
-            self.captured = GraphedStep(self.module, self.params, self.optimizer, batch, self.grad_clip)
+            self.captured = capture(self.module, self.params, self.optimizer, batch, self.grad_clip)
         return self.captured(*batch)
 
     def backward(self, loss):
@@ -105,6 +105,18 @@ class GraphedEngine(PlainEngine):
         for group in self.optimizer.param_groups:  # a checkpoint from a run without the flag has float lr
             group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
             group["capturable"] = True
+
+
+def capture(loss_fn, params, optimizer, batch, grad_clip) -> GraphedStep:
+    """GraphedStep, or one line saying why this step cannot be captured (say, a host sync in the model)."""
+    try:
+        return GraphedStep(loss_fn, params, optimizer, batch, grad_clip)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"trainer.cuda_graph: capturing the training step failed: {reason}; "
+                        f"set trainer.cuda_graph: false") from error
 
 
 def static_batch(shape: tuple[int, int], input_ids, targets, mask) -> list[torch.Tensor]:

@@ -12,7 +12,7 @@ from rwkvray.kernels import wkv7
 from rwkvray.kernels import wkv_fla
 from tests.test_gpu_kernels import NAMES, case, rel_err
 
-BOUND = 1e-4 if not torch.cuda.is_available() else 2e-3
+BOUND = 1e-4 if not torch.cuda.is_available() else 1e-2  # TF32 tensor cores on a GPU
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
