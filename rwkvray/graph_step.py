@@ -26,6 +26,7 @@ class GraphedStep:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
+                self.optimizer.zero_grad(set_to_none=True)
                 self._step()
         torch.cuda.current_stream().wait_stream(side)
         self.optimizer.zero_grad(set_to_none=True)  # backward inside the graph allocates .grad in its pool
