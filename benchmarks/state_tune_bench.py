@@ -259,7 +259,8 @@ def matmul_ceiling(model: RWKV7, batch: int, seq_len: int, warmup: int, steps: i
     gradients (frozen), no WKV, no norms: no step of this model can be faster on this GPU."""
     weights = [module.weight.t() for module in model.modules() if isinstance(module, torch.nn.Linear)]
     for mix in (m for m in model.modules() if isinstance(m, TimeMix)):
-        weights += [getattr(mix, name) for name in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2") if hasattr(mix, name)]
+        low_rank = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")  # layer 0 has no v1, v2
+        weights += [getattr(mix, name) for name in low_rank if hasattr(mix, name)]
     tokens = batch * seq_len
     device, dtype = model.head.weight.device, model.head.weight.dtype
     inputs = {n: torch.randn(tokens, n, device=device, dtype=dtype) for n in {w.shape[0] for w in weights}}

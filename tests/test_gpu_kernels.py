@@ -300,7 +300,8 @@ def test_fla_fork_that_swaps_arguments_under_our_names_is_refused(monkeypatch, f
         wkv7(*wkv_inputs(1, 4, 1, 64), op="fla")
     message = str(error.value)
     assert "\n" not in message
-    assert message.startswith("fla ") and "chunk_rwkv7 does not reproduce the RWKV-7 recurrence on a tiny self-check" in message
+    assert message.startswith("fla ")
+    assert "chunk_rwkv7 does not reproduce the RWKV-7 recurrence on a tiny self-check" in message
     assert message.endswith("(rwkv-fla orders them r, k, v, w, a, b); install fla-core>=0.6.0")
 
 
