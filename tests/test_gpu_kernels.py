@@ -297,7 +297,7 @@ def test_fla_fork_that_swaps_arguments_under_our_names_is_refused(monkeypatch, f
 
     install_fake_fla(monkeypatch, swapped)
     with pytest.raises(UserError) as error:
-        wkv7(*wkv_inputs(1, 4, 1, 64), op="fla")
+        wkv7(*(x.float() for x in wkv_inputs(1, 4, 1, 64)), op="fla")
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith("fla ")
