@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check in one run (about 5 minutes on an H100, capped at 8): the GPU kernel tests, then the benchmark.
+# The GPU check in one run (about 5 minutes on an H100, capped at 8): the GPU kernel tests, then the benchmark
+# (each row also as % of the same-run matmul ceiling), then the batch-1 rows with and without a CUDA graph.
 # Run from the repository root on a machine with an NVIDIA GPU. Logs and results go to $OUT.
 # FLA is optional: wheels placed in .whl/ (see benchmarks/README.md) are installed into /tmp/site first.
 set -uo pipefail
@@ -27,6 +28,8 @@ fi
 cat "$OUT/env.txt"
 
 # The emulated-kernel tests are CPU tests (CI runs them); here only what needs the GPU.
-timeout 210 $PY -m pytest -q -rs -p no:cacheprovider tests/test_gpu_kernels.py -k "not emulated" \
-    --junitxml "$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
-timeout 230 $PY benchmarks/state_tune_bench.py --ops cuda,fla --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+timeout 200 $PY -m pytest -q -rs -p no:cacheprovider tests/test_gpu_kernels.py tests/test_graph_step.py \
+    -k "not emulated" --junitxml "$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
+timeout 190 $PY benchmarks/state_tune_bench.py --ops cuda,fla --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+timeout 60 $PY benchmarks/state_tune_bench.py --sizes 0.1B,0.4B --shapes 1x1024 --ops cuda,fla --cuda-graph \
+    --json "$OUT/bench_graph.json" 2>&1 | tee "$OUT/bench_graph.log"

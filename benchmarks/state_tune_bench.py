@@ -3,9 +3,13 @@
 One step is what training does: forward (model.hidden) from the tuned state, chunked cross-entropy over the
 65536-way head, backward, and AdamW on the state only; every weight is frozen. 3 warm-up steps, then 10 timed.
 tokens/s = B*T*steps / wall time; peak = torch.cuda.max_memory_allocated over the timed steps (no CUDA context).
+Each row is also given as a percentage of a ceiling measured in the same run on the same GPU: the frozen model's
+matmuls alone through cuBLAS (forward, activation backward, head), timed the same way. `--cuda-graph` adds the
+same step captured once in a CUDA graph and replayed (rwkvray/graph_step.py, `trainer.cuda_graph: true`).
 
     python benchmarks/state_tune_bench.py --json benchmarks/results/<date>-<gpu>.json     # the goal table's rows
     python benchmarks/state_tune_bench.py --sizes 1.5B --shapes 8x1024 --ops cuda,fla,torch --grad-cp both
+    python benchmarks/state_tune_bench.py --sizes 0.1B --shapes 1x1024 --cuda-graph         # launch overhead
     python benchmarks/state_tune_bench.py --smoke --json /tmp/smoke.json                   # CPU, seconds, no GPU
 """
 import argparse
@@ -24,7 +28,7 @@ from rwkvray.dims import ModelDims
 from rwkvray.init_model import default_dims
 from rwkvray.errors import UserError
 from rwkvray.loss import masked_lm_loss
-from rwkvray.model import RNNState, RWKV7
+from rwkvray.model import RNNState, RWKV7, TimeMix
 
 VOCAB = 65536
 HEAD_SIZE = 64
@@ -71,12 +75,17 @@ def main(argv=None) -> int:
     for size, dims, shapes in plan(args):
         model = build_model(dims, device, torch.float32 if args.smoke else torch.bfloat16)
         for (batch, seq_len) in shapes:
+            ceiling = matmul_ceiling(model, batch, seq_len, args.warmup, args.steps)
             for op in args.ops:
                 for grad_cp in args.grad_cp:
                     row = {"size": size, "n_layer": dims.n_layer, "n_embd": dims.n_embd, "batch": batch,
                            "seq_len": seq_len, "op": op, "grad_cp": grad_cp, "warmup": args.warmup,
-                           "steps": args.steps}
+                           "steps": args.steps, "ceiling_tok_s": ceiling}
                     row.update(measure(model, op, grad_cp, batch, seq_len, args.warmup, args.steps))
+                    if args.cuda_graph:
+                        graphed = measure(model, op, grad_cp, batch, seq_len, args.warmup, args.steps, graph=True)
+                        row.update({f"graph_{key}": value for key, value in graphed.items()})
+                    row.update(of_ceiling(row))
                     row.update(compare(size, batch, seq_len, op, row, comparable))
                     rows.append(row)
                     print(format_row(row), flush=True)
@@ -110,12 +119,16 @@ def parse_args(argv):
                         help="recompute each block in backward (the peer ran with it on)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also time each row's step captured in a CUDA graph and replayed")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model on the CPU with op torch, 1 warm-up and 2 timed steps: checks the script")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be at least 1 and --warmup at least 0")
+    if args.cuda_graph and args.smoke:
+        parser.error("--cuda-graph needs a GPU; leave it out of --smoke runs")
     args.grad_cp = {"on": [True], "off": [False], "both": [False, True]}[args.grad_cp]
     if args.smoke:
         args.ops, args.warmup, args.steps = ["torch"], 1, 2
@@ -177,20 +190,26 @@ def build_model(dims: ModelDims, device: torch.device, dtype: torch.dtype) -> RW
     return model.requires_grad_(False)
 
 
-def measure(model: RWKV7, op: str, grad_cp: bool, batch: int, seq_len: int, warmup: int, steps: int) -> dict:
+def measure(model: RWKV7, op: str, grad_cp: bool, batch: int, seq_len: int, warmup: int, steps: int,
+            graph: bool = False) -> dict:
+    """One row: eager steps, or (graph) the same step captured once and replayed."""
     dims = model.dims
     device = model.head.weight.device
     model.op, model.grad_cp = op, grad_cp
     time_state = torch.nn.Parameter(torch.zeros(dims.n_layer, *dims.state_shape, device=device))
-    optimizer = torch.optim.AdamW([time_state], lr=1e-3)
+    lr = torch.tensor(1e-3, device=device) if graph else 1e-3  # a captured step reads lr from a tensor
+    optimizer = torch.optim.AdamW([time_state], lr=lr, capturable=graph)
     generator = torch.Generator(device).manual_seed(0)
     tokens = torch.randint(0, dims.vocab_size, (batch, seq_len + 1), device=device, generator=generator)
     mask = torch.ones(batch, seq_len, device=device)
 
-    def step():
+    def loss_fn(input_ids, targets, mask):
         state = RNNState.from_time_state(time_state, batch, dims.n_embd, dtype=model.head.weight.dtype)
-        hidden, _ = model.hidden(tokens[:, :-1], state)
-        loss = masked_lm_loss(hidden, model.head, tokens[:, 1:], mask)
+        hidden, _ = model.hidden(input_ids, state)
+        return masked_lm_loss(hidden, model.head, targets, mask)
+
+    def eager_step():
+        loss = loss_fn(tokens[:, :-1], tokens[:, 1:], mask)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -198,6 +217,7 @@ def measure(model: RWKV7, op: str, grad_cp: bool, batch: int, seq_len: int, warm
 
     cuda = device.type == "cuda"
     try:
+        step = graphed_step(loss_fn, time_state, optimizer, tokens, mask) if graph else eager_step
         for _ in range(warmup):
             step()
         if cuda:
@@ -225,6 +245,50 @@ def measure(model: RWKV7, op: str, grad_cp: bool, batch: int, seq_len: int, warm
     }
 
 
+def graphed_step(loss_fn, time_state, optimizer, tokens, mask):
+    """The step captured once (with its own warm-up), as a function that replays it."""
+    from rwkvray.graph_step import GraphedStep
+    inputs = (tokens[:, :-1], tokens[:, 1:], mask)
+    replay = GraphedStep(loss_fn, [time_state], optimizer, inputs)
+    return lambda: replay(*inputs)
+
+
+def matmul_ceiling(model: RWKV7, batch: int, seq_len: int, warmup: int, steps: int) -> float:
+    """tok/s of the frozen model's matmuls alone, each through cuBLAS at the row's token count: forward
+    (x W) and activation backward (dy W^T) of every projection and low-rank factor, and of the head. No weight
+    gradients (frozen), no WKV, no norms: no step of this model can be faster on this GPU."""
+    weights = [module.weight.t() for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    for mix in (m for m in model.modules() if isinstance(m, TimeMix)):
+        low_rank = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")  # layer 0 has no v1, v2
+        weights += [getattr(mix, name) for name in low_rank if hasattr(mix, name)]
+    tokens = batch * seq_len
+    device, dtype = model.head.weight.device, model.head.weight.dtype
+    inputs = {n: torch.randn(tokens, n, device=device, dtype=dtype) for n in {w.shape[0] for w in weights}}
+    grads = {n: torch.randn(tokens, n, device=device, dtype=dtype) for n in {w.shape[1] for w in weights}}
+
+    def matmuls():
+        for w in weights:
+            torch.mm(inputs[w.shape[0]], w)
+            torch.mm(grads[w.shape[1]], w.t())
+
+    for _ in range(warmup):
+        matmuls()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        matmuls()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return tokens * steps / (time.perf_counter() - start)
+
+
+def of_ceiling(row) -> dict:
+    """Each throughput of the row as a percentage of the same-run matmul ceiling."""
+    return {f"{prefix}pct_of_ceiling": 100 * row[f"{prefix}tokens_per_s"] / row["ceiling_tok_s"]
+            for prefix in ("", "graph_") if row.get(f"{prefix}status") == "ok"}
+
+
 def compare(size, batch, seq_len, op, row, comparable) -> dict:
     """The goal and the peer's figure for this row; verdicts only on the GPU model the targets were taken on."""
     target = TARGETS.get((size, batch, seq_len))
@@ -245,7 +309,11 @@ def format_row(row) -> str:
     if row["status"] != "ok":
         return f"{head}  {row['status']}"
     peak = f"{row['peak_alloc_gb']:6.2f} GB" if row["peak_alloc_gb"] is not None else "    n/a"
-    text = f"{head} {row['tokens_per_s']:>10,.0f} tok/s {row['step_ms']:9.1f} ms/step  peak {peak}"
+    text = (f"{head} {row['tokens_per_s']:>10,.0f} tok/s {row['pct_of_ceiling']:5.1f}% of ceiling "
+            f"{row['step_ms']:9.1f} ms/step  peak {peak}")
+    if "graph_status" in row:
+        text += (f"  graph {row['graph_tokens_per_s']:>10,.0f} tok/s {row['graph_pct_of_ceiling']:5.1f}%"
+                 if row["graph_status"] == "ok" else f"  graph {row['graph_status']}")
     if row.get("goal_tok_s"):
         text += f"  goal {row['goal_tok_s']:>7,.0f} tok/s {row['goal_peak_gb']:5.1f} GB"
         if "meets_goal" in row:
@@ -256,6 +324,9 @@ def format_row(row) -> str:
 
 def print_table(report):
     print(f"\n{report['gpu']}, torch {report['torch']}, CUDA {report['cuda']}, fla {report['fla']}, {report['date']}")
+    ceilings = {(r["size"], r["batch"], r["seq_len"]): r["ceiling_tok_s"] for r in report["rows"]}
+    for (size, batch, seq_len), ceiling in ceilings.items():
+        print(f"ceiling {size} {batch}x{seq_len}: {ceiling:,.0f} tok/s (frozen matmuls only, same run)")
     if not report["comparable_to_targets"]:
         print(f"the targets were measured on an {TARGET_GPU}: no verdicts on this device")
     for row in report["rows"]:

@@ -264,6 +264,7 @@ class TrainerConfig(StrictModel):
     precision: Literal["bf16", "fp16", "fp32", "tf32"] = "bf16"
     grad_cp: bool = False
     op: Literal["auto", "torch", "cuda", "fla"] = "auto"
+    cuda_graph: bool = False  # capture the training step once and replay it (rwkvray/graph_step.py)
     seed: NonNegativeInt = 42
     proj_dir: str | None = None  # where state files go; default: <storage_path>/<name>
 
@@ -432,6 +433,7 @@ class JobSpec(StrictModel):
         if self.model is None and self.serve is None:
             raise SpecProblem("model", "required (or a serve block for a serving-only spec)")
         self.check_hardware()
+        self.check_cuda_graph()
         self.fill_proj_dir()
         if self.tune is not None and self.data is not None:
             self.check_tune()
@@ -450,6 +452,19 @@ class JobSpec(StrictModel):
             )
         if self.tune is not None and self.tune.gpus_per_trial > 0:
             raise SpecProblem("tune.gpus_per_trial", "needs scaling.use_gpu: true")
+
+    def check_cuda_graph(self) -> None:
+        """A captured step has one shape, one micro-batch per optimizer step and no DeepSpeed around it."""
+        if not self.trainer.cuda_graph:
+            return
+        if not self.scaling.use_gpu:
+            raise SpecProblem("trainer.cuda_graph", "needs a GPU (set scaling.use_gpu: true, or cuda_graph: false)")
+        if self.trainer.grad_accum > 1:
+            raise SpecProblem("trainer.cuda_graph", "captures one optimizer step per micro-batch: needs "
+                              f"trainer.grad_accum: 1 (got {self.trainer.grad_accum}); raise micro_bsz instead")
+        if self.scaling.num_workers > 1:
+            raise SpecProblem("trainer.cuda_graph", "needs scaling.num_workers: 1 (DeepSpeed's step across "
+                              f"{self.scaling.num_workers} workers cannot be captured)")
 
     def fill_proj_dir(self) -> None:
         if self.trainer.proj_dir is not None:

@@ -116,6 +116,9 @@ def _load_data(spec):
 
 def _build_engine(spec, module, ctx):
     from rwkvray.engine import DeepSpeedEngine, PlainEngine
+    if spec.trainer.cuda_graph:  # one worker only (checked in the spec): no gradients to all-reduce
+        from rwkvray.graph_step import GraphedEngine
+        return GraphedEngine(module, spec.optim, spec.trainer.micro_bsz, spec.data.ctx_len, ctx.device)
     if ctx.distributed:
         from rwkvray.config import deepspeed_config
         return DeepSpeedEngine(module, spec.optim, deepspeed_config(spec))

@@ -3,6 +3,8 @@ import pytest
 from rwkvray.checkpoint import save_checkpoint
 from rwkvray.init_model import default_dims, init_weights
 
+pytest_plugins = ["tests.triton_interp"]  # the Triton interpreter for FLA's kernels when there is no GPU
+
 
 @pytest.fixture(scope="session")
 def make_tiny_model(tmp_path_factory):

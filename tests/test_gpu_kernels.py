@@ -1,8 +1,9 @@
 """The GPU WKV-7 backends (cuda, fla) against the float64 reference loop.
 
 Without a GPU: the CUDA kernel source runs on the CPU through kernels/cuda/cpu_emulation.h (one host thread
-per CUDA thread), so its arithmetic, indexing, checkpointing and barriers are tested here too; the FLA wrapper's
-conventions are tested against a stand-in with FLA's documented signature.
+per CUDA thread), so its arithmetic, indexing, checkpointing and barriers are tested here too, and ptxas
+reports its registers when nvcc is present; the FLA wrapper's keyword call, version gate and self-check are
+tested against stand-ins (FLA itself runs under Triton's interpreter in tests/test_fla_interp.py).
 With a GPU: both backends run for real.
 
 Error measure everywhere: max |got - ref| / max |ref| (relative error of the max-abs). Bounds: 1e-4 for the
@@ -10,6 +11,7 @@ fp32 kernel on the CPU, 1e-3 on the GPU (fast-math exp), 2e-2 for bf16 inputs an
 """
 import ctypes
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -167,6 +169,30 @@ def test_emulated_cuda_kernel_has_no_shared_memory_race(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
 
 
+NVCC = shutil.which("nvcc")
+PTXAS_ENTRY = re.compile(r"Compiling entry function '_ZN4wkv7\d+(\w+?_kernel)I(\w+?)E\w*' for '(sm_\d+)'")
+PTXAS_USAGE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads.*?Used (\d+) registers", re.S)
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc (no GPU needed)")
+def test_cuda_kernels_fit_in_registers_without_spills(tmp_path):
+    """ptxas's own report for Ampere and Hopper: every kernel under the 255-register limit, no spill traffic."""
+    built = subprocess.run([NVCC, "-c", "-O3", "--use_fast_math", "-Xptxas", "-v", f"-I{CUDA_DIR}",
+                            "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                            str(CUDA_DIR / "wkv7.cu"), "-o", str(tmp_path / "wkv7.o")],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    report = {}
+    for entry in PTXAS_ENTRY.finditer(built.stderr):
+        stores, loads, registers = PTXAS_USAGE.search(built.stderr, entry.end()).groups()
+        report[entry.groups()] = (int(registers), int(stores) + int(loads))
+    kernels = {(kernel, arch) for kernel, _, arch in report}
+    assert kernels == {(k, arch) for k in ("forward_kernel", "backward_kernel") for arch in ("sm_80", "sm_90")}
+    assert len(report) == 8, report  # fp32 and bf16 each
+    for name, (registers, spilled) in report.items():
+        assert registers < 255 and spilled == 0, (name, registers, spilled)
+
+
 # ---- errors and the FLA wrapper, without a GPU --------------------------------------------------------------
 
 def test_cuda_op_refuses_cpu_tensors_and_other_head_sizes_in_one_line():
@@ -214,8 +240,10 @@ def install_fake_fla(monkeypatch, chunk_rwkv7):
 @pytest.fixture
 def fla_cache():
     wkv_fla.fla_kernel.cache_clear()
+    wkv_fla.checked_kernel.cache_clear()
     yield
     wkv_fla.fla_kernel.cache_clear()
+    wkv_fla.checked_kernel.cache_clear()
 
 
 def test_fla_wrapper_converts_decay_and_state_layout_both_ways(monkeypatch, fla_cache):
@@ -236,12 +264,46 @@ def test_fla_wrapper_asks_old_releases_for_batch_first_layout(monkeypatch, fla_c
     def old_chunk_rwkv7(r, w, k, v, a, b, scale=1.0, initial_state=None, output_final_state=True,
                         cu_seqlens=None, head_first=True):
         assert head_first is False and scale == 1.0
-        return r, initial_state
+        y, state = wkv7_loop(r, torch.log(-w), k, v, a, b, initial_state.transpose(-1, -2))
+        return y, state.transpose(-1, -2)
 
     install_fake_fla(monkeypatch, old_chunk_rwkv7)
     inputs = wkv_inputs(1, 3, 2, 64)
-    y, s = wkv7(*inputs, op="fla")
-    assert torch.equal(y, inputs[0]) and torch.equal(s, inputs[6].float())
+    y, s = wkv7(*(x.float() for x in inputs), op="fla")
+    y_ref, s_ref = wkv7_loop(*inputs)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-6
+
+
+def test_fla_is_called_by_keyword_so_a_fork_with_its_own_order_still_works(monkeypatch, fla_cache):
+    """rwkv-fla's order r, k, v, w, a, b with the same names: keywords land each tensor where it belongs."""
+    def reordered(r, k, v, w, a, b, scale=1.0, initial_state=None, output_final_state=False, safe_gate=False,
+                  lower_bound=None):
+        return fake_chunk_rwkv7(r, w, k, v, a, b, scale, initial_state, output_final_state, None, safe_gate,
+                                None, lower_bound)
+
+    install_fake_fla(monkeypatch, reordered)
+    inputs = wkv_inputs(2, 5, 2, 64, seed=2)
+    y, s = wkv7(*(x.float() for x in inputs), op="fla")
+    y_ref, s_ref = wkv7_loop(*inputs)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-6
+
+
+def test_fla_fork_that_swaps_arguments_under_our_names_is_refused(monkeypatch, fla_cache):
+    """A fork that declares r, w, k, v, a, b but reads k as the value and v as the key: the signature passes,
+    the first-use self-check does not."""
+    def swapped(r, w, k, v, a, b, scale=1.0, initial_state=None, output_final_state=False, safe_gate=False,
+                lower_bound=None):
+        y, state = wkv7_loop(r, torch.log(-w), v, k, a, b, initial_state.transpose(-1, -2))
+        return y, state.transpose(-1, -2)
+
+    install_fake_fla(monkeypatch, swapped)
+    with pytest.raises(UserError) as error:
+        wkv7(*(x.float() for x in wkv_inputs(1, 4, 1, 64)), op="fla")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("fla ")
+    assert "chunk_rwkv7 does not reproduce the RWKV-7 recurrence on a tiny self-check" in message
+    assert message.endswith("(rwkv-fla orders them r, k, v, w, a, b); install fla-core>=0.6.0")
 
 
 def test_fla_wrapper_refuses_a_chunk_rwkv7_without_initial_state(monkeypatch, fla_cache):
@@ -324,3 +386,14 @@ def test_state_tuning_step_agrees_across_ops():
         loss, grad = results[op]
         assert abs(loss - loss_ref) / abs(loss_ref) < 1e-2, (op, loss, loss_ref)
         assert rel_err(grad, grad_ref) < 3e-2, (op, rel_err(grad, grad_ref))
+
+
+def test_interpreter_mends_name_the_pins_when_versions_differ(monkeypatch):
+    """Another triton (or none) must skip the FLA interpreter tests with this reason, not run half-mended."""
+    from tests import triton_interp
+    found = {"triton": "3.9.0", "fla-core": None}
+    monkeypatch.setattr(triton_interp, "installed", found.get)
+    assert triton_interp.version_mismatch() == ("the Triton interpreter mends are written for triton==3.7.1, "
+                                                "fla-core==0.6.0; found triton 3.9.0, fla-core missing")
+    found.update({"triton": "3.7.1", "fla-core": "0.6.0"})
+    assert triton_interp.version_mismatch() is None
