@@ -241,3 +241,9 @@ def test_blend_of_two_states_becomes_a_column_choice(server, api, page):
     page.wait_for_selector("#state-list li[data-name='mix']")
     assert "mix" in page.eval_on_selector("#col-0-model", "s => [...s.options].map(o => o.value)")
     assert "mix" in [entry["name"] for entry in api.get("/v1/states").json()["mounted"]]
+
+    page.select_option("#col-2-model", "mix")  # a new choice starts a fresh history in that column
+    page.click("#send")
+    page.wait_for_selector("#col-2-output[data-state='done']")
+    assert page.text_content("#col-2-output .reply") == greedy_chat_reply(api, "mix")
+    assert greedy_chat_reply(api, "mix") not in (greedy_chat_reply(api, "alpha"), greedy_chat_reply(api, "beta"))

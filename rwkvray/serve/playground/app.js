@@ -143,6 +143,7 @@ function buildColumns() {
       column.history = [];
       column.output.replaceChildren();
       column.stats.textContent = "";
+      delete column.output.dataset.state;
     });
     column.stats = document.createElement("p");
     column.stats.className = "stats";
