@@ -1,6 +1,7 @@
 """The state playground page in a real headless Chromium (Debian's `chromium`, driven by Playwright, which never
 downloads a browser here) against a real local Serve app over HTTP. Tests run in order on one page."""
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -44,6 +45,15 @@ def random_state(seed: int, n_layer: int, n_head: int, head_size: int) -> torch.
     return STATE_SCALE * torch.randn(n_layer, n_head, head_size, head_size, generator=generator)
 
 
+def write_card(path: Path, model_path: Path) -> None:
+    """A state card in the agreed format (see rwkvray/state_card.py once it exists), for the right base."""
+    base = {"sha256": hashlib.sha256(model_path.read_bytes()).hexdigest(), "file": model_path.name,
+            "version": "x070", "n_layer": 2, "n_embd": 64, "head_size": 64, "vocab_size": 65536}
+    card = {"base": base, "method": "state", "data": {"file": "train.jsonl", "size": 1234}, "steps": 40,
+            "loss": 1.23456, "val_loss": None, "rwkvray_version": "0.1.0"}
+    path.write_text(json.dumps(card))
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, make_tiny_model):
     ray = pytest.importorskip("ray")
@@ -58,6 +68,7 @@ def server(tmp_path_factory, make_tiny_model):
     for name, seed in STATE_SEEDS.items():
         target = states_dir if name in ("alpha", "beta") else folder
         save_state(random_state(seed, 2, 1, 64), str(target / f"{name}.pth"))
+    write_card(states_dir / "alpha.json", model_path)  # beta has no card
     os.environ[KEY_ENV] = KEY
     config = spec_from_dict({"serve": {
         "model": str(model_path), "states_dir": str(states_dir), "api_key_env": KEY_ENV, "max_batch_size": 4,
@@ -120,6 +131,11 @@ def test_three_columns_stream_the_apis_greedy_replies(server, api, page, tmp_pat
     from playwright.sync_api import expect
     page.goto(server[0] + "/")
     assert page.url.endswith("/playground")
+    page.fill("#key-input", "wrong-key")
+    page.press("#key-input", "Enter")
+    page.wait_for_selector("#message.error")
+    assert page.text_content("#message") == httpx.get(server[0] + "/v1/models").json()["error"]["message"]
+    assert page.is_hidden("#main")
     page.fill("#key-input", KEY)
     page.press("#key-input", "Enter")
     page.wait_for_selector("#main", state="visible")
@@ -141,6 +157,9 @@ def test_three_columns_stream_the_apis_greedy_replies(server, api, page, tmp_pat
         page.wait_for_selector(f"#col-{i}-output[data-state='done']")
 
     expect(page.locator("#state-list li[data-name='alpha'] .badge")).to_have_text("mounted · states_dir")
+    if api.get("/v1/states/alpha").json()["card"] is not None:  # a server that reads state cards (issue 14)
+        summary = page.text_content("#state-list li[data-name='alpha'] .summary")
+        assert "method state · 40 steps · final loss 1.2346 · data train.jsonl" in summary, summary
     replies = [page.text_content(f"#col-{i}-output .reply") for i in range(3)]
     assert replies == [greedy_chat_reply(api, name) for name in models]
     assert len(set(replies)) == 3  # the states make the difference
