@@ -24,6 +24,7 @@ KEY_ENV = "RWKVRAY_TEST_PLAYGROUND_KEY"
 KEY = "playground-key-42"
 BASE = "tiny-base"
 PROMPT = "Tell me about the sea."
+FOLLOW_UP = "And the sky?"
 MAX_TOKENS = 12
 STATE_SCALE = 20.0  # large enough that each random state visibly changes the greedy text
 STATE_SEEDS = {"alpha": 1, "beta": 2, "gamma": 3, "delta": 4}  # alpha, beta in states_dir; the others uploaded
@@ -121,9 +122,9 @@ def test_page_is_served_without_network_and_root_redirects(server):
     assert missing.status_code == 404 and missing.json()["error"]["message"] == "no playground file 'secret.py'"
 
 
-def greedy_chat_reply(api: httpx.Client, model: str) -> str:
-    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS,
-            "temperature": 0, "top_p": 1, "seed": 1}
+def greedy_chat_reply(api: httpx.Client, model: str, messages: list | None = None) -> str:
+    body = {"model": model, "messages": messages or [{"role": "user", "content": PROMPT}],
+            "max_tokens": MAX_TOKENS, "temperature": 0, "top_p": 1, "seed": 1}
     return api.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
 
 
@@ -182,6 +183,14 @@ def test_three_columns_stream_the_apis_greedy_replies(server, api, page, tmp_pat
         page.screenshot(path=str(tmp_path / "playground-390x844.png"), full_page=True)
     finally:
         page.set_viewport_size(DESKTOP)
+
+    page.fill("#prompt", FOLLOW_UP)  # a second turn: each column sends its own history
+    page.press("#prompt", "Control+Enter")
+    for i, name in enumerate(models):
+        page.wait_for_selector(f"#col-{i}-output[data-state='done']")
+        history = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": replies[i]},
+                   {"role": "user", "content": FOLLOW_UP}]
+        assert page.locator(f"#col-{i}-output .reply").nth(1).text_content() == greedy_chat_reply(api, name, history)
 
 
 def drop_file(page, name: str, data: bytes) -> None:

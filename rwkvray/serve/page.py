@@ -24,7 +24,7 @@ PAGE_HEADERS = {
 def page_file(name: str) -> Response:
     if name not in PAGE_FILES:
         raise not_found(f"no playground file '{name}'", "not_found")
-    body = files("rwkvray.serve").joinpath("playground", name).read_bytes()
+    body = (files("rwkvray.serve") / "playground" / name).read_bytes()
     return Response(body, media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
 
 

@@ -467,8 +467,16 @@ function start() {
   $("details-close").addEventListener("click", () => { $("details").hidden = true; });
   wireDropZone();
   buildBlendRows();
-  if (app.key === null) askForKey("");
-  else connect();
+  if (app.key !== null) {
+    connect();
+    return;
+  }
+  fetch("/v1/models").then((response) => {  // a server without a key needs no question
+    if (!response.ok) throw new Error("a key is needed");
+    app.key = "";
+    sessionStorage.setItem(KEY_STORAGE, "");
+    return connect();
+  }).catch(() => askForKey(""));
 }
 
 document.addEventListener("DOMContentLoaded", start);
