@@ -109,6 +109,16 @@ def page(server, tmp_path_factory):
             context.close()
 
 
+@pytest.fixture(scope="module")
+def script_errors(page) -> list:
+    """Uncaught errors and console errors of the page (a CSP violation is one); refused API calls are not."""
+    errors = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.on("console", lambda message: message.type == "error"
+            and not message.text.startswith("Failed to load resource") and errors.append(message.text))
+    return errors
+
+
 def test_page_is_served_without_network_and_root_redirects(server):
     url = server[0]
     root = httpx.get(url + "/", follow_redirects=False)
@@ -128,7 +138,7 @@ def greedy_chat_reply(api: httpx.Client, model: str, messages: list | None = Non
     return api.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
 
 
-def test_three_columns_stream_the_apis_greedy_replies(server, api, page, tmp_path):
+def test_three_columns_stream_the_apis_greedy_replies(server, api, page, script_errors, tmp_path):
     from playwright.sync_api import expect
     page.goto(server[0] + "/")
     assert page.url.endswith("/playground")
@@ -191,6 +201,7 @@ def test_three_columns_stream_the_apis_greedy_replies(server, api, page, tmp_pat
         history = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": replies[i]},
                    {"role": "user", "content": FOLLOW_UP}]
         assert page.locator(f"#col-{i}-output .reply").nth(1).text_content() == greedy_chat_reply(api, name, history)
+    assert script_errors == []
 
 
 def drop_file(page, name: str, data: bytes) -> None:
@@ -209,7 +220,7 @@ def listed(page, name: str) -> str:
     return page.text_content(f"#state-list li[data-name='{name}'] .badge")
 
 
-def test_upload_by_drop_and_file_input_then_unmount(server, api, page):
+def test_upload_by_drop_and_file_input_then_unmount(server, api, page, script_errors):
     from playwright.sync_api import expect
     folder = server[1]
     page.fill("#upload-name", "gamma")
@@ -249,9 +260,10 @@ def test_upload_by_drop_and_file_input_then_unmount(server, api, page):
     unknown = api.get("/v1/states/nope")
     assert unknown.status_code == 404 and unknown.json()["error"]["message"] == (
         "no state 'nope': it is neither mounted nor a file in the states folder")
+    assert script_errors == []
 
 
-def test_blend_of_two_states_becomes_a_column_choice(server, api, page):
+def test_blend_of_two_states_becomes_a_column_choice(server, api, page, script_errors):
     page.select_option("#blend-state-0", "alpha")
     page.select_option("#blend-state-1", "beta")
     page.select_option("#blend-state-2", "")
@@ -275,3 +287,4 @@ def test_blend_of_two_states_becomes_a_column_choice(server, api, page):
     page.wait_for_selector("#col-2-output[data-state='done']")
     assert page.text_content("#col-2-output .reply") == greedy_chat_reply(api, "mix")
     assert greedy_chat_reply(api, "mix") not in (greedy_chat_reply(api, "alpha"), greedy_chat_reply(api, "beta"))
+    assert script_errors == []

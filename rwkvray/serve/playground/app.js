@@ -116,48 +116,40 @@ function modelOptions(select, chosen) {
   if (!app.models.includes(chosen) && chosen) select.add(new Option(chosen + " (gone)", chosen, true, true));
 }
 
+function element(tag, props) {
+  return Object.assign(document.createElement(tag), props);
+}
+
+// Column i; `old` (the column it replaces when the count changes) hands over its model, history and replies.
+function makeColumn(i, old) {
+  const id = "col-" + i;
+  const column = { model: old ? old.model : app.models[i % app.models.length], history: old ? old.history : [],
+                   controller: null };
+  const label = element("label", { htmlFor: id + "-model", textContent: "Column " + (i + 1) });
+  column.select = element("select", { id: id + "-model" });
+  modelOptions(column.select, column.model);
+  column.select.addEventListener("change", () => {
+    column.model = column.select.value;
+    column.history = [];
+    column.output.replaceChildren();
+    column.stats.textContent = "";
+    delete column.output.dataset.state;
+  });
+  column.stats = element("p", { className: "stats", id: id + "-stats", textContent: old ? old.stats.textContent : "" });
+  column.output = element("div", { className: "output", id: id + "-output" });
+  column.output.setAttribute("aria-live", "polite");
+  column.output.setAttribute("aria-label", "Column " + (i + 1) + " replies");
+  if (old) column.output.replaceChildren(...old.output.childNodes);
+  const box = element("article", { className: "column", id });
+  box.append(label, column.select, column.stats, column.output);
+  return [column, box];
+}
+
 function buildColumns() {
-  const count = Number($("column-count").value);
   const previous = app.columns;
-  app.columns = [];
-  const holder = $("columns");
-  holder.replaceChildren();
-  for (let i = 0; i < count; i++) {
-    const old = previous[i];
-    const column = {
-      model: old ? old.model : app.models[i % app.models.length],
-      history: old ? old.history : [],
-      controller: null,
-    };
-    const box = document.createElement("article");
-    box.className = "column";
-    box.id = "col-" + i;
-    const label = document.createElement("label");
-    label.htmlFor = "col-" + i + "-model";
-    label.textContent = "Column " + (i + 1);
-    column.select = document.createElement("select");
-    column.select.id = "col-" + i + "-model";
-    modelOptions(column.select, column.model);
-    column.select.addEventListener("change", () => {
-      column.model = column.select.value;
-      column.history = [];
-      column.output.replaceChildren();
-      column.stats.textContent = "";
-      delete column.output.dataset.state;
-    });
-    column.stats = document.createElement("p");
-    column.stats.className = "stats";
-    column.stats.id = "col-" + i + "-stats";
-    column.output = document.createElement("div");
-    column.output.className = "output";
-    column.output.id = "col-" + i + "-output";
-    column.output.setAttribute("aria-live", "polite");
-    column.output.setAttribute("aria-label", "Column " + (i + 1) + " replies");
-    box.append(label, column.select, column.stats, column.output);
-    holder.append(box);
-    if (old) column.output.replaceChildren(...old.output.childNodes);
-    app.columns.push(column);
-  }
+  const made = Array.from({ length: Number($("column-count").value) }, (_, i) => makeColumn(i, previous[i]));
+  app.columns = made.map(([column]) => column);
+  $("columns").replaceChildren(...made.map(([, box]) => box));
 }
 
 function settings() {
@@ -258,13 +250,14 @@ function clearColumns() {
 
 // ------------------------------------------------------------------ states
 
+// One line from a mounted state's card (the agreed card format; blends record their recipe).
 function cardSummary(entry) {
   const card = entry.card;
-  if (!card) return entry.warning || (entry.mounted === false ? "" : "no card");
+  if (!card) return entry.warning || "no card";
   const parts = [];
   if (card.blend) parts.push("blend of " + Object.entries(card.blend).map(([n, w]) => n + " " + w).join(", "));
   if (card.method) parts.push("method " + card.method);
-  if (card.steps !== undefined && card.steps !== null) parts.push(card.steps + " steps");
+  if (typeof card.steps === "number") parts.push(card.steps + " steps");
   if (typeof card.loss === "number") parts.push("final loss " + card.loss.toFixed(4));
   if (card.data && card.data.file) parts.push("data " + card.data.file);
   if (typeof entry.base_match === "boolean") parts.push(entry.base_match ? "base matches" : "OTHER BASE");
@@ -274,42 +267,31 @@ function cardSummary(entry) {
 }
 
 function stateButton(text, label, action) {
-  const button = document.createElement("button");
-  button.type = "button";
-  button.textContent = text;
+  const button = element("button", { type: "button", textContent: text });
   button.setAttribute("aria-label", label);
   button.addEventListener("click", action);
   return button;
+}
+
+function stateItem(name, entry, unmounted) {
+  const item = element("li");
+  item.dataset.name = name;
+  const status = entry ? "mounted · " + entry.source : unmounted ? "unmounted" : "in states_dir";
+  const buttons = element("div", { className: "buttons" });
+  buttons.append(stateButton("Card", "Show the card of " + name, () => showCard(name)),
+                 entry ? stateButton("Unmount", "Unmount " + name, () => unmount(name))
+                       : stateButton("Mount", "Mount " + name, () => mount(name)));
+  item.append(element("strong", { textContent: name }), element("span", { className: "badge", textContent: status }),
+              element("p", { className: "summary", textContent: entry ? cardSummary(entry) : "" }), buttons);
+  return item;
 }
 
 function renderStates() {
   const listing = app.listing;
   const mounted = new Map(listing.mounted.map((entry) => [entry.name, entry]));
   const names = [...new Set([...mounted.keys(), ...listing.known])].sort();
-  const list = $("state-list");
-  list.replaceChildren();
-  if (!names.length) list.append(Object.assign(document.createElement("li"), { textContent: "No states yet." }));
-  for (const name of names) {
-    const entry = mounted.get(name);
-    const item = document.createElement("li");
-    item.dataset.name = name;
-    const title = document.createElement("strong");
-    title.textContent = name;
-    const status = document.createElement("span");
-    status.className = "badge";
-    status.textContent = entry ? "mounted · " + entry.source
-      : listing.unmounted.includes(name) ? "unmounted" : "in states_dir";
-    const summary = document.createElement("p");
-    summary.className = "summary";
-    summary.textContent = entry ? cardSummary({ ...entry, mounted: true }) : "";
-    const buttons = document.createElement("div");
-    buttons.className = "buttons";
-    buttons.append(stateButton("Card", "Show the card of " + name, () => showCard(name)));
-    if (entry) buttons.append(stateButton("Unmount", "Unmount " + name, () => unmount(name)));
-    else buttons.append(stateButton("Mount", "Mount " + name, () => mount(name)));
-    item.append(title, status, summary, buttons);
-    list.append(item);
-  }
+  const items = names.map((name) => stateItem(name, mounted.get(name), listing.unmounted.includes(name)));
+  $("state-list").replaceChildren(...(items.length ? items : [element("li", { textContent: "No states yet." })]));
   renderBlendChoices(names);
 }
 
