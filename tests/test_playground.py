@@ -283,6 +283,7 @@ def test_blend_of_two_states_becomes_a_column_choice(server, api, page, script_e
     assert "mix" in [entry["name"] for entry in api.get("/v1/states").json()["mounted"]]
 
     page.select_option("#col-2-model", "mix")  # a new choice starts a fresh history in that column
+    page.fill("#prompt", PROMPT)
     page.click("#send")
     page.wait_for_selector("#col-2-output[data-state='done']")
     assert page.text_content("#col-2-output .reply") == greedy_chat_reply(api, "mix")
