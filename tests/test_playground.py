@@ -128,6 +128,7 @@ def test_page_is_served_without_network_and_root_redirects(server):
     assert "default-src 'self'" in index.headers["content-security-policy"]
     assert "http" not in index.text  # no CDN, fonts or scripts from elsewhere
     assert httpx.get(url + "/playground/app.js").headers["content-type"].startswith("text/javascript")
+    assert httpx.get(url + "/v1/states/alpha").status_code == 401  # the page is public; the API is not
     missing = httpx.get(url + "/playground/secret.py")
     assert missing.status_code == 404 and missing.json()["error"]["message"] == "no playground file 'secret.py'"
 
