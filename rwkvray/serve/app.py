@@ -33,6 +33,7 @@ from rwkvray.serve.api import (ApiError, ChatCompletionRequest, CompletionReques
                                chat_body, completion_body, decode_base64, json_object, model_card, multipart_fields,
                                new_id, parse_request, read_body, read_json, sse_events, strip_reply_space, usage)
 from rwkvray.serve.engine import BatchEngine, Chunk, SamplingParams
+from rwkvray.serve.page import add_playground, find_state
 from rwkvray.serve.states import StateStore, check_name, upload_too_large
 from rwkvray.tokenizer import get_tokenizer
 
@@ -41,6 +42,7 @@ BASE64_OVERHEAD = 4 / 3
 ENGINE_QUEUE_FACTOR = 2  # requests a model replica accepts per batch slot (the extra ones wait to join)
 
 fastapi_app = FastAPI(title="rwkvray", docs_url=None, redoc_url=None)
+add_playground(fastapi_app)
 
 
 @fastapi_app.exception_handler(ApiError)
@@ -198,6 +200,11 @@ class Gateway:
         if len(data) > self.max_upload_bytes:
             raise upload_too_large(self.max_upload_bytes)
         return await ask_registry(self.registry, "upload", name, data)
+
+    @fastapi_app.get("/v1/states/{name}")
+    async def state(self, name: str, request: Request) -> dict:
+        self.authorize(request)
+        return find_state(await ask_registry(self.registry, "listing"), check_name(name))
 
     @fastapi_app.delete("/v1/states/{name}")
     async def unmount_state(self, name: str, request: Request) -> dict:

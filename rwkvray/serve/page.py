@@ -1,0 +1,54 @@
+"""The state playground: a static page (rwkvray/serve/playground/) served by the Gateway, and the lookup
+behind `GET /v1/states/{name}`.
+
+The page is plain HTML/JS/CSS shipped as package data: no build step, and a Content-Security-Policy that lets
+it reach only its own origin, so it never loads anything from the network. It talks to the same
+OpenAI-compatible API as any client, with the key the user types (kept in the tab's sessionStorage).
+"""
+from importlib.resources import files
+
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse, Response
+
+from rwkvray.serve.api import not_found
+
+PAGE_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+
+
+def page_file(name: str) -> Response:
+    if name not in PAGE_FILES:
+        raise not_found(f"no playground file '{name}'", "not_found")
+    body = (files("rwkvray.serve") / "playground" / name).read_bytes()
+    return Response(body, media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
+
+
+def add_playground(app: FastAPI) -> None:
+    """Serve the page at /playground (and send / there). The page itself is public; its API calls are not."""
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse("/playground")
+
+    @app.get("/playground", include_in_schema=False)
+    async def playground() -> Response:
+        return page_file("index.html")
+
+    @app.get("/playground/{name}", include_in_schema=False)
+    async def playground_file(name: str) -> Response:
+        return page_file(name)
+
+
+def find_state(listing: dict, name: str) -> dict:
+    """One state of a `GET /v1/states` listing, with its card when the registry has one (404 if unknown)."""
+    for entry in listing.get("mounted", []):
+        if entry.get("name") == name:
+            return {"card": None, **entry, "mounted": True}
+    if name in listing.get("known", []):
+        return {"name": name, "mounted": False, "source": "states_dir", "card": None}
+    raise not_found(f"no state '{name}': it is neither mounted nor a file in the states folder", "state_not_found")
