@@ -45,8 +45,9 @@ def trained(name, base_path, batch, dtype=torch.float32, **extra):
 
 
 def logits(model, x):
+    """A peft PeftModel, a plain RWKV7, or our PeftModel (from its tuned state, if it has one)."""
     with torch.no_grad():
-        return model(x)[0] if not hasattr(model, "methods") else model.base(x)[0]
+        return model(x)[0] if not hasattr(model, "methods") else model.base(x, model.initial_state(x.shape[0]))[0]
 
 
 def relative_error(a, b):
@@ -200,3 +201,16 @@ def test_merge_refuses_folders_it_cannot_merge(base_path, tmp_path):
         merge_adapter("disha", base_path, folder, str(tmp_path / "m.pth"))
     assert str(err.value) == f"--type: {folder} holds a lora adapter, not disha"
     assert not os.path.exists(tmp_path / "m.pth")
+
+
+def test_merge_1_with_a_tuned_state_merges_the_state_too(base_path, batch, tmp_path):
+    model = trained("lora", base_path, batch, combine_state=True)
+    spec = PeftConfig.model_validate({**CONFIGS["lora"], "combine_state": True})
+    files = {method.name: method.file_tensors() for method in model.methods}
+    write_epoch_outputs(spec, base_path, str(tmp_path), files, epoch=0, note=lambda _: None)
+    merged, time_state = load_model(str(tmp_path / "rwkv-0.pth"))
+    torch.testing.assert_close(time_state, model.methods[1].time_state.detach())
+    x = batch[0]
+    with torch.no_grad():
+        from_file = merged(x, model.methods[1].initial_state(merged, 2, torch.float32))[0]
+    assert relative_error(from_file, logits(model, x)) < 1e-5
