@@ -109,8 +109,8 @@ def _group_by_module(kind: str, adapter: dict, path: str) -> dict[str, dict[str,
     for module, parts in modules.items():
         for part in PARTS[kind]:
             if part not in parts:
-                raise UserError(f"{path}: missing key '{module}.{part}'" + (
-                    " (a PiSSA adapter must carry its initial A and B)" if part.startswith("init_") else ""))
+                hint = " (a PiSSA adapter needs its initial A and B: pass --init init_pissa.pth)"
+                raise UserError(f"{path}: missing key '{module}.{part}'" + (hint if part.startswith("init_") else ""))
     return modules
 
 

@@ -21,7 +21,8 @@ CONFIGS = {
     "pissa": {"method": "pissa", "pissa": {"r": 4, "svd_niter": 2}},
     "bone": {"method": "disha", "disha": {"mode": "bone", "r": 16}},
 }
-NORMS = ["blocks.0.ln0", "ln_out"] + [f"blocks.{i}.{n}" for i in range(TINY.n_layer) for n in ("ln1", "ln2", "att.ln_x")]
+NORMS = ["blocks.0.ln0", "ln_out"] + [f"blocks.{i}.{n}" for i in range(TINY.n_layer)
+                                     for n in ("ln1", "ln2", "att.ln_x")]
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,8 @@ def test_pissa_writes_init_pissa_with_rwkv_peft_keys(base_path, batch, tmp_path)
     write_epoch_outputs(spec, base_path, str(tmp_path), files, epoch=0, note=lambda _: None)
     init = load_raw(tmp_path / "init_pissa.pth")
     targets = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
-    assert sorted(init) == sorted(f"model.blocks.{i}.{t}.init_lora_{p}" for i in range(2) for t in targets for p in "AB")
+    expected = [f"model.blocks.{i}.{t}.init_lora_{p}" for i in range(TINY.n_layer) for t in targets for p in "AB"]
+    assert sorted(init) == sorted(expected)
     # RWKV-PEFT's form: the adapter file without init keys, plus init_pissa.pth
     save_checkpoint({k: v for k, v in files["pissa"].items() if ".init_" not in k}, str(tmp_path / "rwkv-0.pth"))
     merge_adapter(None, base_path, str(tmp_path / "rwkv-0.pth"), str(tmp_path / "a.pth"),
@@ -191,7 +193,8 @@ def test_merge_refuses_folders_it_cannot_merge(base_path, tmp_path):
         merge_adapter(None, base_path, str(tmp_path), str(tmp_path / "m.pth"))
     assert str(err.value) == f"{tmp_path}: no adapter_config.json: not a save_pretrained adapter folder"
     folder = str(tmp_path / "dora")
-    get_peft_model(load_model(base_path)[0], LoraConfig(r=4, target_modules=["att.key"], use_dora=True)).save_pretrained(folder)
+    dora = LoraConfig(r=4, target_modules=["att.key"], use_dora=True)
+    get_peft_model(load_model(base_path)[0], dora).save_pretrained(folder)
     with pytest.raises(UserError) as err:
         merge_adapter(None, base_path, folder, str(tmp_path / "m.pth"))
     assert str(err.value) == f"{folder}: adapter_config.json sets use_dora (DoRA), which rwkvray merge does not support"

@@ -319,7 +319,7 @@ def test_pissa_merge_without_the_initial_a_b_is_a_clear_error(base_path, adapter
     with pytest.raises(UserError) as err:
         merge_adapter("pissa", base_path, trimmed, str(tmp_path / "merged.pth"))
     assert str(err.value) == (f"{trimmed}: missing key 'blocks.0.att.receptance.init_lora_A' "
-                              "(a PiSSA adapter must carry its initial A and B)")
+                              "(a PiSSA adapter needs its initial A and B: pass --init init_pissa.pth)")
 
 
 def test_merge_refuses_an_adapter_for_another_model_size(base_path, adapters, tmp_path):

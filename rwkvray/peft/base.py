@@ -4,6 +4,7 @@ A method adds its trainable tensors (an initial state, adapter matrices) to a fr
 saves them as its adapter file, and can fold them back into a full checkpoint.
 """
 import importlib
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -19,7 +20,7 @@ METHODS: dict[str, type["PeftMethod"]] = {}
 class PeftMethod(nn.Module):
     name: str = ""
     file_prefix: str = "rwkv"  # epoch files are <prefix>-<epoch>.pth, as RWKV-PEFT names them
-    trained_norms: list[tuple[str, nn.Module]] = []  # set by PeftModel on the weight method for --train_parts ln
+    trained_norms: Sequence[tuple[str, nn.Module]] = ()  # set by PeftModel on the weight method: --train_parts ln
     save_dtype: torch.dtype = torch.float32  # set by PeftModel: adapter files are in the training precision
 
     def __init_subclass__(cls, **kwargs):

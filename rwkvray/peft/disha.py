@@ -73,7 +73,8 @@ class Disha(PeftMethod):
             self.layers.append((name, layer))
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{name}.disha": layer.disha.detach().to("cpu", self.save_dtype, copy=True) for name, layer in self.layers}
+        return {f"{name}.disha": layer.disha.detach().to("cpu", self.save_dtype, copy=True)
+                for name, layer in self.layers}
 
 
 def check_disha(mode: str, r: int, linears: list[tuple[str, nn.Module]]) -> None:

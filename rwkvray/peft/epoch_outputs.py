@@ -69,7 +69,8 @@ def older_merge_command(kind: str, base_path: str, adapter_path: str, out_path: 
     """The command of RWKV-PEFT's older merge scripts for this adapter file. Those scripts ignore the file's
     `lora_alpha` and take it from the command line (merge.py: integers only, default 16), so it is spelled out."""
     if kind == "disha":
-        return f"python merge/merge_disha.py --base_model {base_path} --peft_checkpoint {adapter_path} --output {out_path}"
+        return (f"python merge/merge_disha.py --base_model {base_path} --peft_checkpoint {adapter_path} "
+                f"--output {out_path}")
     if kind == "pissa":
         init = os.path.join(os.path.dirname(adapter_path), "init_pissa.pth")
         return (f"python merge/merge.py --type pissa --base_model {base_path} --lora_init {init} "

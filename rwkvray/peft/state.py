@@ -30,7 +30,8 @@ class StateTuning(PeftMethod):
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         """The state file's tensors: blocks.{i}.att.time_state, fp32."""
-        return {TIME_STATE_KEY.format(i): layer.detach().float().cpu().clone() for i, layer in enumerate(self.time_state)}
+        layers = self.time_state.detach().float().cpu()
+        return {TIME_STATE_KEY.format(i): layer.clone() for i, layer in enumerate(layers)}
 
     def save(self, path: str) -> None:
         save_state(self.time_state.detach().float().cpu(), path)
