@@ -217,3 +217,13 @@ def test_merge_1_with_a_tuned_state_merges_the_state_too(base_path, batch, tmp_p
     with torch.no_grad():
         from_file = merged(x, model.methods[1].initial_state(merged, 2, torch.float32))[0]
     assert relative_error(from_file, logits(model, x)) < 1e-5
+
+
+def test_cli_merge_of_a_folder_needs_no_type(base_path, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    from rwkvray.cli import main
+    folder, out = str(tmp_path / "run-adapter"), str(tmp_path / "merged.pth")
+    get_peft_model(load_model(base_path)[0], LoraConfig(r=4, target_modules=["key"])).save_pretrained(folder)
+    assert main(["merge", "--base", base_path, "--adapter", folder, "--out", out]) == 0
+    assert capsys.readouterr().out == f"wrote {out}: {2 * TINY.n_layer} weights merged\n"
