@@ -12,7 +12,7 @@ import torch.nn as nn
 from rwkvray.checkpoint import save_checkpoint
 from rwkvray.loss import masked_lm_loss
 from rwkvray.model import RNNState, RWKV7
-from rwkvray.peft.train_parts import norm_tensors, train_norms
+from rwkvray.peft.train_parts import NORM_PART, norm_tensors, train_norms
 
 METHODS: dict[str, type["PeftMethod"]] = {}
 
@@ -55,7 +55,7 @@ class PeftMethod(nn.Module):
 class PeftModel(nn.Module):
     """Frozen base + one method (or state plus one weight method); forward returns the masked LM loss."""
 
-    def __init__(self, base: RWKV7, methods: list[PeftMethod], train_parts: list[str] = ()):
+    def __init__(self, base: RWKV7, methods: list[PeftMethod], train_parts: Sequence[str] = ()):
         super().__init__()
         base.requires_grad_(False)
         self.base = base
@@ -63,7 +63,7 @@ class PeftModel(nn.Module):
         for method in methods:
             method.attach(base)
             method.save_dtype = base.emb.weight.dtype
-        if "ln" in train_parts:  # the weight method comes first; its file carries the norms
+        if NORM_PART in train_parts:  # the weight method comes first; its file carries the norms
             methods[0].trained_norms = train_norms(base)
 
     def initial_state(self, batch: int) -> RNNState | None:
