@@ -37,7 +37,7 @@ def write_epoch_outputs(peft_spec, base_path: str, proj_dir: str, files: dict[st
         write_merged_model(path, base_path, kind, adapter, files.get("state"))
     else:
         path = f"{proj_dir.rstrip(os.sep)}-adapter"
-        write_adapter_folder_for(path, base_path, kind, adapter, peft_spec)
+        write_adapter_folder_for(path, base_path, kind, adapter, peft_spec, note)
     note(f"saved {path}")
 
 
@@ -53,12 +53,12 @@ def write_merged_model(path: str, base_path: str, kind: str, adapter: dict[str, 
 
 
 def write_adapter_folder_for(folder: str, base_path: str, kind: str, adapter: dict[str, torch.Tensor],
-                             peft_spec) -> None:
+                             peft_spec, note: Callable[[str], None] = print) -> None:
     from rwkvray.peft.hf_folder import write_adapter_folder
     dims = infer_dims(read_tensor_dict(base_path))
     norms = [key for key in adapter if key.endswith((".weight", ".bias"))]
     if norms:  # peft folders have no place for them: say so instead of dropping them silently
-        print(f"note: {folder} leaves out the {len(norms)} LayerNorm tensors of --train_parts ln; "
+        note(f"note: {folder} leaves out the {len(norms)} LayerNorm tensors of --train_parts ln; "
               "they are in the adapter file")
     dropout = peft_spec.lora.dropout if kind == "lora" else 0.0
     write_adapter_folder(folder, kind, {k: v for k, v in adapter.items() if k not in norms}, dims, dropout)
