@@ -93,7 +93,7 @@ def cmd_export_state(args) -> None:
 
 def cmd_merge(args) -> None:
     from rwkvray.merge import merge_adapter
-    merged = merge_adapter(args.type, args.base, args.adapter, args.out, args.dtype, args.lora_alpha)
+    merged = merge_adapter(args.type, args.base, args.adapter, args.out, args.dtype, args.lora_alpha, args.init)
     print(f"wrote {args.out}: {len(merged)} weights merged")
 
 
@@ -154,9 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export_state)
 
     p = sub.add_parser("merge", help="fold a LoRA, PiSSA or DiSHA adapter into a full BlinkDL checkpoint")
-    p.add_argument("--type", choices=["lora", "pissa", "disha"], required=True)
+    p.add_argument("--type", choices=["lora", "pissa", "disha"], help="default: told by the adapter")
     p.add_argument("--base", required=True)
-    p.add_argument("--adapter", required=True)
+    p.add_argument("--adapter", required=True, help="adapter file, or a peft save_pretrained folder")
+    p.add_argument("--init", help="PiSSA's init_pissa.pth, for RWKV-PEFT's PiSSA files (ours carry it)")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="cast every tensor (default: keep the base's dtypes)")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha, for RWKV-PEFT LoRA files (ours store it)")

@@ -223,6 +223,10 @@ class PeftConfig(StrictModel):
     pissa: PissaConfig = Field(default_factory=PissaConfig)
     disha: DishaConfig = Field(default_factory=DishaConfig)
     quant: Literal["none", "int8", "nf4"] = "none"
+    # each saved epoch, beside the adapter file: true, the merged model rwkv-<n>.pth; false, the Hugging Face
+    # peft folder <proj_dir>-adapter/ (RWKV-PEFT's --merge 1 / 0). A state-only run writes its state file only.
+    merge: bool = True
+    train_parts: list[Literal["ln"]] = Field(default_factory=list)  # also train the LayerNorms (RWKV-PEFT's "ln")
 
     @model_validator(mode="after")
     def used_blocks(self) -> PeftConfig:
@@ -233,6 +237,11 @@ class PeftConfig(StrictModel):
                 raise SpecProblem(block, f"given, but peft.method is {self.method}")
         if "state" in self.model_fields_set and self.method != "state" and not self.combine_state:
             raise SpecProblem("state", f"given, but peft.method is {self.method} and combine_state is false")
+        if self.train_parts and self.method == "state":
+            raise SpecProblem("train_parts", "needs a weight method (method: lora, pissa or disha)")
+        if not self.merge and self.method == "disha" and self.disha.mode == "bat":
+            raise SpecProblem("merge", "false writes a Hugging Face peft folder, and peft has no form of DiSHA bat "
+                                       "(its MiSS bat cuts the weight differently): use merge: true, or mode: bone")
         return self
 
 

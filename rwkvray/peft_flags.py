@@ -52,9 +52,17 @@ REQUIRED_VALUES = {  # flag -> (the values we can honour, why another value cann
     "data_shuffle": ({1}, "rwkvray always draws batches at random (seeded by --random_seed)"),
     "my_qa_mask": ({0}, "use --loss_mask qa"),
     "head_size_divisor": ({8}, "RWKV-7 fixes it at 8 (ln_x eps 64e-5)"),
-    "merge": ({0}, "rwkvray train writes the state/adapter file; fold it in with rwkvray merge or merge-state"),
     "optim": ({"none"}, "rwkvray uses AdamW"),
     "optimizer": ({"none"}, "rwkvray uses AdamW"),
+}
+TRAIN_PARTS_REFUSED = {  # --train_parts value -> why not
+    "time": "RWKV-7 has no time_* parameters, so RWKV-PEFT trains nothing for it either (use ln, or drop it)",
+    "emb": "training the embedding is full fine-tuning of it (use ln)",
+    "head": "training the head is full fine-tuning of it (use ln)",
+}
+UNSUPPORTED_PEFT = {  # --peft value today's RWKV-PEFT hands to Hugging Face peft -> what to use instead
+    "adalora": "use --peft lora (AdaLoRA is LoRA whose ranks are pruned during training)",
+    "prefix": "use --peft state (state tuning is RWKV's prefix tuning: a learned initial state)",
 }
 ALWAYS_NAMED = {"model.path": "--load_model", "data.file": "--data_file"}
 
@@ -133,7 +141,9 @@ def add_peft_flags(group) -> None:
     group.add_argument("--quant", help="none, int8 or nf4")
     group.add_argument("--fla", action="store_true", help="same as --op fla")
     group.add_argument("--op", help="auto, torch, cuda, fla (triton is taken as fla)")
-    group.add_argument("--train_parts", nargs="*", help="not supported: rwkvray trains only the PEFT parameters")
+    group.add_argument("--train_parts", nargs="*", help="ln: train the LayerNorms with the adapter (nothing else)")
+    group.add_argument("--merge", type=int, help="1 (default): also write the merged model rwkv-N.pth each saved "
+                       "epoch; 0: also write the peft folder <proj_dir>-adapter/")
     group.add_argument("--lora", action="store_true", help="old form of --peft lora")
     group.add_argument("--PISSA", action="store_true", help="old form of --peft pissa")
     group.add_argument("--state_tune", action="store_true", help="old form of --train_type state")
@@ -234,8 +244,6 @@ def check_compat_flags(args) -> None:
         value = getattr(args, name)
         if value is not None and value not in values:
             raise flag_error(name, f"{value!r} is not supported: {why}")
-    if args.train_parts:
-        raise flag_error("train_parts", "not supported: rwkvray trains only the PEFT parameters (drop the flag)")
     if args.weight_decay_final is not None and args.weight_decay_final > 0:
         raise flag_error("weight_decay_final", "decaying weight decay is not supported: it stays at --weight_decay")
     if args.my_exit is not None and args.my_exit + 1 < (args.epoch_count or 1):
@@ -305,11 +313,26 @@ def map_peft(args, spec: SpecBuilder) -> None:
             raise flag_error("quant", f"{args.quant!r} is not supported (use int8 or nf4)")
         spec.put("peft.quant", args.quant.lower(), "--quant")
     spec.put_given("peft.state.init_from", args.state_init, "--state_init")
+    map_merge_and_train_parts(args, spec)
+
+
+def map_merge_and_train_parts(args, spec: SpecBuilder) -> None:
+    if args.merge is not None:
+        if args.merge not in (0, 1):
+            raise flag_error("merge", f"must be 0 or 1 (got {args.merge})")
+        spec.put("peft.merge", bool(args.merge), "--merge")
+    for part in args.train_parts or ():
+        if part != "ln":
+            raise flag_error("train_parts", f"{part!r} is not supported: {TRAIN_PARTS_REFUSED.get(part, 'only ln is')}")
+    if args.train_parts:
+        spec.put("peft.train_parts", ["ln"], "--train_parts")
 
 
 def peft_method(args) -> tuple[str, bool]:
     """(method, combine_state) from --peft, --train_type and the old --lora/--PISSA/--state_tune switches."""
     peft = (args.peft or "none").lower()
+    if peft in UNSUPPORTED_PEFT:
+        raise flag_error("peft", f"{args.peft!r} is not supported: {UNSUPPORTED_PEFT[peft]}")
     if peft not in ("none", "state", *WEIGHT_METHODS):
         raise flag_error("peft", f"{args.peft!r} is not supported (use state, lora, pissa or disha)")
     train_type = (args.train_type or "none").lower()

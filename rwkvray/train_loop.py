@@ -19,6 +19,7 @@ from rwkvray.metrics import RunLogger
 from rwkvray.model import load_model
 from rwkvray.peft import build_peft
 from rwkvray.peft.base import method_classes
+from rwkvray.peft.epoch_outputs import print_merge_commands, write_epoch_outputs
 from rwkvray.schedule import learning_rate
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
@@ -196,6 +197,8 @@ def _save_epoch_files(spec, engine, epoch: int, logger) -> None:
         path = os.path.join(proj_dir(spec), f"{method.file_prefix}-{epoch - 1}.pth")
         method.save(path)
         logger.note(f"saved {path}")
+    files = {method.name: method.file_tensors() for method in engine.module.methods}
+    write_epoch_outputs(spec.peft, spec.model.path, proj_dir(spec), files, epoch - 1, logger.note)
 
 
 def _save_progress(folder, engine, progress) -> None:
@@ -232,4 +235,5 @@ def export_final_state(spec, checkpoint_dir: str) -> str:
             shutil.copyfile(os.path.join(checkpoint_dir, f"{cls.name}.pth"), tmp)
         print(f"final {cls.name} file: {path}")
         paths.append(path)
+    print_merge_commands(spec, paths[0])
     return paths[0]

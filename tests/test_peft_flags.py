@@ -118,6 +118,14 @@ def test_lora_targets_and_old_style_flags(workdir):
     assert spec.peft.pissa.targets == ["att.key", "att.value", "ffn.key", "ffn.value"]
 
 
+def test_merge_defaults_to_rwkv_peft_and_train_parts_ln(workdir):
+    spec = flags("--load_model model.pth --data_file chats.jsonl --peft lora")
+    assert (spec.peft.merge, spec.peft.train_parts) == (True, [])
+    spec = flags("--load_model model.pth --data_file chats.jsonl --peft lora --merge 0 --train_parts ln")
+    assert (spec.peft.merge, spec.peft.train_parts) == (False, ["ln"])
+    assert flags("--load_model model.pth --data_file chats.jsonl --peft lora --train_parts").peft.train_parts == []
+
+
 def test_binidx_is_inferred_from_the_prefix(workdir):
     assert flags("--load_model model.pth --data_file data/test-1").data.type == "binidx"
 
@@ -162,7 +170,15 @@ BAD_FLAGS = [
     ("--epoch_begin 3", "--epoch_begin: 3 is not supported: rwkvray resumes from its own checkpoints: rerun with the same --name instead"),
     ("--my_pile_stage 1", "--my_pile_stage: 1 is not supported: RWKV-LM pile pretraining stages are not supported"),
     ("--optim adam_mini", "--optim: 'adam_mini' is not supported: rwkvray uses AdamW"),
-    ("--train_parts time ln", "--train_parts: not supported: rwkvray trains only the PEFT parameters (drop the flag)"),
+    ("--peft lora --train_parts time ln",
+     "--train_parts: 'time' is not supported: RWKV-7 has no time_* parameters, so RWKV-PEFT trains nothing for it either (use ln, or drop it)"),
+    ("--peft lora --train_parts emb", "--train_parts: 'emb' is not supported: training the embedding is full fine-tuning of it (use ln)"),
+    ("--peft state --train_parts ln", "--train_parts: needs a weight method (method: lora, pissa or disha)"),
+    ("--peft adalora", "--peft: 'adalora' is not supported: use --peft lora (AdaLoRA is LoRA whose ranks are pruned during training)"),
+    ("--peft prefix", "--peft: 'prefix' is not supported: use --peft state (state tuning is RWKV's prefix tuning: a learned initial state)"),
+    ("--peft lora --merge 2", "--merge: must be 0 or 1 (got 2)"),
+    ("--peft bone --disha_config '{\"mode\":\"bat\",\"r\":8}' --merge 0",
+     "--merge: false writes a Hugging Face peft folder, and peft has no form of DiSHA bat (its MiSS bat cuts the weight differently): use merge: true, or mode: bone"),
     ("--dataload get", "--dataload: 'get' is not supported: rwkvray samples pieces of whole documents (like pad)"),
     ("--loss_mask se", "--loss_mask: 'se' is not supported (use none, pad or qa)"),
     ("--data_type sft", "--data_type: 'sft' is not supported (use jsonl or binidx)"),

@@ -186,7 +186,7 @@ def test_train_loop_writes_each_methods_file(tmp_path):
     spec = spec_from_dict({
         "model": {"path": model_path},
         "data": {"file": SAMPLE, "ctx_len": 32, "loss_mask": "qa"},
-        "peft": {"method": "disha", "combine_state": True, "disha": {"mode": "bone", "r": 32}},
+        "peft": {"method": "disha", "combine_state": True, "disha": {"mode": "bone", "r": 32}, "merge": False},
         "optim": {"lr_init": 0.01, "lr_final": 0.01},
         "trainer": {"epoch_count": 1, "epoch_steps": 2, "micro_bsz": 2, "precision": "fp32", "op": "torch",
                     "proj_dir": str(tmp_path / "run")},
@@ -197,6 +197,7 @@ def test_train_loop_writes_each_methods_file(tmp_path):
     assert disha["blocks.0.att.key.disha"].abs().max() > 0
     state = torch.load(tmp_path / "run" / "rwkv-0.pth", weights_only=True)
     assert sorted(state) == ["blocks.0.att.time_state"]
+    assert sorted(os.listdir(tmp_path / "run-adapter")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_every_method_is_found_by_name():
@@ -318,7 +319,7 @@ def test_pissa_merge_without_the_initial_a_b_is_a_clear_error(base_path, adapter
     with pytest.raises(UserError) as err:
         merge_adapter("pissa", base_path, trimmed, str(tmp_path / "merged.pth"))
     assert str(err.value) == (f"{trimmed}: missing key 'blocks.0.att.receptance.init_lora_A' "
-                              "(a PiSSA adapter must carry its initial A and B)")
+                              "(a PiSSA adapter needs its initial A and B: pass --init init_pissa.pth)")
 
 
 def test_merge_refuses_an_adapter_for_another_model_size(base_path, adapters, tmp_path):

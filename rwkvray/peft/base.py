@@ -4,12 +4,15 @@ A method adds its trainable tensors (an initial state, adapter matrices) to a fr
 saves them as its adapter file, and can fold them back into a full checkpoint.
 """
 import importlib
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
+from rwkvray.checkpoint import save_checkpoint
 from rwkvray.loss import masked_lm_loss
 from rwkvray.model import RNNState, RWKV7
+from rwkvray.peft.train_parts import NORM_PART, norm_tensors, train_norms
 
 METHODS: dict[str, type["PeftMethod"]] = {}
 
@@ -17,6 +20,8 @@ METHODS: dict[str, type["PeftMethod"]] = {}
 class PeftMethod(nn.Module):
     name: str = ""
     file_prefix: str = "rwkv"  # epoch files are <prefix>-<epoch>.pth, as RWKV-PEFT names them
+    trained_norms: Sequence[tuple[str, nn.Module]] = ()  # set by PeftModel on the weight method: --train_parts ln
+    save_dtype: torch.dtype = torch.float32  # set by PeftModel: adapter files are in the training precision
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -34,21 +39,32 @@ class PeftMethod(nn.Module):
         """Hook the method's tensors into the frozen base (or just move them to its device)."""
         raise NotImplementedError
 
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """A weight method's adapter tensors on the CPU, under RWKV-PEFT's key names, in the training precision."""
+        raise NotImplementedError
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """What the adapter file holds: the adapter, plus the LayerNorms that `--train_parts ln` trains."""
+        return {**self.adapter_tensors(), **norm_tensors(self.trained_norms, self.save_dtype)}
+
     def save(self, path: str) -> None:
         """Write the method's adapter file (atomically)."""
-        raise NotImplementedError
+        save_checkpoint(self.file_tensors(), path)
 
 
 class PeftModel(nn.Module):
     """Frozen base + one method (or state plus one weight method); forward returns the masked LM loss."""
 
-    def __init__(self, base: RWKV7, methods: list[PeftMethod]):
+    def __init__(self, base: RWKV7, methods: list[PeftMethod], train_parts: Sequence[str] = ()):
         super().__init__()
         base.requires_grad_(False)
         self.base = base
         self.methods = nn.ModuleList(methods)
         for method in methods:
             method.attach(base)
+            method.save_dtype = base.emb.weight.dtype
+        if NORM_PART in train_parts:  # the weight method comes first; its file carries the norms
+            methods[0].trained_norms = train_norms(base)
 
     def initial_state(self, batch: int) -> RNNState | None:
         dtype = self.base.emb.weight.dtype
@@ -72,7 +88,8 @@ def method_classes(peft_spec) -> list[type[PeftMethod]]:
 
 
 def build_peft(base: RWKV7, peft_spec) -> PeftModel:
-    model = PeftModel(base, [cls.from_spec(base, peft_spec) for cls in method_classes(peft_spec)])
+    methods = [cls.from_spec(base, peft_spec) for cls in method_classes(peft_spec)]
+    model = PeftModel(base, methods, peft_spec.train_parts)
     if peft_spec.quant != "none":  # after the methods: PiSSA must take its SVD of the full-precision weights
         from rwkvray.quant import quantize_frozen_linears
         quantize_frozen_linears(base, peft_spec.quant)

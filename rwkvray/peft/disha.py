@@ -7,13 +7,13 @@
 
 D starts at zero, so the model starts as the base. Written here rather than with peft's MiSS: MiSS matches bone
 but its bat indexes D by output block ([out/r, r, r]), so its adapters would not merge like RWKV-PEFT's.
-Adapter file: `blocks.{i}.{target}.disha` (fp32), RWKV-PEFT's name; the mode follows from the tensor's rank.
+Adapter file: `blocks.{i}.{target}.disha` in the training precision (RWKV-PEFT's name and dtype: its older bat merge
+script needs D in the base's dtype); the mode follows from the tensor's rank.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rwkvray.checkpoint import save_checkpoint
 from rwkvray.errors import UserError
 from rwkvray.model import RWKV7
 from rwkvray.peft.base import PeftMethod, replace_module, target_linears
@@ -72,8 +72,9 @@ class Disha(PeftMethod):
             replace_module(base, name, layer)
             self.layers.append((name, layer))
 
-    def save(self, path: str) -> None:
-        save_checkpoint({f"{name}.disha": layer.disha.detach().float().cpu() for name, layer in self.layers}, path)
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.disha": layer.disha.detach().to("cpu", self.save_dtype, copy=True)
+                for name, layer in self.layers}
 
 
 def check_disha(mode: str, r: int, linears: list[tuple[str, nn.Module]]) -> None:

@@ -1,12 +1,12 @@
 """LoRA on the block Linears, with the `peft` library's LoRA layers: W x + (alpha/r) B A dropout(x).
 
 The adapter file is RWKV-PEFT's: `blocks.{i}.{target}.lora_A` [r, in] and `.lora_B` [out, r], plus a scalar
-`lora_alpha` so that `rwkvray merge` needs no flag for it (RWKV-PEFT's own merge skips that key).
+`lora_alpha` so that `rwkvray merge` needs no flag for it (RWKV-PEFT's own merge skips that key). The file is in the
+training precision, as RWKV-PEFT's are; the optimizer keeps fp32 masters.
 """
 import torch
 import torch.nn as nn
 
-from rwkvray.checkpoint import save_checkpoint
 from rwkvray.errors import UserError
 from rwkvray.model import RWKV7
 from rwkvray.peft.base import PeftMethod, target_linears
@@ -34,13 +34,13 @@ def inject_lora(base: RWKV7, targets: list[str], **lora_config) -> list[tuple[st
     return layers
 
 
-def lora_tensors(layers: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
-    """A copy of every layer's A and B, fp32 on the CPU, under RWKV-PEFT's key names."""
+def lora_tensors(layers: list[tuple[str, nn.Module]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A copy of every layer's A and B on the CPU, in `dtype`, under RWKV-PEFT's key names."""
     tensors = {}
     for name, layer in layers:
         for part in ("lora_A", "lora_B"):
             weight = getattr(layer, part)[ADAPTER].weight
-            tensors[f"{name}.{part}"] = weight.detach().to("cpu", torch.float32, copy=True)
+            tensors[f"{name}.{part}"] = weight.detach().to("cpu", dtype, copy=True)
     return tensors
 
 
@@ -62,5 +62,5 @@ class LoRA(PeftMethod):
         self.layers = inject_lora(base, self.targets, r=self.r, lora_alpha=self.alpha,
                                   lora_dropout=self.dropout, init_lora_weights=True)
 
-    def save(self, path: str) -> None:
-        save_checkpoint({**lora_tensors(self.layers), "lora_alpha": torch.tensor(float(self.alpha))}, path)
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        return {**lora_tensors(self.layers, self.save_dtype), "lora_alpha": torch.tensor(float(self.alpha))}

@@ -3,12 +3,12 @@
 peft's LoRA layers do the work (init_lora_weights="pissa_niter_N": randomized SVD with N subspace iterations).
 As in RWKV-PEFT the scale is 1 (alpha = r) and there is no dropout. The frozen weight becomes W - B0 A0, so the
 adapter file carries what a merge needs: the trained `lora_A`/`lora_B` and the initial `init_lora_A`/`init_lora_B`
-(RWKV-PEFT's key names; it keeps the latter in a separate init_pissa.pth).
+(RWKV-PEFT's key names). RWKV-PEFT keeps the initial ones in a separate init_pissa.pth with `model.`-prefixed keys:
+the epoch files write that file too (rwkvray.peft.epoch_outputs), so its merge scripts run on ours.
 """
 import torch
 import torch.nn as nn
 
-from rwkvray.checkpoint import save_checkpoint
 from rwkvray.errors import UserError
 from rwkvray.model import RWKV7
 from rwkvray.peft.base import PeftMethod, target_linears
@@ -42,10 +42,11 @@ class PiSSA(PeftMethod):
             torch.manual_seed(SVD_SEED)
             self.layers = inject_lora(base, self.targets, r=self.r, lora_alpha=self.r, lora_dropout=0.0,
                                       init_lora_weights=f"pissa_niter_{self.svd_niter}")
-        self.init_tensors = {_init_key(key): value for key, value in lora_tensors(self.layers).items()}
+        self.init_tensors = {_init_key(key): value for key, value in lora_tensors(self.layers, torch.float32).items()}
 
-    def save(self, path: str) -> None:
-        save_checkpoint({**lora_tensors(self.layers), **self.init_tensors}, path)
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        init = {key: value.to(self.save_dtype) for key, value in self.init_tensors.items()}
+        return {**lora_tensors(self.layers, self.save_dtype), **init}
 
 
 def _init_key(key: str) -> str:

@@ -2,6 +2,7 @@
 import torch
 import torch.nn as nn
 
+from rwkvray.checkpoint import TIME_STATE_KEY
 from rwkvray.model import RNNState, RWKV7
 from rwkvray.peft.base import PeftMethod
 from rwkvray.state_file import load_state, save_state
@@ -26,6 +27,11 @@ class StateTuning(PeftMethod):
 
     def initial_state(self, model: RWKV7, batch: int, dtype: torch.dtype) -> RNNState:
         return RNNState.from_time_state(self.time_state, batch, model.dims.n_embd, dtype)
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """The state file's tensors: blocks.{i}.att.time_state, fp32."""
+        layers = self.time_state.detach().float().cpu()
+        return {TIME_STATE_KEY.format(i): layer.clone() for i, layer in enumerate(layers)}
 
     def save(self, path: str) -> None:
         save_state(self.time_state.detach().float().cpu(), path)
