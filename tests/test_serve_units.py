@@ -42,8 +42,9 @@ def model():
     return serve_model()
 
 
-async def collect(engine, prompt: str, time_state, params: SamplingParams):
-    chunks = [chunk async for chunk in engine.generate(get_tokenizer().encode(prompt), time_state, params)]
+async def collect(engine, prompt: str, time_state, params: SamplingParams, state_key=None):
+    tokens = get_tokenizer().encode(prompt)
+    chunks = [chunk async for chunk in engine.generate(tokens, time_state, params, state_key)]
     return "".join(chunk.text for chunk in chunks), chunks[-1]
 
 
@@ -81,9 +82,73 @@ def test_mixed_states_decode_in_one_batch_and_match_single_generation(model):
     engine, results = asyncio.run(run())
     assert [text for text, _ in results] == expected
     assert len(set(expected[4:])) == 4  # the states really differ, so any cross-talk would show
-    assert engine.max_rows_seen == len(cases)
-    assert engine.steps <= 8  # one batched step per token for all rows, not one per row
-    assert engine.mixed_steps == engine.steps
+    stats = engine.metrics.snapshot()
+    assert stats["max_batch_rows"] == len(cases) and stats["max_states_in_step"] == len(states)
+    assert stats["steps"] <= 9  # one batched step per token for all rows (+1: the longer prompts' chunk)
+    assert stats["generated_tokens"] == 8 * len(cases)
+
+
+LONG_PROMPTS = ["Once upon a time, in a small village by the sea, there lived an old lighthouse keeper.",
+                "The quick brown fox jumps over the lazy dog, again and again, until the dog wakes.",
+                "Q: What is two plus two?\nA:"]
+
+
+def test_batched_chunked_prefill_equals_single_row_prefill_across_states(model):
+    states = [random_state(1), None, random_state(2), random_state(3)]
+    cases = [(prompt, state) for prompt in LONG_PROMPTS for state in states]
+    expected = [reference_text(model, prompt, state, 6) for prompt, state in cases]
+
+    async def run():
+        engine = BatchEngine(model, get_tokenizer(), max_batch_size=len(cases), batch_wait_s=0.02,
+                             prefill_chunk=8)
+        results = await asyncio.gather(*(collect(engine, p, s, SamplingParams(6)) for p, s in cases))
+        return engine, results
+
+    engine, results = asyncio.run(run())
+    assert [text for text, _ in results] == expected
+    stats = engine.metrics.snapshot()
+    assert stats["prefill_tokens"] == sum(len(get_tokenizer().encode(p)) for p, _ in cases)
+    assert stats["max_states_in_step"] == len(states) and stats["max_batch_rows"] == len(cases)
+
+
+def test_prefix_cache_gives_the_uncached_output_and_evicts_least_recent(model):
+    tokenizer = get_tokenizer()
+    prompt = tokenizer.decode(tokenizer.encode(LONG_PROMPTS[0])[:13])
+    assert len(tokenizer.encode(prompt)) == 13
+    entry_bytes = 2 * (2 * 64 * 4) + 2 * 64 * 64 * 4 + SERVE_DIMS.vocab_size * 4  # shifts, wkv, logits
+
+    async def run():
+        engine = BatchEngine(model, tokenizer, max_batch_size=2, prefill_chunk=4, prefix_cache_bytes=2 * entry_bytes)
+        texts = [(await collect(engine, prompt, random_state(1), SamplingParams(6), "alpha@1"))[0]]
+        lengths = [length for _, length, _ in engine.cache.entries]
+        texts.append((await collect(engine, prompt, random_state(1), SamplingParams(6), "alpha@1"))[0])
+        texts.append((await collect(engine, prompt, random_state(2), SamplingParams(6), "beta@1"))[0])
+        return engine, texts, lengths
+
+    engine, texts, lengths = asyncio.run(run())
+    assert lengths == [8, 12]  # blocks at 4, 8, 12 were cached; the least recently used (4) made room
+    assert engine.cache.bytes == 2 * entry_bytes
+    assert texts == [reference_text(model, prompt, random_state(1), 6)] * 2 + \
+        [reference_text(model, prompt, random_state(2), 6)]
+    stats = engine.metrics.snapshot()
+    assert stats["prefix_cache"] == {"hits": 1, "misses": 2, "bytes": 2 * entry_bytes}
+    assert stats["prefill_tokens"] == 13 + 1 + 13  # the hit prefilled only the token after the 12 cached
+
+
+def test_a_prompt_that_is_a_cached_prefix_needs_no_forward(model):
+    tokenizer = get_tokenizer()
+    prompt = tokenizer.decode(tokenizer.encode(LONG_PROMPTS[1])[:8])
+    assert len(tokenizer.encode(prompt)) == 8
+
+    async def run():
+        engine = BatchEngine(model, tokenizer, max_batch_size=2, prefill_chunk=4, prefix_cache_bytes=2**24)
+        first = await collect(engine, prompt, None, SamplingParams(5), "base")
+        second = await collect(engine, prompt, None, SamplingParams(5), "base")
+        return engine, first[0], second[0]
+
+    engine, first, second = asyncio.run(run())
+    assert first == second == reference_text(model, prompt, None, 5)
+    assert engine.metrics.snapshot()["prefill_tokens"] == 8
 
 
 def test_rows_join_a_running_batch_and_never_write_the_mounted_state(model):
@@ -93,7 +158,7 @@ def test_rows_join_a_running_batch_and_never_write_the_mounted_state(model):
     async def run():
         engine = BatchEngine(model, get_tokenizer(), max_batch_size=8)
         first = asyncio.ensure_future(collect(engine, PROMPTS[0], mounted, SamplingParams(16)))
-        while engine.steps < 4:
+        while engine.metrics.steps < 4:
             await asyncio.sleep(0.001)
         later = await asyncio.gather(collect(engine, PROMPTS[1], mounted, SamplingParams(6)),
                                      collect(engine, PROMPTS[2], None, SamplingParams(6)))
@@ -113,7 +178,7 @@ def test_batch_size_is_capped_and_extra_requests_wait(model):
 
     engine, results = asyncio.run(run())
     assert [text for text, _ in results] == [reference_text(model, p, None, 4) for p in PROMPTS]
-    assert engine.max_rows_seen == 2
+    assert engine.metrics.snapshot()["max_batch_rows"] == 2
 
 
 def test_stop_string_ends_the_row_and_is_not_returned(model):
@@ -153,7 +218,7 @@ def test_a_client_leaving_early_frees_its_row_without_disturbing_others(model):
 
     engine, text = asyncio.run(run())
     assert text == reference_text(model, PROMPTS[1], random_state(5), 10)
-    assert engine.active == [] and engine.steps < 40
+    assert engine.active == [] and engine.metrics.snapshot()["steps"] < 40
 
 
 def test_sampled_rows_do_not_change_greedy_rows(model):
