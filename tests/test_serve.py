@@ -195,7 +195,8 @@ def test_bad_uploads_are_refused_and_a_good_multipart_upload_serves(server):
 
         files = {"file": ("delta.pth", state_bytes(random_state(4)), "application/octet-stream")}
         mounted = client.post("/v1/states", data={"name": "delta"}, files=files)
-        assert mounted.json() == {"name": "delta", "source": "upload", "shape": [2, 1, 64, 64]}
+        assert mounted.json() == {"name": "delta", "source": "upload", "shape": [2, 1, 64, 64],
+                                  "warning": "no state card: the base model it was tuned on is unknown"}
         text = completion(client, "delta", PROMPTS[1], max_tokens=6, temperature=0).json()["choices"][0]["text"]
         assert text == reference_text(server.model, PROMPTS[1], random_state(4), 6)
 

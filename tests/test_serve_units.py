@@ -1,6 +1,7 @@
 """The Serve endpoint's parts without Ray: batching engine, state registry, request parsing."""
 import asyncio
 import io
+import json
 import os
 
 import pytest
@@ -250,6 +251,9 @@ def test_a_seeded_row_samples_the_same_text_alone_and_in_a_batch(model):
 # ---------------------------------------------------------------- state registry
 
 
+NO_CARD_WARNING = "no state card: the base model it was tuned on is unknown"
+
+
 @pytest.fixture
 def store(tmp_path):
     states_dir = tmp_path / "states"
@@ -277,7 +281,8 @@ def state_bytes(time_state: torch.Tensor) -> bytes:
 def test_known_state_mounts_on_first_use_and_unmount_blocks_it(store):
     mid = store.resolve("alpha")
     assert torch.equal(store.fetch(mid), random_state(1))
-    assert store.listing()["mounted"] == [{"name": "alpha", "source": "states_dir", "shape": [2, 1, 64, 64]}]
+    assert store.listing()["mounted"] == [{"name": "alpha", "source": "states_dir", "shape": [2, 1, 64, 64],
+                                           "warning": NO_CARD_WARNING}]
     assert store.unmount("alpha") == {"name": "alpha", "mounted": False}
     assert error_of(store.resolve, "alpha").status == 404
     assert error_of(store.fetch, mid).status == 404  # a request that raced the unmount gets 404, not old data
@@ -342,6 +347,49 @@ def test_wrong_shape_state_names_both_shapes(store):
 def test_oversized_upload_is_413_and_base_name_is_reserved(store):
     assert error_of(store.upload, "big", b"x" * (2**20 + 1)).status == 413
     assert error_of(store.upload, "base", state_bytes(random_state(1))).code == "invalid_state_name"
+
+
+BASE_CARD = {"sha256": "ab" * 32, "file": "base.pth", "version": "x070", "n_layer": 2, "n_embd": 64,
+             "head_size": 64, "vocab_size": 65536}
+FOREIGN_CARD = {"base": {**BASE_CARD, "sha256": "cd" * 32, "file": "other.pth"}, "method": "state"}
+
+
+def test_an_upload_is_written_into_states_dir_and_survives_a_restart(store):
+    store.upload("gamma", state_bytes(random_state(7)), {"base": BASE_CARD, "method": "state"})
+    assert not [f for f in os.listdir(store.states_dir) if f.endswith(".tmp")]
+    restarted = StateStore(store.states_dir, SERVE_DIMS, "base", max_upload_bytes=2**20, base=BASE_CARD)
+    assert restarted.servable_names() == ["alpha", "gamma"]
+    assert torch.equal(restarted.fetch(restarted.resolve("gamma")), random_state(7))
+    assert "warning" not in restarted.listing()["mounted"][0]  # its card came along
+
+
+def test_a_state_tuned_on_another_base_is_409_unless_forced(tmp_path):
+    states_dir = tmp_path / "states"
+    states_dir.mkdir()
+    save_state(random_state(1), str(states_dir / "foreign.pth"))
+    (states_dir / "foreign.json").write_text(json.dumps(FOREIGN_CARD))
+    store = StateStore(str(states_dir), SERVE_DIMS, "base", max_upload_bytes=2**20, base=BASE_CARD)
+    for call in (lambda: store.mount("foreign"), lambda: store.resolve("foreign"),
+                 lambda: store.upload("other", state_bytes(random_state(2)), FOREIGN_CARD)):
+        err = error_of(call)
+        assert (err.status, err.code) == (409, "base_mismatch")
+    assert err.message == ("state 'other' was tuned on base 'other.pth' (sha256 cdcdcdcdcdcdcdcd…), but this server "
+                           "loaded 'base.pth' (sha256 abababababababab…); a state works only on the model it was "
+                           "tuned on (mount it with \"force\": true to serve it anyway)")
+    assert not (states_dir / "other.pth").exists()
+    forced = store.mount("foreign", force=True)
+    assert forced["warning"].startswith("mounted with force: state 'foreign' was tuned on base 'other.pth'")
+
+
+def test_blend_is_the_weighted_sum_and_its_card_records_the_recipe(store):
+    store.upload("beta", state_bytes(random_state(2)))
+    assert store.blend("same", {"alpha": 1.0})["source"] == "blend"
+    assert torch.equal(store.fetch(store.resolve("same")), random_state(1))
+    store.blend("mix", {"alpha": 0.7, "beta": -0.3})
+    assert torch.allclose(store.fetch(store.resolve("mix")), 0.7 * random_state(1) - 0.3 * random_state(2))
+    with open(os.path.join(store.states_dir, "mix.json")) as f:
+        assert json.load(f)["blend"] == {"alpha": 0.7, "beta": -0.3}
+    assert error_of(store.blend, "bad", {"nope": 1.0}).status == 404
 
 
 # ---------------------------------------------------------------- request parsing
