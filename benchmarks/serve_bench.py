@@ -103,6 +103,27 @@ def start_local_app(args, folder: str) -> tuple[str, str, list[str]]:
     return f"http://127.0.0.1:{port}", config.model_name, names
 
 
+def model_step_ceiling(model_path: str, batches: list[int]) -> dict:
+    """Tokens/s of bare `model.step` at each batch size, one torch thread (as a 1-CPU replica runs): the most
+    the engine could reach on this machine."""
+    from rwkvray.model import RNNState, load_model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, _ = load_model(model_path)
+    out = {}
+    with torch.no_grad():
+        for batch in batches:
+            state, tokens = RNNState.zeros(model.dims, batch), torch.zeros(batch, dtype=torch.long)
+            model.step(tokens, state)
+            start = time.perf_counter()
+            for _ in range(5):
+                model.step(tokens, state)
+            out[str(batch)] = {"step_ms": (time.perf_counter() - start) / 5 * 1000,
+                               "tokens_per_s": 5 * batch / (time.perf_counter() - start)}
+    torch.set_num_threads(threads)
+    return out
+
+
 def long_text(tokens: int, seed: int) -> str:
     """About `tokens` tokens of varied prose (different seeds give different texts from the first token)."""
     from rwkvray.tokenizer import get_tokenizer
@@ -137,16 +158,23 @@ async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, max_tok
     return {"ttft_s": first, "total_s": time.perf_counter() - start, "tokens": tokens}
 
 
+async def complete_one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> int:
+    """One plain (not streamed) greedy completion; the tokens generated."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    response = await client.post("/v1/completions", json=body)
+    response.raise_for_status()
+    return response.json()["usage"]["completion_tokens"]
+
+
 async def batch_scaling(client, names: list[str], batches: list[int], max_tokens: int) -> dict:
+    """Plain requests, as the issue's baseline was measured: no per-token streaming hops between processes."""
     out = {}
     for batch in batches:
         start = time.perf_counter()
-        results = await asyncio.gather(*(stream_one(client, names[i % len(names)], SHORT_PROMPT, max_tokens)
-                                         for i in range(batch)))
+        tokens = sum(await asyncio.gather(*(complete_one(client, names[i % len(names)], SHORT_PROMPT, max_tokens)
+                                            for i in range(batch))))
         elapsed = time.perf_counter() - start
-        tokens = sum(r["tokens"] for r in results)
-        out[str(batch)] = {"requests": batch, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
-                           "mean_ttft_s": statistics.mean(r["ttft_s"] for r in results)}
+        out[str(batch)] = {"requests": batch, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
     if "1" in out and "8" in out:
         out["eight_over_one"] = out["8"]["tokens_per_s"] / out["1"]["tokens_per_s"]
     return out
@@ -215,6 +243,9 @@ def print_table(result: dict) -> None:
         if isinstance(row, dict):
             rows.append((f"{key} concurrent request(s), 8 states",
                          f"{row['tokens_per_s']:.1f} tok/s total ({row['tokens']} tok in {row['seconds']:.1f} s)"))
+    for key, row in result.get("model_step_ceiling", {}).items():
+        rows.append((f"ceiling: bare model.step, batch {key}, 1 thread",
+                     f"{row['tokens_per_s']:.1f} tok/s ({row['step_ms']:.0f} ms/step)"))
     if "eight_over_one" in result["batch_scaling"]:
         rows.append(("8 concurrent / 1 (goal >= 6x)", f"{result['batch_scaling']['eight_over_one']:.2f}x"))
     stall = result["long_prompt_stall"]
@@ -243,6 +274,8 @@ def main() -> None:
             url, base, names = start_local_app(args, folder)
             try:
                 result = asyncio.run(run_bench(url, base, names, args))
+                batches = [int(b) for b in args.batches.split(",")]
+                result["model_step_ceiling"] = model_step_ceiling(os.path.join(folder, "bench-model.pth"), batches)
             finally:
                 import ray
                 from ray import serve

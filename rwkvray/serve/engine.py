@@ -84,6 +84,13 @@ class SlotPool:
                           for name in ("att_shift", "wkv", "ffn_shift")))
 
 
+def merge(chunk: Chunk, later):
+    """Two consecutive chunks of a row as one; an error after a chunk wins (the text is lost with the stream)."""
+    if isinstance(later, BaseException):
+        return later
+    return Chunk(chunk.text + later.text, later.finish_reason, later.prompt_tokens, later.completion_tokens)
+
+
 class BatchEngine:
     """Owns the rows of one replica; `generate` is the only entry point."""
 
@@ -117,6 +124,8 @@ class BatchEngine:
         try:
             while True:
                 item = await row.out.get()
+                while isinstance(item, Chunk) and not item.finish_reason and not row.out.empty():
+                    item = merge(item, row.out.get_nowait())  # a slow reader gets fewer, longer chunks
                 if isinstance(item, BaseException):
                     raise item
                 yield item
