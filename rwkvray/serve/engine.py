@@ -117,6 +117,8 @@ class BatchEngine:
                        state_key: Optional[str] = None) -> AsyncIterator[Chunk]:
         """Stream one request's chunks. time_state None starts from zeros; the tensor itself is never written.
         `state_key` names time_state for the prefix cache (None: this request neither reads nor fills it)."""
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
         row = Row(prompt, time_state, params, self.tokenizer, state_key, self.device)
         self.waiting.append(row)
         self._ensure_loop()
