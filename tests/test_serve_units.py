@@ -67,6 +67,32 @@ def test_stop_scanner_releases_a_false_alarm():
     assert scanner.flush() == "\n"
 
 
+# ---------------------------------------------------------------- sampling
+
+
+def test_nucleus_matches_a_full_sort_also_when_the_first_candidates_hold_too_little():
+    from rwkvray.generate import nucleus
+    generator = torch.Generator().manual_seed(0)
+    peaked = torch.softmax(torch.randn(3, 65536, generator=generator) * 8, -1)
+    flat = torch.softmax(torch.randn(2, 65536, generator=generator) * 0.1, -1)  # needs far more than 64 candidates
+    probs, top_p = torch.cat([peaked, flat]), torch.tensor([0.3, 0.9, 1.0, 0.5, 0.95])
+    ordered, order = probs.sort(-1, descending=True)
+    outside = ordered.cumsum(-1) - ordered > top_p.unsqueeze(-1)
+    expected = torch.zeros_like(probs).scatter(-1, order, ordered.masked_fill(outside, 0.0))
+    assert torch.equal(nucleus(probs, top_p) > 0, expected > 0)
+    assert torch.equal(nucleus(probs, top_p)[2], probs[2])  # top_p 1 keeps everything
+
+
+def test_the_exponential_race_draws_tokens_with_their_probabilities():
+    from rwkvray.generate import sample
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(20000, 4)
+    generator = torch.Generator().manual_seed(0)
+    tokens = sample(logits, torch.ones(20000), torch.ones(20000), generator)
+    assert torch.allclose(torch.bincount(tokens, minlength=4) / 20000, probs, atol=0.01)
+    assert torch.equal(sample(logits[:2], torch.zeros(2), torch.ones(2)), torch.zeros(2, dtype=torch.long))
+
+
 # ---------------------------------------------------------------- engine
 
 
