@@ -10,7 +10,8 @@ import torch
 from rwkvray.dims import ModelDims
 from rwkvray.generate import generate_tokens
 from rwkvray.serve.api import ApiError, CompletionRequest, multipart_fields, parse_request
-from rwkvray.serve.engine import BatchEngine, SamplingParams, StopScanner
+from rwkvray.serve.engine import BatchEngine, SamplingParams
+from rwkvray.serve.rows import StopScanner
 from rwkvray.serve.states import StateStore, state_path
 from rwkvray.state_file import save_state
 from rwkvray.tokenizer import get_tokenizer

@@ -37,6 +37,7 @@ from rwkvray.model import load_model, pick_device
 from rwkvray.serve.api import (ApiError, ChatCompletionRequest, CompletionRequest, OpenAIRequest, bad_request,
                                chat_body, completion_body, decode_base64, json_object, model_card, multipart_fields,
                                new_id, parse_request, read_body, read_json, sse_events, strip_reply_space, usage)
+from rwkvray.serve.bodies import check_mount_options, multipart_payload, refuse_unknown_keys
 from rwkvray.serve.engine import BatchEngine, Chunk, SamplingParams
 from rwkvray.serve.metrics import EngineMetrics, mounted_states_gauge
 from rwkvray.serve.states import StateStore, check_name, upload_too_large
@@ -46,7 +47,6 @@ from rwkvray.tokenizer import get_tokenizer
 APP_NAME = "rwkvray"
 BASE64_OVERHEAD = 4 / 3
 ENGINE_QUEUE_FACTOR = 2  # requests a model replica accepts per batch slot (the extra ones wait to join)
-STATES_BODY_KEYS = ("name", "data", "card", "force", "blend")
 BASE_STATE_KEY = "@base"  # the prefix cache's name for the base model's own state (not a state name)
 
 fastapi_app = FastAPI(title="rwkvray", docs_url=None, redoc_url=None)
@@ -66,53 +66,6 @@ async def http_error_response(request: Request, err: StarletteHTTPException) -> 
 async def server_error_response(request: Request, err: Exception) -> JSONResponse:
     return JSONResponse(ApiError(500, f"internal error: {type(err).__name__}", "server_error").body(),
                         status_code=500)
-
-
-# ---------------------------------------------------------------- /v1/states bodies
-# (above the ingress class: serve.ingress pickles the FastAPI app when the class is defined)
-
-
-def refuse_unknown_keys(payload: dict) -> None:
-    unknown = sorted(set(payload) - set(STATES_BODY_KEYS))
-    if unknown:
-        raise bad_request(f"unknown key '{unknown[0]}' in the /v1/states body (allowed: "
-                          f"{', '.join(STATES_BODY_KEYS)})", unknown[0])
-
-
-def multipart_payload(fields: dict[str, bytes]) -> dict:
-    """A multipart upload as the JSON body's keys: `file` is `data`, `card` is JSON text, `force` true/false."""
-    known = {"name", "file", "card", "force"}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise bad_request(f"unknown field '{unknown[0]}' in the multipart upload (allowed: file, name, card, force)",
-                          unknown[0])
-    if "file" not in fields:
-        raise bad_request("multipart upload needs a `file` field", "file")
-    payload = {"name": fields.get("name", b"").decode("utf-8", "replace"), "data": fields["file"]}
-    if "card" in fields:
-        payload["card"] = json_object(fields["card"])
-    if "force" in fields:
-        payload["force"] = {"true": True, "false": False}.get(fields["force"].decode("latin-1").strip().lower(),
-                                                              fields["force"])
-    return payload
-
-
-def check_mount_options(data, card, force, blend) -> None:
-    if not isinstance(force, bool):
-        raise bad_request("`force` must be true or false", "force")
-    if card is not None and (data is None or not isinstance(card, dict)):
-        raise bad_request("`card` must be a JSON object, sent with `data`", "card")
-    if blend is None:
-        return
-    if data is not None or force:
-        raise bad_request("`blend` mounts a mix of mounted states: send it without `data` and `force`", "blend")
-    if not isinstance(blend, dict) or not blend:
-        raise bad_request("`blend` must be an object of state names and weights, like {\"a\": 0.7, \"b\": 0.3}",
-                          "blend")
-    for parent, weight in blend.items():
-        check_name(parent, "blend")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise bad_request(f"blend weight of '{parent}' must be a number", "blend")
 
 
 # ---------------------------------------------------------------- deployments

@@ -29,7 +29,7 @@ from rwkvray.generate import sample
 from rwkvray.model import RNNState, RWKV7
 from rwkvray.serve.metrics import EngineMetrics
 from rwkvray.serve.prefix_cache import CachedPrefix, PrefixCache, prefix_digests
-from rwkvray.serve.rows import EOS_ID, Chunk, Row, SamplingParams, StopScanner  # noqa: F401 (the engine's API)
+from rwkvray.serve.rows import Chunk, Row, SamplingParams
 from rwkvray.tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 256
