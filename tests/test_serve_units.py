@@ -486,3 +486,18 @@ def test_releasing_a_cached_state_twice_is_harmless():
     loaded.__del__()  # what Serve's LRU does on eviction; the garbage collector calls it again later
     loaded.__del__()
     assert loaded.time_state is None
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"op": "cuda", "use_gpu": False}, "serve.op: cuda needs a GPU (set use_gpu: true or auto, or op: torch)"),
+    ({"op": "cud"}, "serve.op: must be one of auto, torch, cuda, fla (got 'cud')"),
+    ({"prefill_chunk": 0}, "serve.prefill_chunk: must be ≥ 1"),
+])
+def test_engine_settings_are_checked_in_the_spec(tmp_path, fields, message):
+    from rwkvray.config import spec_from_dict
+    from rwkvray.errors import UserError
+    model = tmp_path / "m.pth"
+    model.write_bytes(b"x")
+    with pytest.raises(UserError) as caught:
+        spec_from_dict({"serve": {"model": str(model), **fields}}, "spec.yaml")
+    assert str(caught.value) == f"spec.yaml: {message}"
