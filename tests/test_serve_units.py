@@ -404,6 +404,8 @@ def test_a_state_tuned_on_another_base_is_409_unless_forced(tmp_path):
                            "loaded 'base.pth' (sha256 abababababababab…); a state works only on the model it was "
                            "tuned on (mount it with \"force\": true to serve it anyway)")
     assert not (states_dir / "other.pth").exists()
+    assert store.upload("vague", state_bytes(random_state(2)), {"method": "state"})["warning"] == \
+        "the state card names no base model (base.sha256)"
     forced = store.mount("foreign", force=True)
     assert forced["warning"].startswith("mounted with force: state 'foreign' was tuned on base 'other.pth'")
 

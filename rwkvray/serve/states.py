@@ -205,7 +205,9 @@ class StateStore:
         if card is None:
             return "no state card: the base model it was tuned on is unknown"
         theirs = card.get("base") if isinstance(card.get("base"), dict) else {}
-        if self.base is None or theirs.get("sha256") == self.base["sha256"]:
+        if "sha256" not in theirs:
+            return "the state card names no base model (base.sha256)"
+        if self.base is None or theirs["sha256"] == self.base["sha256"]:
             return None
         mismatch = (f"state '{name}' was tuned on base {describe_base(theirs)}, but this server loaded "
                     f"{describe_base(self.base)}")
