@@ -1,11 +1,18 @@
-"""Benchmark the Serve endpoint from a client on loopback: state mount latency, and decode throughput of a
-batch of 8 requests on ONE state versus 8 requests on 8 DIFFERENT states (mixed-state batching should make
-the second nearly as fast as the first).
+"""Benchmark the Serve endpoint from a client on loopback, through the real HTTP API.
 
-    python benchmarks/serve_bench.py                      # starts its own local Serve app on a tiny model
+Workloads (every reply is `--max-tokens` long, greedy):
+- batch scaling: 1, 8 and 32 concurrent requests, spread over 8 different states; total tokens/s;
+- long-prompt stall: one request with a `--long-tokens` prompt, then 4 short requests `--stall-delay` s later;
+  the short requests' time to first token against the long request's total time;
+- prefix reuse: two requests sharing a `--long-tokens` prefix, one after the other; the second's time to
+  first token against the first's;
+- mounting: POST /v1/states by name, a base64 upload, and the first request after a mount.
+
+    python benchmarks/serve_bench.py                                  # tiny random model, local Serve app
+    python benchmarks/serve_bench.py --n-layer 12 --n-embd 768 --json benchmarks/results/serve-0.19b-cpu.json
     python benchmarks/serve_bench.py --url http://host:8000 --model BASE --states s1,...,s8 [--api-key KEY]
 
-Prints a table, then the same figures as one JSON line.
+Prints a table, then writes the figures as JSON (default: benchmarks/results/serve-<date>.json).
 """
 import argparse
 import asyncio
@@ -16,26 +23,38 @@ import os
 import platform
 import socket
 import statistics
+import sys
 import tempfile
 import time
 
 import httpx
 import torch
 
-PROMPT = "User: Tell me a long story about a lighthouse keeper.\n\nAssistant:"
-BATCH = 8
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from rwkvray.atomic import write_bytes_atomically  # noqa: E402
+
+SHORT_PROMPT = "User: Tell me a long story about a lighthouse keeper.\n\nAssistant:"
+STATES = 8
+BATCHES = (1, 8, 32)
+STALL_SHORT_REQUESTS = 4
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running server; without it, a local Serve app is started")
     parser.add_argument("--model", help="with --url: the base model's name")
-    parser.add_argument("--states", help=f"with --url: {BATCH} comma-separated state names known to the server")
+    parser.add_argument("--states", help=f"with --url: {STATES} comma-separated state names known to the server")
     parser.add_argument("--api-key", default=os.environ.get("RWKVRAY_API_KEY"))
     parser.add_argument("--n-layer", type=int, default=4, help="local app: layers of the random model")
     parser.add_argument("--n-embd", type=int, default=256, help="local app: width of the random model")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration (best is kept)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="reply length of every request")
+    parser.add_argument("--long-tokens", type=int, default=1500, help="prompt length of the long requests")
+    parser.add_argument("--stall-delay", type=float, default=0.3, help="seconds between the long and short requests")
+    parser.add_argument("--prefill-chunk", type=int, default=256, help="local app: serve.prefill_chunk")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="concurrency levels to measure")
+    parser.add_argument("--json", help="where to write the results (default: benchmarks/results/serve-<date>.json)")
     return parser.parse_args()
 
 
@@ -54,8 +73,8 @@ def random_checkpoint(n_layer: int, n_embd: int, path: str) -> None:
     save_checkpoint(weights, path)
 
 
-def start_local_app(args, folder: str) -> tuple[str, str, list[str], str]:
-    """(url, base name, state names, api key) of a fresh local Ray Serve app."""
+def start_local_app(args, folder: str) -> tuple[str, str, list[str]]:
+    """(url, base name, state names) of a fresh local Ray Serve app."""
     import ray
     from ray import serve
     from rwkvray.config import spec_from_dict
@@ -65,108 +84,178 @@ def start_local_app(args, folder: str) -> tuple[str, str, list[str], str]:
     model_path = os.path.join(folder, "bench-model.pth")
     random_checkpoint(args.n_layer, args.n_embd, model_path)
     states_dir = os.path.join(folder, "states")
-    names = [f"state{i}" for i in range(BATCH)]
+    names = [f"state{i}" for i in range(STATES)]
     for i, name in enumerate(names):
         generator = torch.Generator().manual_seed(100 + i)
         save_state(torch.randn(args.n_layer, args.n_embd // 64, 64, 64, generator=generator),
                    os.path.join(states_dir, f"{name}.pth"))
-    config = spec_from_dict({"serve": {"model": model_path, "states_dir": states_dir, "max_batch_size": BATCH,
-                                       "max_mounted_states": BATCH + 2, "max_tokens_cap": args.max_tokens,
-                                       "default_max_tokens": args.max_tokens}}, "serve_bench").serve
+    config = spec_from_dict({"serve": {
+        "model": model_path, "states_dir": states_dir, "max_batch_size": max(BATCHES),
+        "max_mounted_states": STATES + 2, "max_tokens_cap": args.max_tokens, "default_max_tokens": args.max_tokens,
+        "max_prompt_tokens": args.long_tokens + 256, "prefill_chunk": args.prefill_chunk, "batch_wait_ms": 5.0,
+        "use_gpu": "auto"}}, "serve_bench").serve
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
-    return f"http://127.0.0.1:{port}", config.model_name, names, None
+    return f"http://127.0.0.1:{port}", config.model_name, names
 
 
-async def engine_stats() -> dict:
-    """Counters of the (single) model replica, to show that the 8-state batch really decoded mixed."""
-    from ray import serve
-    from rwkvray.serve.app import APP_NAME
-    return await serve.get_deployment_handle("StateModel", APP_NAME).stats.remote()
+def model_step_ceiling(model_path: str, batches: list[int]) -> dict:
+    """Tokens/s of bare `model.step` at each batch size, one torch thread (as a 1-CPU replica runs): the most
+    the engine could reach on this machine."""
+    from rwkvray.model import RNNState, load_model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, _ = load_model(model_path)
+    out = {}
+    with torch.no_grad():
+        for batch in batches:
+            state, tokens = RNNState.zeros(model.dims, batch), torch.zeros(batch, dtype=torch.long)
+            model.step(tokens, state)
+            start = time.perf_counter()
+            for _ in range(5):
+                model.step(tokens, state)
+            out[str(batch)] = {"step_ms": (time.perf_counter() - start) / 5 * 1000,
+                               "tokens_per_s": 5 * batch / (time.perf_counter() - start)}
+    torch.set_num_threads(threads)
+    return out
+
+
+def long_text(tokens: int, seed: int) -> str:
+    """About `tokens` tokens of varied prose (different seeds give different texts from the first token)."""
+    from rwkvray.tokenizer import get_tokenizer
+    words = ["keeper", "lamp", "storm", "harbour", "gull", "rope", "tide", "night", "stone", "ship", "light",
+             "wind", "salt", "bell", "rock", "wave"]
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(words), (tokens * 2,), generator=generator).tolist()
+    text = f"Story {seed}: " + " ".join(words[i] for i in picks)
+    tokenizer = get_tokenizer()
+    return tokenizer.decode(tokenizer.encode(text)[:tokens - 2]) + "\n\n"
 
 
 # ---------------------------------------------------------------- measurements
 
 
-def state_upload_body(shape: list[int]) -> dict:
-    buffer = io.BytesIO()
-    torch.save({f"blocks.{i}.att.time_state": torch.zeros(shape[1:]) for i in range(shape[0])}, buffer)
-    return {"name": "bench-upload", "data": base64.b64encode(buffer.getvalue()).decode()}
-
-
-async def timed(call) -> tuple[float, httpx.Response]:
+async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed greedy completion: seconds to the first token and to the end, tokens generated."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    response = await call
+    first, tokens = None, 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: "):])
+            if first is None and event["choices"]:
+                first = time.perf_counter() - start
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return {"ttft_s": first, "total_s": time.perf_counter() - start, "tokens": tokens}
+
+
+async def complete_one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> int:
+    """One plain (not streamed) greedy completion; the tokens generated."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    response = await client.post("/v1/completions", json=body)
     response.raise_for_status()
-    return (time.perf_counter() - start) * 1000, response
+    return response.json()["usage"]["completion_tokens"]
+
+
+async def batch_scaling(client, names: list[str], batches: list[int], max_tokens: int) -> dict:
+    """Plain requests, as the issue's baseline was measured: no per-token streaming hops between processes."""
+    out = {}
+    for batch in batches:
+        start = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(complete_one(client, names[i % len(names)], SHORT_PROMPT, max_tokens)
+                                            for i in range(batch))))
+        elapsed = time.perf_counter() - start
+        out[str(batch)] = {"requests": batch, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+    if "1" in out and "8" in out:
+        out["eight_over_one"] = out["8"]["tokens_per_s"] / out["1"]["tokens_per_s"]
+    return out
+
+
+async def long_prompt_stall(client, base: str, args) -> dict:
+    long_request = asyncio.ensure_future(stream_one(client, base, long_text(args.long_tokens, 1), args.max_tokens))
+    await asyncio.sleep(args.stall_delay)
+    shorts = await asyncio.gather(*(stream_one(client, base, SHORT_PROMPT, args.max_tokens)
+                                    for _ in range(STALL_SHORT_REQUESTS)))
+    long_result = await long_request
+    worst = max(r["ttft_s"] for r in shorts)
+    return {"long": long_result, "short_ttft_s": [r["ttft_s"] for r in shorts],
+            "worst_short_ttft_over_long_total": worst / long_result["total_s"]}
+
+
+async def prefix_reuse(client, base: str, args) -> dict:
+    prefix = long_text(args.long_tokens, 2)
+    first = await stream_one(client, base, prefix + "Question one: who is the keeper?", args.max_tokens)
+    second = await stream_one(client, base, prefix + "Question two: what is the storm?", args.max_tokens)
+    return {"first": first, "second": second, "second_ttft_over_first": second["ttft_s"] / first["ttft_s"]}
+
+
+async def timed_ms(call) -> float:
+    start = time.perf_counter()
+    (await call).raise_for_status()
+    return (time.perf_counter() - start) * 1000
 
 
 async def mount_latency(client: httpx.AsyncClient, names: list[str]) -> dict:
-    """POST /v1/states by name (reads the file), a base64 upload, and the first request after a mount."""
-    by_name, first_use, warm_use, shape = [], [], [], None
+    by_name, first_use, shape = [], [], None
     one_token = {"prompt": "Hi", "max_tokens": 1, "temperature": 0}
     for name in names:
-        ms, response = await timed(client.post("/v1/states", json={"name": name}))
-        by_name.append(ms)
-        shape = response.json()["shape"]
-        first_use.append((await timed(client.post("/v1/completions", json={"model": name, **one_token})))[0])
-        warm_use.append((await timed(client.post("/v1/completions", json={"model": name, **one_token})))[0])
-    upload = [(await timed(client.post("/v1/states", json=state_upload_body(shape))))[0] for _ in range(3)]
-    return {"mount_by_name_ms": statistics.median(by_name), "upload_ms": statistics.median(upload),
-            "first_request_after_mount_ms": statistics.median(first_use),
-            "warm_request_ms": statistics.median(warm_use)}
-
-
-async def batch_throughput(client: httpx.AsyncClient, models: list[str], max_tokens: int) -> dict:
-    """Send one request per model at once; tokens/s over the whole batch, end to end."""
-    body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
-    start = time.perf_counter()
-    responses = await asyncio.gather(*(client.post("/v1/completions", json={"model": m, **body}) for m in models))
-    elapsed = time.perf_counter() - start
-    for response in responses:
+        start = time.perf_counter()
+        response = await client.post("/v1/states", json={"name": name})
         response.raise_for_status()
-    tokens = sum(r.json()["usage"]["completion_tokens"] for r in responses)
-    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+        by_name.append((time.perf_counter() - start) * 1000)
+        shape = response.json()["shape"]
+        first_use.append(await timed_ms(client.post("/v1/completions", json={"model": name, **one_token})))
+    buffer = io.BytesIO()
+    torch.save({f"blocks.{i}.att.time_state": torch.zeros(shape[1:]) for i in range(shape[0])}, buffer)
+    upload = {"name": "bench-upload", "data": base64.b64encode(buffer.getvalue()).decode()}
+    return {"mount_by_name_ms": statistics.median(by_name), "first_request_after_mount_ms": statistics.median(first_use),
+            "upload_ms": await timed_ms(client.post("/v1/states", json=upload))}
 
 
-async def run_bench(url: str, base: str, names: list[str], api_key: str | None, args, local: bool) -> dict:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as client:
-        mount = await mount_latency(client, names)
-        configs = {"one_state": [names[0]] * BATCH, "eight_states": names[:BATCH]}
-        await batch_throughput(client, configs["eight_states"], 4)  # warm-up: every state cached, code paths hot
-        rounds = {key: [] for key in configs}
-        for _ in range(args.repeats):
-            for key, models in configs.items():  # interleaved, so drift hits both alike
-                before = await engine_stats() if local else None
-                result = await batch_throughput(client, models, args.max_tokens)
-                if local:
-                    after = await engine_stats()
-                    result["mixed_steps"] = after["mixed_steps"] - before["mixed_steps"]
-                    result["steps"] = after["steps"] - before["steps"]
-                rounds[key].append(result)
-    best = {key: max(results, key=lambda r: r["tokens_per_s"]) for key, results in rounds.items()}
-    ratio = best["eight_states"]["tokens_per_s"] / best["one_state"]["tokens_per_s"]
-    return {"url": url, "base": base, "max_tokens": args.max_tokens, "batch": BATCH, "mount": mount,
-            "decode": best, "eight_over_one": ratio}
+async def run_bench(url: str, base: str, names: list[str], args) -> dict:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    batches = [int(b) for b in args.batches.split(",")]
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=3600,
+                                 limits=httpx.Limits(max_connections=max(batches) + 8)) as client:
+        result = {"mount": await mount_latency(client, names)}
+        await batch_scaling(client, names, [max(batches)], 4)  # warm-up: every state cached, code paths hot
+        result["batch_scaling"] = await batch_scaling(client, names, batches, args.max_tokens)
+        result["long_prompt_stall"] = await long_prompt_stall(client, base, args)
+        result["prefix_reuse"] = await prefix_reuse(client, base, args)
+        stats = await client.get("/v1/stats")
+        result["server_stats"] = stats.json() if stats.status_code == 200 else None
+    return result
 
 
 def print_table(result: dict) -> None:
-    mount, decode = result["mount"], result["decode"]
-    rows = [("mount by name (POST /v1/states)", f"{mount['mount_by_name_ms']:.1f} ms"),
-            ("upload (base64, POST /v1/states)", f"{mount['upload_ms']:.1f} ms"),
-            ("first request after mount (1 token)", f"{mount['first_request_after_mount_ms']:.1f} ms"),
-            ("warm request (1 token)", f"{mount['warm_request_ms']:.1f} ms")]
-    for key, label in (("one_state", "8 requests, 1 state"), ("eight_states", "8 requests, 8 states")):
-        d = decode[key]
-        mixed = f", {d['mixed_steps']}/{d['steps']} steps mixed" if "steps" in d else ""
-        detail = f"{d['tokens']} tok in {d['seconds']:.2f} s{mixed}"
-        rows.append((f"decode, {label}", f"{d['tokens_per_s']:.1f} tok/s ({detail})"))
-    rows.append(("8 states / 1 state", f"{result['eight_over_one']:.2f}x"))
+    rows = [(f"mount by name / upload / first request after mount",
+             "{mount_by_name_ms:.0f} / {upload_ms:.0f} / {first_request_after_mount_ms:.0f} ms".format(**result["mount"]))]
+    for key, row in result["batch_scaling"].items():
+        if isinstance(row, dict):
+            rows.append((f"{key} concurrent request(s), 8 states",
+                         f"{row['tokens_per_s']:.1f} tok/s total ({row['tokens']} tok in {row['seconds']:.1f} s)"))
+    for key, row in result.get("model_step_ceiling", {}).items():
+        rows.append((f"ceiling: bare model.step, batch {key}, 1 thread",
+                     f"{row['tokens_per_s']:.1f} tok/s ({row['step_ms']:.0f} ms/step)"))
+    if "eight_over_one" in result["batch_scaling"]:
+        rows.append(("8 concurrent / 1 (goal >= 6x)", f"{result['batch_scaling']['eight_over_one']:.2f}x"))
+    stall = result["long_prompt_stall"]
+    rows.append(("long-prompt stall: worst short TTFT / long total (goal <= 25%)",
+                 f"{100 * stall['worst_short_ttft_over_long_total']:.0f}% "
+                 f"({max(stall['short_ttft_s']):.2f} s / {stall['long']['total_s']:.2f} s)"))
+    reuse = result["prefix_reuse"]
+    rows.append(("prefix reuse: 2nd TTFT / 1st TTFT (goal <= 20%)",
+                 f"{100 * reuse['second_ttft_over_first']:.0f}% "
+                 f"({reuse['second']['ttft_s']:.2f} s / {reuse['first']['ttft_s']:.2f} s)"))
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
@@ -176,25 +265,32 @@ def main() -> None:
     args = parse_args()
     if args.url:
         names = (args.states or "").split(",")
-        if not args.model or len(names) < BATCH:
-            raise SystemExit(f"--url needs --model and --states with {BATCH} names")
-        result = asyncio.run(run_bench(args.url, args.model, names, args.api_key, args, local=False))
-        result["device"] = "remote server"
+        if not args.model or len(names) < STATES:
+            raise SystemExit(f"--url needs --model and --states with {STATES} names")
+        result = asyncio.run(run_bench(args.url, args.model, names, args))
+        result["server"] = args.url
     else:
         with tempfile.TemporaryDirectory(prefix="serve-bench-") as folder:
-            url, base, names, key = start_local_app(args, folder)
+            url, base, names = start_local_app(args, folder)
             try:
-                result = asyncio.run(run_bench(url, base, names, key, args, local=True))
-                result["device"] = asyncio.run(engine_stats())["device"]
+                result = asyncio.run(run_bench(url, base, names, args))
+                batches = [int(b) for b in args.batches.split(",")]
+                result["model_step_ceiling"] = model_step_ceiling(os.path.join(folder, "bench-model.pth"), batches)
             finally:
-                from ray import serve
                 import ray
+                from ray import serve
                 serve.shutdown()
                 ray.shutdown()
-        result["model"] = {"n_layer": args.n_layer, "n_embd": args.n_embd, "vocab": 65536}
-    result["host"] = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__}
+        result["model"] = {"n_layer": args.n_layer, "n_embd": args.n_embd, "vocab": 65536, "dtype": "fp32 on CPU, "
+                           "bf16 on GPU", "weights": "random"}
+    result["settings"] = {k: getattr(args, k) for k in ("max_tokens", "long_tokens", "stall_delay", "prefill_chunk")}
+    result["host"] = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
+                      "load_average_1m": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    result["command"] = " ".join(["python", *sys.argv])
     print_table(result)
-    print(json.dumps(result))
+    path = args.json or os.path.join(ROOT, "benchmarks", "results", f"serve-{time.strftime('%Y-%m-%d')}.json")
+    write_bytes_atomically(path, (json.dumps(result, indent=2) + "\n").encode())
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -397,6 +397,9 @@ class ServeConfig(StrictModel):
     default_temperature: Annotated[float, Field(ge=0)] = 1.0
     default_top_p: Annotated[float, Field(gt=0, le=1)] = 0.3
     default_max_tokens: PositiveInt = 256
+    op: Literal["auto", "torch", "cuda", "fla"] = "auto"  # WKV kernel; auto: GPU kernels on GPU
+    prefill_chunk: PositiveInt = 256  # prompt tokens per engine step, shared by the prompts being prefilled
+    prefix_cache_mb: NonNegativeFloat = 512.0  # states after cached prompt prefixes, per replica; 0: off
 
     @field_validator("api_key_env")
     @classmethod
@@ -411,6 +414,8 @@ class ServeConfig(StrictModel):
             raise SpecProblem("states_dir", f"is a file, not a folder: {self.states_dir}")
         if self.default_max_tokens > self.max_tokens_cap:
             raise SpecProblem("default_max_tokens", f"must be ≤ max_tokens_cap ({self.max_tokens_cap})")
+        if self.op in GPU_OPS and self.use_gpu is False:
+            raise SpecProblem("op", f"{self.op} needs a GPU (set use_gpu: true or auto, or op: torch)")
         if self.model_name is None:
             self.model_name = os.path.splitext(os.path.basename(self.model))[0]
         return self

@@ -23,17 +23,40 @@ def prefill(model: RWKV7, tokens: list[int], state: RNNState) -> tuple[torch.Ten
     return logits.float(), state
 
 
+NUCLEUS_FIRST_K = 64  # candidates looked at first for top-p; widened only when they hold too little mass
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generator=None) -> torch.Tensor:
-    """One token per row of logits [B,V]. Rows with temperature 0 are greedy; top_p keeps the smallest nucleus."""
+    """One token per row of logits [B,V], on the logits' device. Rows with temperature 0 are greedy; top_p keeps
+    the smallest nucleus. No full sort: the nucleus comes from a top-k that widens until it holds top_p, and
+    the draw is an exponential race (argmax of p / E with E ~ Exp(1)), which picks token i with probability p_i."""
     greedy = logits.argmax(-1)
-    temperature = temperature.to(logits.device).clamp(min=1e-6).unsqueeze(-1)
-    probs = torch.softmax(logits.float() / temperature, -1)
-    sorted_probs, order = probs.sort(-1, descending=True)
-    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p.to(logits.device).unsqueeze(-1)
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    picked = torch.multinomial(sorted_probs, 1, generator=generator).squeeze(-1)
-    sampled = order.gather(-1, picked.unsqueeze(-1)).squeeze(-1)
-    return torch.where(temperature.squeeze(-1) <= 1e-6, greedy, sampled)
+    temperature = temperature.to(logits.device)
+    probs = torch.softmax(logits.float() / temperature.clamp(min=1e-6).unsqueeze(-1), -1)
+    probs = nucleus(probs, top_p.to(logits.device))
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    sampled = (probs / race).argmax(-1)
+    return torch.where(temperature <= 1e-6, greedy, sampled)
+
+
+def nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zero every token outside the top_p nucleus: a token stays while the mass ranked above it is <= top_p."""
+    cut = top_p < 1
+    if not cut.any():
+        return probs
+    rows, p = probs[cut], top_p[cut].unsqueeze(-1)
+    k = min(NUCLEUS_FIRST_K, rows.shape[-1])
+    while True:
+        top = rows.topk(k, -1).values
+        above = top.cumsum(-1) - top
+        if k == rows.shape[-1] or bool((above[:, -1] > p.squeeze(-1)).all()):
+            break
+        k = min(rows.shape[-1], k * 8)
+    kept = (above <= p).sum(-1, keepdim=True)
+    smallest_kept = top.gather(-1, kept - 1)
+    out = probs.clone()
+    out[cut] = rows.masked_fill(rows < smallest_kept, 0.0)
+    return out
 
 
 def start_state(model: RWKV7, time_state: torch.Tensor | None, batch: int = 1) -> RNNState:

@@ -38,10 +38,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, url: str, folder, model):
+    def __init__(self, url: str, folder, model, config, metrics_url: str):
         self.url = url
         self.folder = folder
         self.model = model
+        self.config = config
+        self.metrics_url = metrics_url
         self.model_path = str(folder / f"{BASE}.pth")
         self.states_dir = folder / "states"
         self.references: dict = {}
@@ -83,12 +85,12 @@ def server(tmp_path_factory):
         "max_batch_size": 8, "max_mounted_states": 4, "batch_wait_ms": 5.0, "max_tokens_cap": MAX_TOKENS_CAP,
         "default_max_tokens": 16, "max_prompt_tokens": MAX_PROMPT_TOKENS, "max_upload_mb": 0.25,
         "use_gpu": False}}, "test serve spec").serve
-    port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    port, metrics_port = free_port(), free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
-        yield Server(f"http://127.0.0.1:{port}", folder, model)
+        yield Server(f"http://127.0.0.1:{port}", folder, model, config, f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -140,7 +142,7 @@ def test_greedy_endpoint_equals_rwkvray_generate(server, capsys):
 
 
 def test_api_key_is_required_everywhere_but_healthz(server):
-    routes = [("GET", "/v1/models"), ("GET", "/v1/states"), ("POST", "/v1/completions"),
+    routes = [("GET", "/v1/models"), ("GET", "/v1/states"), ("GET", "/v1/stats"), ("POST", "/v1/completions"),
               ("POST", "/v1/chat/completions"), ("POST", "/v1/states"), ("DELETE", "/v1/states/alpha")]
     for key in (None, "wrong-key"):
         with server.client(key) as client:
@@ -195,7 +197,8 @@ def test_bad_uploads_are_refused_and_a_good_multipart_upload_serves(server):
 
         files = {"file": ("delta.pth", state_bytes(random_state(4)), "application/octet-stream")}
         mounted = client.post("/v1/states", data={"name": "delta"}, files=files)
-        assert mounted.json() == {"name": "delta", "source": "upload", "shape": [2, 1, 64, 64]}
+        assert mounted.json() == {"name": "delta", "source": "upload", "shape": [2, 1, 64, 64],
+                                  "warning": "no state card: the base model it was tuned on is unknown"}
         text = completion(client, "delta", PROMPTS[1], max_tokens=6, temperature=0).json()["choices"][0]["text"]
         assert text == reference_text(server.model, PROMPTS[1], random_state(4), 6)
 
@@ -281,7 +284,6 @@ async def load_test(server) -> tuple[list, float, float]:
 
 
 def test_load_200_requests_mixed_states_with_mount_and_unmount(server):
-    from ray import serve
     for name in STATE_SEEDS:
         for prompt in PROMPTS:
             server.reference(prompt, name, LOAD_MAX_TOKENS)
@@ -302,6 +304,83 @@ def test_load_200_requests_mixed_states_with_mount_and_unmount(server):
     assert len(beta_after) >= 20 and all(r[3] == 404 for r in beta_after)
     assert all(r[3] == 200 for r in results if r[0] == "alpha")
 
-    stats = serve.get_deployment_handle("StateModel", "rwkvray").stats.remote().result()
-    assert stats["mixed_steps"] > 0 and stats["max_rows_seen"] > 1, stats
-    print(f"\nload: {LOAD_REQUESTS} requests in {elapsed:.1f}s; model replica {stats}")
+    with server.client() as client:
+        stats = client.get("/v1/stats").json()
+    engine = stats["model_replica"]
+    assert engine["max_states_in_step"] > 1 and engine["max_batch_rows"] > 1, stats
+    assert engine["generated_tokens"] >= LOAD_MAX_TOKENS * len([r for r in results if r[3] == 200]) // 2
+    assert engine["mean_time_to_first_token_s"] > 0 and engine["mean_inter_token_latency_s"] > 0
+    print(f"\nload: {LOAD_REQUESTS} requests in {elapsed:.1f}s; stats {stats}")
+
+
+# ---------------------------------------------------------------- cards, blends, metrics, restart
+
+
+def test_a_state_card_naming_another_base_is_409_unless_forced(server):
+    from rwkvray.state_card import base_fingerprint
+    ours = base_fingerprint(server.model_path)
+    theirs = {**ours, "sha256": "0" * 64, "file": "other-model.pth"}
+    save_state(random_state(6), str(server.states_dir / "foreign.pth"))
+    (server.states_dir / "foreign.json").write_text(json.dumps({"base": theirs, "method": "state"}))
+    with server.client() as client:
+        refused = client.post("/v1/states", json={"name": "foreign"})
+        assert refused.status_code == 409
+        message = error_of(refused)["message"]
+        assert "'other-model.pth' (sha256 0000000000000000…)" in message
+        assert f"'{BASE}.pth' (sha256 {ours['sha256'][:16]}…)" in message
+        assert completion(client, "foreign", "hi").status_code == 409
+        forced = client.post("/v1/states", json={"name": "foreign", "force": True}).json()
+        assert forced["warning"].startswith("mounted with force")
+        card = json.dumps({"base": ours, "method": "state"})
+        files = {"file": ("own.pth", state_bytes(random_state(7)), "application/octet-stream")}
+        owned = client.post("/v1/states", data={"name": "own", "card": card}, files=files).json()
+        assert owned == {"name": "own", "source": "upload", "shape": [2, 1, 64, 64]}  # a matching card: no warning
+        unknown = client.post("/v1/states", json={"name": "x", "forse": True})
+        assert unknown.status_code == 400 and error_of(unknown)["message"] == (
+            "unknown key 'forse' in the /v1/states body (allowed: name, data, card, force, blend)")
+
+
+def test_blends_mount_as_states_and_record_their_recipe(server):
+    with server.client() as client:
+        assert client.post("/v1/states", json={"name": "alpha"}).status_code == 200
+        assert client.post("/v1/states", json={"name": "beta"}).status_code == 200
+        assert client.post("/v1/states", json={"name": "solo", "blend": {"alpha": 1}}).json()["source"] == "blend"
+        mix = client.post("/v1/states", json={"name": "mix", "blend": {"alpha": 0.7, "beta": -0.3}})
+        assert mix.status_code == 200, mix.text
+        text = lambda name: completion(client, name, PROMPTS[0], max_tokens=8, temperature=0).json()["choices"][0]["text"]
+        assert text("solo") == server.reference(PROMPTS[0], "alpha", 8)
+        assert text("mix") not in (server.reference(PROMPTS[0], "alpha", 8), server.reference(PROMPTS[0], "beta", 8))
+        assert text("mix") == reference_text(server.model, PROMPTS[0], 0.7 * random_state(1) - 0.3 * random_state(2), 8)
+        assert json.loads((server.states_dir / "mix.json").read_text())["blend"] == {"alpha": 0.7, "beta": -0.3}
+        bad = client.post("/v1/states", json={"name": "bad", "blend": {"alpha": "much"}})
+        assert bad.status_code == 400 and error_of(bad)["message"] == "blend weight of 'alpha' must be a number"
+
+
+def test_metrics_reach_prometheus_and_v1_stats(server):
+    names = ["rwkvray_time_to_first_token_s", "rwkvray_inter_token_latency_s", "rwkvray_generated_tokens",
+             "rwkvray_batch_rows", "rwkvray_prefill_tokens_per_step", "rwkvray_prefix_cache_misses",
+             "rwkvray_mounted_states"]
+    with server.client() as client:
+        assert completion(client, BASE, PROMPTS[0], max_tokens=4, temperature=0).status_code == 200
+        stats = client.get("/v1/stats").json()
+    assert stats["mounted_states"] >= 1 and stats["model_replica"]["prefix_cache"]["misses"] >= 1
+    assert stats["model_replica"]["op"] == "auto" and stats["model_replica"]["tokens_per_s"] > 0
+    deadline, missing = time.monotonic() + 60, names
+    while missing and time.monotonic() < deadline:
+        time.sleep(2)
+        scraped = httpx.get(server.metrics_url, timeout=10).text
+        missing = [name for name in names if name not in scraped]
+    assert missing == []
+
+
+def test_an_uploaded_state_survives_a_restart(server):
+    from ray import serve
+    from rwkvray.serve.app import APP_NAME, build_app
+    with server.client() as client:
+        assert upload_json(client, "kept", state_bytes(random_state(8))).status_code == 200
+    assert (server.states_dir / "kept.pth").is_file()
+    serve.delete(APP_NAME)
+    serve.run(build_app(server.config), name=APP_NAME, route_prefix="/")
+    with server.client() as client:
+        text = completion(client, "kept", PROMPTS[1], max_tokens=6, temperature=0).json()["choices"][0]["text"]
+    assert text == reference_text(server.model, PROMPTS[1], random_state(8), 6)

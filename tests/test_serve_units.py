@@ -1,6 +1,7 @@
 """The Serve endpoint's parts without Ray: batching engine, state registry, request parsing."""
 import asyncio
 import io
+import json
 import os
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 from rwkvray.dims import ModelDims
 from rwkvray.generate import generate_tokens
 from rwkvray.serve.api import ApiError, CompletionRequest, multipart_fields, parse_request
-from rwkvray.serve.engine import BatchEngine, SamplingParams, StopScanner
+from rwkvray.serve.engine import BatchEngine, SamplingParams
+from rwkvray.serve.rows import StopScanner
 from rwkvray.serve.states import StateStore, state_path
 from rwkvray.state_file import save_state
 from rwkvray.tokenizer import get_tokenizer
@@ -42,8 +44,9 @@ def model():
     return serve_model()
 
 
-async def collect(engine, prompt: str, time_state, params: SamplingParams):
-    chunks = [chunk async for chunk in engine.generate(get_tokenizer().encode(prompt), time_state, params)]
+async def collect(engine, prompt: str, time_state, params: SamplingParams, state_key=None):
+    tokens = get_tokenizer().encode(prompt)
+    chunks = [chunk async for chunk in engine.generate(tokens, time_state, params, state_key)]
     return "".join(chunk.text for chunk in chunks), chunks[-1]
 
 
@@ -65,6 +68,32 @@ def test_stop_scanner_releases_a_false_alarm():
     assert scanner.flush() == "\n"
 
 
+# ---------------------------------------------------------------- sampling
+
+
+def test_nucleus_matches_a_full_sort_also_when_the_first_candidates_hold_too_little():
+    from rwkvray.generate import nucleus
+    generator = torch.Generator().manual_seed(0)
+    peaked = torch.softmax(torch.randn(3, 65536, generator=generator) * 8, -1)
+    flat = torch.softmax(torch.randn(2, 65536, generator=generator) * 0.1, -1)  # needs far more than 64 candidates
+    probs, top_p = torch.cat([peaked, flat]), torch.tensor([0.3, 0.9, 1.0, 0.5, 0.95])
+    ordered, order = probs.sort(-1, descending=True)
+    outside = ordered.cumsum(-1) - ordered > top_p.unsqueeze(-1)
+    expected = torch.zeros_like(probs).scatter(-1, order, ordered.masked_fill(outside, 0.0))
+    assert torch.equal(nucleus(probs, top_p) > 0, expected > 0)
+    assert torch.equal(nucleus(probs, top_p)[2], probs[2])  # top_p 1 keeps everything
+
+
+def test_the_exponential_race_draws_tokens_with_their_probabilities():
+    from rwkvray.generate import sample
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(20000, 4)
+    generator = torch.Generator().manual_seed(0)
+    tokens = sample(logits, torch.ones(20000), torch.ones(20000), generator)
+    assert torch.allclose(torch.bincount(tokens, minlength=4) / 20000, probs, atol=0.01)
+    assert torch.equal(sample(logits[:2], torch.zeros(2), torch.ones(2)), torch.zeros(2, dtype=torch.long))
+
+
 # ---------------------------------------------------------------- engine
 
 
@@ -81,9 +110,73 @@ def test_mixed_states_decode_in_one_batch_and_match_single_generation(model):
     engine, results = asyncio.run(run())
     assert [text for text, _ in results] == expected
     assert len(set(expected[4:])) == 4  # the states really differ, so any cross-talk would show
-    assert engine.max_rows_seen == len(cases)
-    assert engine.steps <= 8  # one batched step per token for all rows, not one per row
-    assert engine.mixed_steps == engine.steps
+    stats = engine.metrics.snapshot()
+    assert stats["max_batch_rows"] == len(cases) and stats["max_states_in_step"] == len(states)
+    assert stats["steps"] <= 9  # one batched step per token for all rows (+1: the longer prompts' chunk)
+    assert stats["generated_tokens"] == 8 * len(cases)
+
+
+LONG_PROMPTS = ["Once upon a time, in a small village by the sea, there lived an old lighthouse keeper.",
+                "The quick brown fox jumps over the lazy dog, again and again, until the dog wakes.",
+                "Q: What is two plus two?\nA:"]
+
+
+def test_batched_chunked_prefill_equals_single_row_prefill_across_states(model):
+    states = [random_state(1), None, random_state(2), random_state(3)]
+    cases = [(prompt, state) for prompt in LONG_PROMPTS for state in states]
+    expected = [reference_text(model, prompt, state, 6) for prompt, state in cases]
+
+    async def run():
+        engine = BatchEngine(model, get_tokenizer(), max_batch_size=len(cases), batch_wait_s=0.02,
+                             prefill_chunk=8)
+        results = await asyncio.gather(*(collect(engine, p, s, SamplingParams(6)) for p, s in cases))
+        return engine, results
+
+    engine, results = asyncio.run(run())
+    assert [text for text, _ in results] == expected
+    stats = engine.metrics.snapshot()
+    assert stats["prefill_tokens"] == sum(len(get_tokenizer().encode(p)) for p, _ in cases)
+    assert stats["max_states_in_step"] == len(states) and stats["max_batch_rows"] == len(cases)
+
+
+def test_prefix_cache_gives_the_uncached_output_and_evicts_least_recent(model):
+    tokenizer = get_tokenizer()
+    prompt = tokenizer.decode(tokenizer.encode(LONG_PROMPTS[0])[:13])
+    assert len(tokenizer.encode(prompt)) == 13
+    entry_bytes = 2 * (2 * 64 * 4) + 2 * 64 * 64 * 4 + SERVE_DIMS.vocab_size * 4  # shifts, wkv, logits
+
+    async def run():
+        engine = BatchEngine(model, tokenizer, max_batch_size=2, prefill_chunk=4, prefix_cache_bytes=2 * entry_bytes)
+        texts = [(await collect(engine, prompt, random_state(1), SamplingParams(6), "alpha@1"))[0]]
+        lengths = [length for _, length, _ in engine.cache.entries]
+        texts.append((await collect(engine, prompt, random_state(1), SamplingParams(6), "alpha@1"))[0])
+        texts.append((await collect(engine, prompt, random_state(2), SamplingParams(6), "beta@1"))[0])
+        return engine, texts, lengths
+
+    engine, texts, lengths = asyncio.run(run())
+    assert lengths == [8, 12]  # blocks at 4, 8, 12 were cached; the least recently used (4) made room
+    assert engine.cache.bytes == 2 * entry_bytes
+    assert texts == [reference_text(model, prompt, random_state(1), 6)] * 2 + \
+        [reference_text(model, prompt, random_state(2), 6)]
+    stats = engine.metrics.snapshot()
+    assert stats["prefix_cache"] == {"hits": 1, "misses": 2, "bytes": 2 * entry_bytes}
+    assert stats["prefill_tokens"] == 13 + 1 + 13  # the hit prefilled only the token after the 12 cached
+
+
+def test_a_prompt_that_is_a_cached_prefix_needs_no_forward(model):
+    tokenizer = get_tokenizer()
+    prompt = tokenizer.decode(tokenizer.encode(LONG_PROMPTS[1])[:8])
+    assert len(tokenizer.encode(prompt)) == 8
+
+    async def run():
+        engine = BatchEngine(model, tokenizer, max_batch_size=2, prefill_chunk=4, prefix_cache_bytes=2**24)
+        first = await collect(engine, prompt, None, SamplingParams(5), "base")
+        second = await collect(engine, prompt, None, SamplingParams(5), "base")
+        return engine, first[0], second[0]
+
+    engine, first, second = asyncio.run(run())
+    assert first == second == reference_text(model, prompt, None, 5)
+    assert engine.metrics.snapshot()["prefill_tokens"] == 8
 
 
 def test_rows_join_a_running_batch_and_never_write_the_mounted_state(model):
@@ -93,7 +186,7 @@ def test_rows_join_a_running_batch_and_never_write_the_mounted_state(model):
     async def run():
         engine = BatchEngine(model, get_tokenizer(), max_batch_size=8)
         first = asyncio.ensure_future(collect(engine, PROMPTS[0], mounted, SamplingParams(16)))
-        while engine.steps < 4:
+        while engine.metrics.steps < 4:
             await asyncio.sleep(0.001)
         later = await asyncio.gather(collect(engine, PROMPTS[1], mounted, SamplingParams(6)),
                                      collect(engine, PROMPTS[2], None, SamplingParams(6)))
@@ -113,7 +206,7 @@ def test_batch_size_is_capped_and_extra_requests_wait(model):
 
     engine, results = asyncio.run(run())
     assert [text for text, _ in results] == [reference_text(model, p, None, 4) for p in PROMPTS]
-    assert engine.max_rows_seen == 2
+    assert engine.metrics.snapshot()["max_batch_rows"] == 2
 
 
 def test_stop_string_ends_the_row_and_is_not_returned(model):
@@ -153,7 +246,7 @@ def test_a_client_leaving_early_frees_its_row_without_disturbing_others(model):
 
     engine, text = asyncio.run(run())
     assert text == reference_text(model, PROMPTS[1], random_state(5), 10)
-    assert engine.active == [] and engine.steps < 40
+    assert engine.active == [] and engine.metrics.snapshot()["steps"] < 40
 
 
 def test_sampled_rows_do_not_change_greedy_rows(model):
@@ -185,6 +278,9 @@ def test_a_seeded_row_samples_the_same_text_alone_and_in_a_batch(model):
 # ---------------------------------------------------------------- state registry
 
 
+NO_CARD_WARNING = "no state card: the base model it was tuned on is unknown"
+
+
 @pytest.fixture
 def store(tmp_path):
     states_dir = tmp_path / "states"
@@ -212,7 +308,8 @@ def state_bytes(time_state: torch.Tensor) -> bytes:
 def test_known_state_mounts_on_first_use_and_unmount_blocks_it(store):
     mid = store.resolve("alpha")
     assert torch.equal(store.fetch(mid), random_state(1))
-    assert store.listing()["mounted"] == [{"name": "alpha", "source": "states_dir", "shape": [2, 1, 64, 64]}]
+    assert store.listing()["mounted"] == [{"name": "alpha", "source": "states_dir", "shape": [2, 1, 64, 64],
+                                           "warning": NO_CARD_WARNING}]
     assert store.unmount("alpha") == {"name": "alpha", "mounted": False}
     assert error_of(store.resolve, "alpha").status == 404
     assert error_of(store.fetch, mid).status == 404  # a request that raced the unmount gets 404, not old data
@@ -277,6 +374,51 @@ def test_wrong_shape_state_names_both_shapes(store):
 def test_oversized_upload_is_413_and_base_name_is_reserved(store):
     assert error_of(store.upload, "big", b"x" * (2**20 + 1)).status == 413
     assert error_of(store.upload, "base", state_bytes(random_state(1))).code == "invalid_state_name"
+
+
+BASE_CARD = {"sha256": "ab" * 32, "file": "base.pth", "version": "x070", "n_layer": 2, "n_embd": 64,
+             "head_size": 64, "vocab_size": 65536}
+FOREIGN_CARD = {"base": {**BASE_CARD, "sha256": "cd" * 32, "file": "other.pth"}, "method": "state"}
+
+
+def test_an_upload_is_written_into_states_dir_and_survives_a_restart(store):
+    store.upload("gamma", state_bytes(random_state(7)), {"base": BASE_CARD, "method": "state"})
+    assert not [f for f in os.listdir(store.states_dir) if f.endswith(".tmp")]
+    restarted = StateStore(store.states_dir, SERVE_DIMS, "base", max_upload_bytes=2**20, base=BASE_CARD)
+    assert restarted.servable_names() == ["alpha", "gamma"]
+    assert torch.equal(restarted.fetch(restarted.resolve("gamma")), random_state(7))
+    assert "warning" not in restarted.listing()["mounted"][0]  # its card came along
+
+
+def test_a_state_tuned_on_another_base_is_409_unless_forced(tmp_path):
+    states_dir = tmp_path / "states"
+    states_dir.mkdir()
+    save_state(random_state(1), str(states_dir / "foreign.pth"))
+    (states_dir / "foreign.json").write_text(json.dumps(FOREIGN_CARD))
+    store = StateStore(str(states_dir), SERVE_DIMS, "base", max_upload_bytes=2**20, base=BASE_CARD)
+    for call in (lambda: store.mount("foreign"), lambda: store.resolve("foreign"),
+                 lambda: store.upload("other", state_bytes(random_state(2)), FOREIGN_CARD)):
+        err = error_of(call)
+        assert (err.status, err.code) == (409, "base_mismatch")
+    assert err.message == ("state 'other' was tuned on base 'other.pth' (sha256 cdcdcdcdcdcdcdcd…), but this server "
+                           "loaded 'base.pth' (sha256 abababababababab…); a state works only on the model it was "
+                           "tuned on (mount it with \"force\": true to serve it anyway)")
+    assert not (states_dir / "other.pth").exists()
+    assert store.upload("vague", state_bytes(random_state(2)), {"method": "state"})["warning"] == \
+        "the state card names no base model (base.sha256)"
+    forced = store.mount("foreign", force=True)
+    assert forced["warning"].startswith("mounted with force: state 'foreign' was tuned on base 'other.pth'")
+
+
+def test_blend_is_the_weighted_sum_and_its_card_records_the_recipe(store):
+    store.upload("beta", state_bytes(random_state(2)))
+    assert store.blend("same", {"alpha": 1.0})["source"] == "blend"
+    assert torch.equal(store.fetch(store.resolve("same")), random_state(1))
+    store.blend("mix", {"alpha": 0.7, "beta": -0.3})
+    assert torch.allclose(store.fetch(store.resolve("mix")), 0.7 * random_state(1) - 0.3 * random_state(2))
+    with open(os.path.join(store.states_dir, "mix.json")) as f:
+        assert json.load(f)["blend"] == {"alpha": 0.7, "beta": -0.3}
+    assert error_of(store.blend, "bad", {"nope": 1.0}).status == 404
 
 
 # ---------------------------------------------------------------- request parsing
@@ -346,3 +488,18 @@ def test_releasing_a_cached_state_twice_is_harmless():
     loaded.__del__()  # what Serve's LRU does on eviction; the garbage collector calls it again later
     loaded.__del__()
     assert loaded.time_state is None
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"op": "cuda", "use_gpu": False}, "serve.op: cuda needs a GPU (set use_gpu: true or auto, or op: torch)"),
+    ({"op": "cud"}, "serve.op: must be one of auto, torch, cuda, fla (got 'cud')"),
+    ({"prefill_chunk": 0}, "serve.prefill_chunk: must be ≥ 1"),
+])
+def test_engine_settings_are_checked_in_the_spec(tmp_path, fields, message):
+    from rwkvray.config import spec_from_dict
+    from rwkvray.errors import UserError
+    model = tmp_path / "m.pth"
+    model.write_bytes(b"x")
+    with pytest.raises(UserError) as caught:
+        spec_from_dict({"serve": {"model": str(model), **fields}}, "spec.yaml")
+    assert str(caught.value) == f"spec.yaml: {message}"

@@ -7,6 +7,11 @@ Three deployments:
   caches states with `@serve.multiplexed` under ids `NAME@VERSION` fetched from the registry, so Serve routes a
   state's requests to replicas that already hold it; one batch still mixes rows of any states.
 
+The registry is off the hot path: the gateway keeps `name -> NAME@VERSION` and asks the registry only on a
+miss. Mounts, uploads, blends and unmounts go through the gateway, which updates its map at once, so a DELETE
+is a 404 for the very next request; an id gone stale in another way (a registry restart) answers 404 from the
+model replica, and the gateway then resolves the name once more.
+
 `build_app(config)` returns the bound application; `app_builder(args)` is the import path for `serve run` and
 `serve deploy` (jobs/serve_config.yaml); `run_server(spec)` is `rwkvray serve SPEC.yaml`.
 """
@@ -32,14 +37,18 @@ from rwkvray.model import load_model, pick_device
 from rwkvray.serve.api import (ApiError, ChatCompletionRequest, CompletionRequest, OpenAIRequest, bad_request,
                                chat_body, completion_body, decode_base64, json_object, model_card, multipart_fields,
                                new_id, parse_request, read_body, read_json, sse_events, strip_reply_space, usage)
+from rwkvray.serve.bodies import check_mount_options, multipart_payload, refuse_unknown_keys
 from rwkvray.serve.engine import BatchEngine, Chunk, SamplingParams
+from rwkvray.serve.metrics import EngineMetrics, mounted_states_gauge
 from rwkvray.serve.page import add_playground, find_state
 from rwkvray.serve.states import StateStore, check_name, upload_too_large
+from rwkvray.state_card import base_fingerprint
 from rwkvray.tokenizer import get_tokenizer
 
 APP_NAME = "rwkvray"
 BASE64_OVERHEAD = 4 / 3
 ENGINE_QUEUE_FACTOR = 2  # requests a model replica accepts per batch slot (the extra ones wait to join)
+BASE_STATE_KEY = "@base"  # the prefix cache's name for the base model's own state (not a state name)
 
 fastapi_app = FastAPI(title="rwkvray", docs_url=None, redoc_url=None)
 add_playground(fastapi_app)
@@ -76,7 +85,7 @@ class LoadedState:
         self.time_state = None
 
 
-REGISTRY_CALLS = ("resolve", "fetch", "mount", "upload", "unmount", "listing", "servable_names")
+REGISTRY_CALLS = ("resolve", "fetch", "mount", "upload", "blend", "unmount", "listing", "servable_names")
 
 
 @serve.deployment
@@ -87,8 +96,9 @@ class StateRegistry:
     a failure, and Serve would log a traceback for every raised one.
     """
 
-    def __init__(self, states_dir: str, dims: ModelDims, base_name: str, max_upload_bytes: int):
-        self.store = StateStore(states_dir, dims, base_name, max_upload_bytes)
+    def __init__(self, states_dir: str, dims: ModelDims, base_name: str, max_upload_bytes: int, base: dict):
+        self.store = StateStore(states_dir, dims, base_name, max_upload_bytes, base)
+        self.mounted_gauge = mounted_states_gauge()
 
     async def call(self, method: str, *args):
         if method not in REGISTRY_CALLS:
@@ -97,6 +107,8 @@ class StateRegistry:
             return getattr(self.store, method)(*args)
         except ApiError as err:
             return err
+        finally:
+            self.mounted_gauge.set(len(self.store.mounted))
 
 
 async def ask_registry(registry, method: str, *args):
@@ -113,8 +125,12 @@ class StateModel:
         self.device = pick_device("auto")
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model, self.base_state = load_model(config.model, self.device, dtype)  # once per replica
+        self.model.op = config.op  # as train_loop does; "auto" picks the GPU kernels on a GPU
         self.registry = registry
-        self.engine = BatchEngine(self.model, get_tokenizer(), config.max_batch_size, config.batch_wait_ms / 1000)
+        self.engine = BatchEngine(self.model, get_tokenizer(), config.max_batch_size, config.batch_wait_ms / 1000,
+                                  prefill_chunk=config.prefill_chunk,
+                                  prefix_cache_bytes=int(config.prefix_cache_mb * 2**20),
+                                  metrics=EngineMetrics(export=True))
 
         async def load_mounted_state(mid: str) -> LoadedState:
             return LoadedState(await ask_registry(self.registry, "fetch", mid), self.device)
@@ -125,27 +141,27 @@ class StateModel:
 
     async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
         """Streams the chunks of one request, from the state named by the multiplexed model id ("" = base)."""
-        time_state = await self._time_state()
-        async for chunk in self.engine.generate(prompt, time_state, params):
+        time_state, key = await self._time_state()
+        async for chunk in self.engine.generate(prompt, time_state, params, key):
             yield chunk
 
     async def complete(self, prompt: list[int], params: SamplingParams) -> Chunk:
-        time_state = await self._time_state()
+        time_state, key = await self._time_state()
         texts = []
-        async for chunk in self.engine.generate(prompt, time_state, params):
+        async for chunk in self.engine.generate(prompt, time_state, params, key):
             texts.append(chunk.text)
         return Chunk("".join(texts), chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens)
 
     async def stats(self) -> dict:
-        engine = self.engine
-        return {"steps": engine.steps, "mixed_steps": engine.mixed_steps, "max_rows_seen": engine.max_rows_seen,
-                "device": str(self.device)}
+        return {**self.engine.metrics.snapshot(), "device": str(self.device), "op": self.model.op,
+                "active_rows": len(self.engine.active), "waiting_rows": len(self.engine.waiting)}
 
-    async def _time_state(self) -> Optional[torch.Tensor]:
+    async def _time_state(self) -> tuple[Optional[torch.Tensor], str]:
+        """The request's initial state and its prefix-cache key (NAME@VERSION: a re-mount starts afresh)."""
         mid = serve.get_multiplexed_model_id()
         if not mid:
-            return self.base_state
-        return (await self.cached_state(mid)).time_state
+            return self.base_state, BASE_STATE_KEY
+        return (await self.cached_state(mid)).time_state, mid
 
 
 @serve.deployment
@@ -160,6 +176,7 @@ class Gateway:
         self.tokenizer = get_tokenizer()
         self.created = int(time.time())
         self.max_upload_bytes = int(config.max_upload_mb * 2**20)
+        self.state_ids: dict[str, str] = {}  # name -> NAME@VERSION, kept current by this gateway's mounts
 
     @fastapi_app.get("/healthz")
     async def healthz(self) -> dict:
@@ -176,30 +193,41 @@ class Gateway:
         self.authorize(request)
         return await ask_registry(self.registry, "listing")
 
+    @fastapi_app.get("/v1/stats")
+    async def stats(self, request: Request) -> dict:
+        """The Prometheus figures as JSON, for people without Prometheus (from the replica that answers)."""
+        self.authorize(request)
+        listing = await ask_registry(self.registry, "listing")
+        return {"object": "stats", "model_replica": await self.model.stats.remote(),
+                "mounted_states": len(listing["mounted"]), "gateway_state_ids": len(self.state_ids)}
+
     @fastapi_app.post("/v1/states")
     async def mount_state(self, request: Request) -> dict:
-        """JSON {"name"} mounts NAME.pth from states_dir; JSON {"name", "data": base64} or multipart
-        (fields `name` and `file`) uploads a state file."""
+        """JSON {"name"} mounts NAME.pth from states_dir; {"name", "data": base64, "card"?} or multipart (fields
+        `name`, `file`, `card`?) uploads a state file; {"name", "blend": {STATE: WEIGHT, ...}} mounts a weighted
+        sum of states. `"force": true` mounts a state whose card names another base model."""
         self.authorize(request)
         limit = int(self.max_upload_bytes * BASE64_OVERHEAD) + 2**16  # room for base64 or multipart framing
         body = await read_body(request, limit, upload_too_large(self.max_upload_bytes))
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
-            fields = multipart_fields(body, content_type)
-            name, data = (fields.get("name") or b"").decode("utf-8", "replace"), fields.get("file")
-            if data is None:
-                raise bad_request("multipart upload needs a `file` field", "file")
+            payload = multipart_payload(multipart_fields(body, content_type))
         else:
             payload = json_object(body)
-            name, data = payload.get("name"), payload.get("data")
-            if data is not None:
-                data = decode_base64(data)
-        check_name(name)
+            refuse_unknown_keys(payload)
+            if payload.get("data") is not None:
+                payload["data"] = decode_base64(payload["data"])
+        name, data, card = check_name(payload.get("name")), payload.get("data"), payload.get("card")
+        force, blend = payload.get("force", False), payload.get("blend")
+        check_mount_options(data, card, force, blend)
+        self.state_ids.pop(name, None)
+        if blend is not None:
+            return await ask_registry(self.registry, "blend", name, blend)
         if data is None:
-            return await ask_registry(self.registry, "mount", name)
+            return await ask_registry(self.registry, "mount", name, force)
         if len(data) > self.max_upload_bytes:
             raise upload_too_large(self.max_upload_bytes)
-        return await ask_registry(self.registry, "upload", name, data)
+        return await ask_registry(self.registry, "upload", name, data, card, force)
 
     @fastapi_app.get("/v1/states/{name}")
     async def state(self, name: str, request: Request) -> dict:
@@ -209,7 +237,8 @@ class Gateway:
     @fastapi_app.delete("/v1/states/{name}")
     async def unmount_state(self, name: str, request: Request) -> dict:
         self.authorize(request)
-        return await ask_registry(self.registry, "unmount", check_name(name))
+        self.state_ids.pop(check_name(name), None)
+        return await ask_registry(self.registry, "unmount", name)
 
     @fastapi_app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -238,9 +267,25 @@ class Gateway:
     async def answer(self, req: OpenAIRequest, prompt: str, prompt_param: str, chat: bool):
         tokens = self.prompt_tokens(prompt, prompt_param)
         params = self.sampling_params(req, chat)
-        handle = self.model
-        if req.model != self.config.model_name:
-            handle = handle.options(multiplexed_model_id=await ask_registry(self.registry, "resolve", req.model))
+        if req.model == self.config.model_name:
+            return await self.respond(self.model, req, tokens, params, chat)
+        check_name(req.model, "model")
+        cached = req.model in self.state_ids
+        try:
+            return await self.respond(await self.state_handle(req.model), req, tokens, params, chat)
+        except ApiError as err:
+            self.state_ids.pop(req.model, None)
+            if err.status != 404 or not cached:
+                raise
+        return await self.respond(await self.state_handle(req.model), req, tokens, params, chat)
+
+    async def state_handle(self, name: str):
+        """The model handle routed to a state, its NAME@VERSION from this gateway's map or the registry."""
+        if name not in self.state_ids:
+            self.state_ids[name] = await ask_registry(self.registry, "resolve", name)
+        return self.model.options(multiplexed_model_id=self.state_ids[name])
+
+    async def respond(self, handle, req: OpenAIRequest, tokens: list[int], params: SamplingParams, chat: bool):
         request_id = new_id("chatcmpl" if chat else "cmpl")
         if not req.stream:
             result = await handle.complete.remote(tokens, params)
@@ -303,11 +348,12 @@ def read_api_key(config: ServeConfig) -> Optional[str]:
 
 def build_app(config: ServeConfig):
     """The bound Serve application for a validated serve block."""
-    dims = load_checkpoint(config.model).dims  # refuse a bad model file here, before any replica starts
     api_key = read_api_key(config)
+    base = base_fingerprint(config.model)  # refuses a bad model file here, before any replica starts
+    dims = load_checkpoint(config.model).dims
     registry = StateRegistry.options(num_replicas=1, max_ongoing_requests=1000,
                                      ray_actor_options={"num_cpus": 0}).bind(
-        config.states_dir, dims, config.model_name, int(config.max_upload_mb * 2**20))
+        config.states_dir, dims, config.model_name, int(config.max_upload_mb * 2**20), base)
     gpu = use_gpu(config)
     model = StateModel.options(
         num_replicas=config.replicas,

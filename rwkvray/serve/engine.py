@@ -1,156 +1,140 @@
-"""Continuous batching with mixed states: rows that start from DIFFERENT tuned states decode together.
+"""Continuous batching with mixed states: rows that start from DIFFERENT tuned states run together.
 
-A state is only L x [H,N,N] floats (plus two shift vectors per layer), so each row simply carries its own
-RNNState: the batch state is the rows' states concatenated along the batch dim, and one `model.step` per token
-advances every row whatever state it started from. The batch state is rebuilt only when rows join or leave.
+A state is only L x [H,N,N] floats (plus two shift vectors per layer), so each row carries its own. The engine
+keeps a preallocated pool of `max_batch_size` state slots on the model's device: a row joins by writing its
+initial state into a free slot, runs by slot index, and leaves by freeing it. Nothing is concatenated or
+rebuilt when rows come and go.
 
-Rows join between steps (each new prompt is prefilled on its own, from a private copy of its state) and leave
-as soon as they finish (end-of-text, a stop string, max_tokens, or the client went away). All torch work runs
-in one worker thread so the replica's event loop keeps accepting requests while the model computes.
+Each engine step is one hop to the worker thread and does, in order:
+1. join: new rows' initial states (a tuned state, zeros, or a cached prefix) go into their slots;
+2. prefill: one chunk of the waiting prompts, in ONE parallel forward over several rows, each from its own
+   state. The rows advance by the same number of tokens (no padding to undo), and the chunk never crosses a
+   row's prefix-cache boundary, so the state after every whole block is cached exactly;
+3. decode: one token for every row whose prompt is done, sampled on the model's device, then one batched
+   `model.step` for the rows that go on.
+A prompt's chunks are bounded by a token budget, so a long prompt never stalls the decoding rows for long.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
 import torch
 
-from rwkvray.generate import prefill, sample, start_state
+from rwkvray.generate import sample
 from rwkvray.model import RNNState, RWKV7
-from rwkvray.tokenizer import StreamDecoder, Tokenizer
+from rwkvray.serve.metrics import EngineMetrics
+from rwkvray.serve.prefix_cache import CachedPrefix, PrefixCache, prefix_digests
+from rwkvray.serve.rows import Chunk, Row, SamplingParams
+from rwkvray.tokenizer import Tokenizer
 
-EOS_ID = 0
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: Optional[int] = None  # a seeded row samples from its own generator: the same text whatever it is batched with
+DEFAULT_PREFILL_CHUNK = 256
 
 
 @dataclass
-class Chunk:
-    """A piece of a row's output; the last one has finish_reason "stop" or "length"."""
-    text: str
-    finish_reason: Optional[str]
-    prompt_tokens: int
-    completion_tokens: int
+class StepPlan:
+    joining: list[Row]
+    prefill: list[Row]
+    chunk: int          # prompt tokens each prefill row advances by
+    decode: list[Row]   # rows whose slot logits are ready before the step
 
 
-class StopScanner:
-    """Cuts the text at the first stop string, holding back any tail that could still grow into one."""
+class SlotPool:
+    """max_rows preallocated state slots and their next-token logits, on the model's device."""
 
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.held = ""
+    def __init__(self, model: RWKV7, max_rows: int):
+        weight = model.emb.weight
+        self.state = RNNState.zeros(model.dims, max_rows, weight.device, weight.dtype)
+        self.logits = torch.zeros(max_rows, model.dims.vocab_size, device=weight.device)
+        self.free = list(range(max_rows))
 
-    def push(self, text: str) -> tuple[str, bool]:
-        """The text that is safe to emit, and whether a stop string was hit."""
-        self.held += text
-        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.held = self.held[:min(hits)], ""
-            return out, True
-        keep = max((k for s in self.stops for k in range(1, min(len(s), len(self.held) + 1))
-                    if self.held.endswith(s[:k])), default=0)
-        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
-        return out, False
+    def index(self, slots: list[int]):
+        """A slice when the slots are consecutive (a view, no copy), else an index tensor."""
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            return slice(slots[0], slots[0] + len(slots))
+        return torch.tensor(slots, device=self.logits.device)
 
-    def flush(self) -> str:
-        out, self.held = self.held, ""
-        return out
+    def read(self, slots: list[int]) -> RNNState:
+        return self.state.rows(self.index(slots))
 
+    def write(self, slots: list[int], state: RNNState) -> None:
+        at = self.index(slots)
+        for name in ("att_shift", "wkv", "ffn_shift"):
+            getattr(self.state, name)[:, at] = getattr(state, name).to(getattr(self.state, name).dtype)
 
-class Row:
-    """One request in the batch: its prompt, sampling settings, text decoding and output queue."""
-
-    def __init__(self, prompt: list[int], time_state: Optional[torch.Tensor], params: SamplingParams,
-                 tokenizer: Tokenizer):
-        self.prompt = prompt
-        self.time_state = time_state
-        self.params = params
-        self.decoder = StreamDecoder(tokenizer)
-        self.scanner = StopScanner(params.stop)
-        self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
-        self.generated = 0
-        self.cancelled = False
-        self.done = False
-        self.out: asyncio.Queue = asyncio.Queue()
-
-    def emit(self, text: str, finish_reason: Optional[str] = None) -> None:
-        if text or finish_reason:
-            self.out.put_nowait(Chunk(text, finish_reason, len(self.prompt), self.generated))
-        if finish_reason:
-            self.done = True
-
-    def take(self, token: int) -> None:
-        """Account for one sampled token and emit what it completes; marks the row done when it finishes."""
-        if token == EOS_ID:
-            self.finish("stop")
-            return
-        self.generated += 1
-        text, stopped = self.scanner.push(self.decoder.feed(token))
-        if stopped:
-            self.emit(text, "stop")
-        elif self.generated >= self.params.max_tokens:
-            self.emit(text)
-            self.finish("length")
+    def start(self, slot: int, time_state: Optional[torch.Tensor]) -> None:
+        """A row's initial state: the tuned state (copied, never aliased) or zeros; shifts start at zero."""
+        self.state.att_shift[:, slot] = 0
+        self.state.ffn_shift[:, slot] = 0
+        if time_state is None:
+            self.state.wkv[:, slot] = 0
         else:
-            self.emit(text)
+            self.state.wkv[:, slot] = time_state
 
-    def finish(self, reason: str) -> None:
-        text, stopped = self.scanner.push(self.decoder.flush())
-        self.emit(text + ("" if stopped else self.scanner.flush()), "stop" if stopped else reason)
+    def restore(self, slot: int, entry: CachedPrefix) -> None:
+        self.write([slot], entry.state)
+        self.logits[slot] = entry.logits
 
-    def fail(self, error: BaseException) -> None:
-        self.done = True
-        self.out.put_nowait(error)
+    def snapshot(self, slot: int) -> RNNState:
+        return RNNState(*(getattr(self.state, name)[:, slot:slot + 1].clone()
+                          for name in ("att_shift", "wkv", "ffn_shift")))
+
+
+def merge(chunk: Chunk, later):
+    """Two consecutive chunks of a row as one; an error after a chunk wins (the text is lost with the stream)."""
+    if isinstance(later, BaseException):
+        return later
+    return Chunk(chunk.text + later.text, later.finish_reason, later.prompt_tokens, later.completion_tokens)
 
 
 class BatchEngine:
-    """Owns the batch of active rows of one replica; `generate` is the only entry point."""
+    """Owns the rows of one replica; `generate` is the only entry point."""
 
     def __init__(self, model: RWKV7, tokenizer: Tokenizer, max_batch_size: int, batch_wait_s: float = 0.0,
-                 seed: int = 0):
+                 seed: int = 0, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_bytes: int = 0,
+                 metrics: Optional[EngineMetrics] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
-        self.generator = torch.Generator().manual_seed(seed)  # sampling runs on the CPU
+        self.prefill_chunk = prefill_chunk
+        self.device = model.emb.weight.device
+        self.generator = torch.Generator(self.device).manual_seed(seed)  # rows without their own seed
+        self.pool = SlotPool(model, max_batch_size)
+        self.cache = PrefixCache(prefix_cache_bytes, prefill_chunk) if prefix_cache_bytes else None
+        self.metrics = metrics or EngineMetrics()
         self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rwkv-engine")
         self.waiting: deque[Row] = deque()
-        self.active: list[Row] = []
-        self.state: Optional[RNNState] = None   # the active rows' states, in row order
-        self.logits: Optional[torch.Tensor] = None  # [B,V] next-token logits of the active rows
+        self.active: list[Row] = []  # rows holding a slot, in arrival order
         self.wake = asyncio.Event()
         self.loop_task: Optional[asyncio.Task] = None
-        self.steps = 0  # batched decode steps so far (for tests and stats)
-        self.mixed_steps = 0  # steps whose rows started from more than one state
-        self.max_rows_seen = 0
 
-    async def generate(self, prompt: list[int], time_state: Optional[torch.Tensor],
-                       params: SamplingParams) -> AsyncIterator[Chunk]:
-        """Stream one request's chunks. time_state None starts from zeros; the tensor itself is never written."""
-        row = Row(prompt, time_state, params, self.tokenizer)
+    async def generate(self, prompt: list[int], time_state: Optional[torch.Tensor], params: SamplingParams,
+                       state_key: Optional[str] = None) -> AsyncIterator[Chunk]:
+        """Stream one request's chunks. time_state None starts from zeros; the tensor itself is never written.
+        `state_key` names time_state for the prefix cache (None: this request neither reads nor fills it)."""
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        row = Row(prompt, time_state, params, self.tokenizer, state_key, self.device)
         self.waiting.append(row)
         self._ensure_loop()
         self.wake.set()
         try:
             while True:
                 item = await row.out.get()
+                while isinstance(item, Chunk) and not item.finish_reason and not row.out.empty():
+                    item = merge(item, row.out.get_nowait())  # a slow reader gets fewer, longer chunks
                 if isinstance(item, BaseException):
                     raise item
                 yield item
                 if item.finish_reason:
                     return
         finally:
-            row.cancelled = True  # the caller went away or finished: the loop drops the row
+            row.cancelled = True  # the caller went away or finished: the loop frees the row's slot
 
     def _ensure_loop(self) -> None:
         if self.loop_task is None or self.loop_task.done():
@@ -163,88 +147,140 @@ class BatchEngine:
                 await self.wake.wait()
                 if self.batch_wait_s:
                     await asyncio.sleep(self.batch_wait_s)  # let a burst of requests start together
+            plan = self._plan()
+            if plan is None:
+                continue
             try:
-                await self._admit()
-                if self.active:
-                    await self._decode_step()
+                started = time.monotonic()
+                sampled = await asyncio.get_running_loop().run_in_executor(self.worker, self._step, plan)
             except Exception as error:  # a model failure ends the rows it hit, never the loop
-                for row in self.active:
+                for row in {*plan.joining, *plan.prefill, *plan.decode}:
                     row.fail(error)
-                self.active, self.state, self.logits = [], None, None
+                self._release()
+                continue
+            self._deliver(sampled)
+            rows = {*plan.prefill, *(row for row, _ in sampled)}
+            self.metrics.step(len(rows), len({id(row.time_state) for row in rows}), len(sampled),
+                              len(plan.prefill) * plan.chunk, time.monotonic() - started)
+            self._release()
 
-    async def _admit(self) -> None:
-        """Prefill waiting rows into free batch slots and append their states to the batch state."""
-        new_rows = []
-        while self.waiting and len(self.active) + len(new_rows) < self.max_batch_size:
+    def _plan(self) -> Optional[StepPlan]:
+        """Give waiting rows free slots, then pick this step's prefill chunk and decoding rows."""
+        self._release()
+        joining = []
+        while self.waiting and self.pool.free:
             row = self.waiting.popleft()
-            if not row.cancelled:
-                new_rows.append(row)
-        if not new_rows:
+            if row.cancelled:
+                continue
+            row.slot = self.pool.free.pop(0)
+            self._look_up_prefix(row)
+            joining.append(row)
+            self.active.append(row)
+        decode = [row for row in self.active if row.decoding and row not in joining]
+        prefill = sorted((row for row in self.active if not row.decoding),
+                         key=lambda row: len(row.prompt) - row.prefilled)[:self.prefill_chunk]
+        chunk = 0
+        if prefill:
+            chunk = min(max(1, self.prefill_chunk // len(prefill)), *(self._to_boundary(row) for row in prefill))
+        if not (joining or prefill or decode):
+            return None
+        return StepPlan(joining, prefill, chunk, decode)
+
+    def _to_boundary(self, row: Row) -> int:
+        """Tokens until the row's prompt ends or reaches the next whole block (a cacheable prefix)."""
+        next_block = (row.prefilled // self.prefill_chunk + 1) * self.prefill_chunk
+        return min(len(row.prompt), next_block) - row.prefilled
+
+    def _look_up_prefix(self, row: Row) -> None:
+        if self.cache is None or row.state_key is None:
             return
-        try:
-            prefilled = await self._in_worker(self._prefill_rows, new_rows)
-        except Exception as error:
-            for row in new_rows:
-                row.fail(error)
-            return
-        states = [self.state] if self.state is not None else []
-        logits = [self.logits] if self.logits is not None else []
-        for row_logits, row_state in prefilled:
-            states.append(row_state)
-            logits.append(row_logits.unsqueeze(0))
-        self.state, self.logits = RNNState.cat(states), torch.cat(logits)
-        self.active.extend(new_rows)
-        self.max_rows_seen = max(self.max_rows_seen, len(self.active))
+        row.digests = prefix_digests(row.prompt, self.prefill_chunk)
+        row.prefilled, row.start_entry = self.cache.longest(row.state_key, row.digests)
+        self.metrics.cache_lookup(row.start_entry is not None, self.cache.bytes)
+
+    def _release(self) -> None:
+        """Free the slots of rows that finished or whose client left."""
+        for row in [row for row in self.active if row.done or row.cancelled]:
+            self.active.remove(row)
+            self.pool.free.append(row.slot)
+            row.slot = None
+
+    def _deliver(self, sampled: list[tuple[Row, int]]) -> None:
+        now = time.monotonic()
+        for row, token in sampled:
+            if row.cancelled or row.done:
+                continue
+            if row.last_token_at is None:
+                self.metrics.first_token(now - row.arrived)
+            else:
+                self.metrics.token_gap(now - row.last_token_at)
+            row.last_token_at = now
+            row.take(token)
+
+    # ------------------------------------------------------------ the worker thread
 
     @torch.no_grad()
-    def _prefill_rows(self, rows: list[Row]) -> list[tuple[torch.Tensor, RNNState]]:
-        out = []
+    def _step(self, plan: StepPlan) -> list[tuple[Row, int]]:
+        """One engine step (see the module doc); returns the sampled (row, token) pairs."""
+        for row in plan.joining:
+            if row.start_entry is not None:
+                self.pool.restore(row.slot, row.start_entry)
+                row.start_entry = None
+            else:
+                self.pool.start(row.slot, row.time_state)
+        ready = plan.decode + [row for row in plan.joining if row.decoding]
+        if plan.prefill:
+            ready += self._prefill(plan.prefill, plan.chunk)
+        if not ready:
+            return []
+        tokens = self._sample(ready)
+        going_on = [(row, token) for row, token in zip(ready, tokens) if not row.finishes_with(token)]
+        if going_on:
+            slots = [row.slot for row, _ in going_on]
+            ids = torch.tensor([token for _, token in going_on], device=self.device)
+            logits, state = self.model.step(ids, self.pool.read(slots))
+            self.pool.write(slots, state)
+            self.pool.logits[self.pool.index(slots)] = logits.float()
+        return list(zip(ready, tokens))
+
+    def _prefill(self, rows: list[Row], chunk: int) -> list[Row]:
+        """Advance every row's prompt by `chunk` tokens in one forward; returns the rows whose prompt is done."""
+        slots = [row.slot for row in rows]
+        idx = torch.tensor([row.prompt[row.prefilled:row.prefilled + chunk] for row in rows], device=self.device)
+        hidden, state = self.model.hidden(idx, self.pool.read(slots))
+        self.pool.write(slots, state)
         for row in rows:
-            private = None if row.time_state is None else row.time_state.clone()  # copy on start
-            out.append(prefill(self.model, row.prompt, start_state(self.model, private)))
-        return out
+            row.prefilled += chunk
+        caching = self.cache is not None
+        needs_logits = [i for i, row in enumerate(rows)
+                        if row.decoding or (caching and row.state_key is not None and self._at_block_end(row))]
+        if needs_logits:
+            logits = self.model.head(hidden[needs_logits, -1]).float()
+            for i, row_logits in zip(needs_logits, logits):
+                row = rows[i]
+                self.pool.logits[row.slot] = row_logits
+                if caching and row.state_key is not None and self._at_block_end(row):
+                    length, digest = row.digests[row.prefilled // self.prefill_chunk - 1]
+                    self.cache.put(row.state_key, length, digest,
+                                   CachedPrefix(self.pool.snapshot(row.slot), row_logits.clone()))
+        return [row for row in rows if row.decoding]
 
-    async def _decode_step(self) -> None:
-        """Sample one token for every row, retire finished rows, then advance the rest by one batched step."""
-        tokens = await self._in_worker(self._sample, self.logits, self.active)
-        for row, token in zip(self.active, tokens.tolist()):
-            if not row.cancelled:
-                row.take(token)
-        keep = [i for i, row in enumerate(self.active) if not (row.done or row.cancelled)]
-        if len(keep) < len(self.active):
-            self.active = [self.active[i] for i in keep]
-            if not keep:
-                self.state, self.logits = None, None
-                return
-            index = torch.tensor(keep, device=self.logits.device)
-            self.state, self.logits, tokens = self.state.rows(index), self.logits[index], tokens[keep]
-        self.logits, self.state = await self._in_worker(self._step, tokens, self.state)
-        self.steps += 1
-        self.mixed_steps += len({id(row.time_state) for row in self.active}) > 1
+    def _at_block_end(self, row: Row) -> bool:
+        return row.prefilled % self.prefill_chunk == 0
 
-    @torch.no_grad()
-    def _sample(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-        """Greedy rows take the argmax; only sampled rows pay for softmax, sort and the nucleus cut."""
-        tokens = logits.argmax(-1).cpu()
+    def _sample(self, rows: list[Row]) -> list[int]:
+        """Greedy rows take the argmax; sampled rows share the engine's generator unless seeded."""
+        logits = self.pool.logits[self.pool.index([row.slot for row in rows])]
+        tokens = logits.argmax(-1)
         shared = [i for i, row in enumerate(rows) if row.params.temperature > 0 and row.generator is None]
         if shared:
-            tokens[shared] = self._sample_rows(logits, rows, shared, self.generator)
+            tokens[shared] = self._draw(logits[shared], [rows[i] for i in shared], self.generator)
         for i, row in enumerate(rows):
             if row.params.temperature > 0 and row.generator is not None:
-                tokens[i] = self._sample_rows(logits, rows, [i], row.generator)[0]
-        return tokens
+                tokens[i] = self._draw(logits[i:i + 1], [row], row.generator)[0]
+        return tokens.tolist()
 
-    @staticmethod
-    def _sample_rows(logits, rows, picked: list[int], generator) -> torch.Tensor:
-        index = torch.tensor(picked, device=logits.device)
-        temperature = torch.tensor([rows[i].params.temperature for i in picked])
-        top_p = torch.tensor([rows[i].params.top_p for i in picked])
-        return sample(logits[index].cpu(), temperature, top_p, generator)
-
-    @torch.no_grad()
-    def _step(self, tokens: torch.Tensor, state: RNNState) -> tuple[torch.Tensor, RNNState]:
-        logits, state = self.model.step(tokens.to(self.model.emb.weight.device), state)
-        return logits.float(), state
-
-    async def _in_worker(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+    def _draw(self, logits: torch.Tensor, rows: list[Row], generator) -> torch.Tensor:
+        temperature = torch.tensor([row.params.temperature for row in rows], device=self.device)
+        top_p = torch.tensor([row.params.top_p for row in rows], device=self.device)
+        return sample(logits, temperature, top_p, generator)

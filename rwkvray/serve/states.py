@@ -6,7 +6,10 @@ Semantics:
   states_dir, or uploaded), or automatically on its first request when it is known.
 - *unmounted*: `DELETE /v1/states/NAME` drops it and blocks automatic mounting, so requests for it get 404
   until it is mounted again by POST. Mounting again re-reads the file (the way to pick up a retrained state).
-- Uploads live in memory only; they are gone when the registry restarts.
+- Uploads and blends are checked fully, then written atomically into states_dir (with their card, if any),
+  so a restart or a second replica sees them: they become known states like any dropped-in file.
+- A state whose card (NAME.json, see rwkvray/state_card.py) names another base model than the loaded one is
+  refused with 409 unless the mount asks for `force`; a state without a card is served with a warning.
 
 Each mount gets a new version; replicas cache states under the id `NAME@VERSION`, so a replaced or re-mounted
 state is never served from a stale cache entry, and a request that raced an unmount gets 404, not old data.
@@ -15,16 +18,20 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import threading
+import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from rwkvray import __version__
+from rwkvray.atomic import write_atomically
 from rwkvray.dims import ModelDims
 from rwkvray.errors import UserError
 from rwkvray.serve.api import ApiError, bad_request, not_found
-from rwkvray.state_file import load_state
+from rwkvray.state_card import card_path, read_card, write_card
+from rwkvray.state_file import load_state, save_state
 
 STATE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # no leading dot: no "..", no hidden files
 STATE_SUFFIX = ".pth"
@@ -60,24 +67,32 @@ def split_model_id(mid: str) -> tuple[str, int]:
 class Mounted:
     name: str
     version: int
-    source: str  # "states_dir" or "upload"
+    source: str  # "states_dir", "upload" or "blend"
     time_state: torch.Tensor  # [L,H,N,N] fp32, CPU; never written to
+    warning: Optional[str] = None
 
     def describe(self) -> dict:
-        return {"name": self.name, "source": self.source, "shape": list(self.time_state.shape)}
+        out = {"name": self.name, "source": self.source, "shape": list(self.time_state.shape)}
+        if self.warning:
+            out["warning"] = self.warning
+        return out
 
 
 class StateStore:
-    """Mounted states of one application. Thread-safe; every public method raises ApiError on bad input."""
+    """Mounted states of one application. Thread-safe; every public method raises ApiError on bad input.
 
-    def __init__(self, states_dir: str, dims: ModelDims, base_name: str, max_upload_bytes: int):
+    `base` is the loaded model's card entry (state_card.base_fingerprint); None skips the base check."""
+
+    def __init__(self, states_dir: str, dims: ModelDims, base_name: str, max_upload_bytes: int,
+                 base: Optional[dict] = None):
         self.states_dir = states_dir
         self.dims = dims
         self.base_name = base_name
+        self.base = base
         self.max_upload_bytes = max_upload_bytes
         self.mounted: dict[str, Mounted] = {}
         self.unmounted: set[str] = set()
-        self.next_version = 1
+        self.next_version = time.time_ns() // 1000  # unique across restarts: a stale NAME@VERSION never matches
         self.lock = threading.Lock()
         os.makedirs(states_dir, exist_ok=True)
 
@@ -93,7 +108,8 @@ class StateStore:
             if not os.path.isfile(path):
                 raise not_found(f"the model '{name}' does not exist: it is neither the base model "
                                 f"'{self.base_name}' nor a state in the states folder")
-            entry = self._add(name, "states_dir", self._read(path, name))
+            warning = self._check_card(name, read_state_card(path, name), force=False)
+            entry = self._add(name, "states_dir", self._read(path, name), warning)
             return model_id(name, entry.version)
 
     def fetch(self, mid: str) -> torch.Tensor:
@@ -105,28 +121,47 @@ class StateStore:
                 raise not_found(f"state '{name}' is not mounted (it was unmounted or replaced during the request)")
             return entry.time_state
 
-    def mount(self, name: str) -> dict:
+    def mount(self, name: str, force: bool = False) -> dict:
         """Mount (or re-read) NAME.pth from states_dir."""
         self._check_not_base(name)
         path = state_path(self.states_dir, name)
         if not os.path.isfile(path):
             raise not_found(f"no state file '{name}{STATE_SUFFIX}' in the states folder", "state_not_found")
+        warning = self._check_card(name, read_state_card(path, name), force)
         time_state = self._read(path, name)
         with self.lock:
-            return self._add(name, "states_dir", time_state).describe()
+            return self._add(name, "states_dir", time_state, warning).describe()
 
-    def upload(self, name: str, data: bytes) -> dict:
-        """Mount a state file sent by a client, after checking it fully (weights_only load, keys, shapes)."""
+    def upload(self, name: str, data: bytes, card: Optional[dict] = None, force: bool = False) -> dict:
+        """Check a state file sent by a client fully (weights_only load, keys, shapes, its card's base), write it
+        (and its card) atomically into states_dir, and mount it."""
         self._check_not_base(name)
         if len(data) > self.max_upload_bytes:
             raise upload_too_large(self.max_upload_bytes)
-        with tempfile.TemporaryDirectory(prefix="rwkvray-upload-") as folder:
-            path = os.path.join(folder, name + STATE_SUFFIX)
-            with open(path, "wb") as f:
-                f.write(data)
-            time_state = self._read(path, name)
+        warning = self._check_card(name, card, force)
+        path = state_path(self.states_dir, name)
         with self.lock:
-            return self._add(name, "upload", time_state).describe()
+            write_atomically(path, lambda tmp: self._write_checked(tmp, data, name))
+            time_state = self._read(path, name)
+            self._replace_card(path, card)
+            return self._add(name, "upload", time_state, warning).describe()
+
+    def blend(self, name: str, weights: dict[str, float]) -> dict:
+        """Mount NAME as the weighted sum of mounted (or known) states, and keep it in states_dir with a card
+        that records the recipe."""
+        self._check_not_base(name)
+        if not weights:
+            raise bad_request("`blend` needs at least one state", "blend")
+        parents = {parent: self.fetch(self.resolve(parent)) for parent in weights}
+        time_state = sum(weight * parents[parent] for parent, weight in weights.items())
+        if not torch.isfinite(time_state).all():
+            raise bad_request(f"the blend of {sorted(weights)} is not finite", "blend")
+        path = state_path(self.states_dir, name)
+        card = {"base": self.base, "method": "blend", "blend": dict(weights), "rwkvray_version": __version__}
+        with self.lock:
+            save_state(time_state, path)
+            self._replace_card(path, card)
+            return self._add(name, "blend", time_state.float(), None).describe()
 
     def unmount(self, name: str) -> dict:
         check_name(name)
@@ -165,6 +200,36 @@ class StateStore:
             raise bad_request(f"'{name}' is the base model's name; pick another state name", "name",
                               "invalid_state_name")
 
+    def _check_card(self, name: str, card: Optional[dict], force: bool) -> Optional[str]:
+        """409 when the card names another base than the loaded one (unless forced); the listing's warning."""
+        if card is None:
+            return "no state card: the base model it was tuned on is unknown"
+        theirs = card.get("base") if isinstance(card.get("base"), dict) else {}
+        if "sha256" not in theirs:
+            return "the state card names no base model (base.sha256)"
+        if self.base is None or theirs["sha256"] == self.base["sha256"]:
+            return None
+        mismatch = (f"state '{name}' was tuned on base {describe_base(theirs)}, but this server loaded "
+                    f"{describe_base(self.base)}")
+        if force:
+            return f"mounted with force: {mismatch}"
+        raise ApiError(409, f"{mismatch}; a state works only on the model it was tuned on "
+                            "(mount it with \"force\": true to serve it anyway)",
+                       "invalid_request_error", "name", "base_mismatch")
+
+    def _write_checked(self, tmp: str, data: bytes, name: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        self._read(tmp, name)
+
+    def _replace_card(self, path: str, card: Optional[dict]) -> None:
+        """The card beside a newly written state: the given one, or none (an old card would lie)."""
+        if card is None:
+            if os.path.exists(card_path(path)):
+                os.remove(card_path(path))
+        else:
+            write_card(card_path(path), card)
+
     def _read(self, path: str, name: str) -> torch.Tensor:
         """load_state's checks (weights_only, exact keys, [H,N,N] per layer, finite, fits the model) as a 400."""
         try:
@@ -173,12 +238,23 @@ class StateStore:
             message = str(err).removeprefix(f"{path}: ")
             raise bad_request(f"state '{name}': {message}", "state", "invalid_state") from None
 
-    def _add(self, name: str, source: str, time_state: torch.Tensor) -> Mounted:
-        entry = Mounted(name, self.next_version, source, time_state)
+    def _add(self, name: str, source: str, time_state: torch.Tensor, warning: Optional[str]) -> Mounted:
+        entry = Mounted(name, self.next_version, source, time_state, warning)
         self.next_version += 1
         self.mounted[name] = entry
         self.unmounted.discard(name)
         return entry
+
+
+def read_state_card(path: str, name: str) -> Optional[dict]:
+    try:
+        return read_card(path)
+    except ValueError as err:
+        raise bad_request(f"state '{name}': card {err}", "name", "invalid_state_card") from None
+
+
+def describe_base(base: dict) -> str:
+    return f"'{base.get('file', '?')}' (sha256 {str(base.get('sha256', '?'))[:16]}…)"
 
 
 def upload_too_large(limit: int) -> ApiError:

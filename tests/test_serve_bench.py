@@ -1,0 +1,27 @@
+"""benchmarks/serve_bench.py runs end to end on a tiny model and writes every workload's figures."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.ray
+
+
+def test_serve_bench_writes_all_workloads(tmp_path):
+    out = tmp_path / "serve.json"
+    run = subprocess.run([sys.executable, "benchmarks/serve_bench.py", "--long-tokens", "300", "--max-tokens", "4",
+                          "--batches", "1,2", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [key for key in report["batch_scaling"]] == ["1", "2"]
+    assert all(row["tokens"] == row["requests"] * 4 for row in report["batch_scaling"].values())
+    assert len(report["long_prompt_stall"]["short_ttft_s"]) == 4
+    assert report["prefix_reuse"]["second"]["tokens"] == 4
+    engine = report["server_stats"]["model_replica"]
+    assert engine["prefix_cache"]["hits"] == 1 and engine["prefill_tokens"] > 600
+    assert set(report["model_step_ceiling"]) == {"1", "2"}
