@@ -309,7 +309,7 @@ def test_known_state_mounts_on_first_use_and_unmount_blocks_it(store):
     mid = store.resolve("alpha")
     assert torch.equal(store.fetch(mid), random_state(1))
     assert store.listing()["mounted"] == [{"name": "alpha", "source": "states_dir", "shape": [2, 1, 64, 64],
-                                           "warning": NO_CARD_WARNING}]
+                                           "card": None, "base_match": None, "warning": NO_CARD_WARNING}]
     assert store.unmount("alpha") == {"name": "alpha", "mounted": False}
     assert error_of(store.resolve, "alpha").status == 404
     assert error_of(store.fetch, mid).status == 404  # a request that raced the unmount gets 404, not old data

@@ -70,9 +70,12 @@ class Mounted:
     source: str  # "states_dir", "upload" or "blend"
     time_state: torch.Tensor  # [L,H,N,N] fp32, CPU; never written to
     warning: Optional[str] = None
+    card: Optional[dict] = None
+    base_match: Optional[bool] = None  # does the card's base sha256 equal the loaded base's? None: unknown
 
     def describe(self) -> dict:
-        out = {"name": self.name, "source": self.source, "shape": list(self.time_state.shape)}
+        out = {"name": self.name, "source": self.source, "shape": list(self.time_state.shape),
+               "card": self.card, "base_match": self.base_match}
         if self.warning:
             out["warning"] = self.warning
         return out
@@ -108,8 +111,9 @@ class StateStore:
             if not os.path.isfile(path):
                 raise not_found(f"the model '{name}' does not exist: it is neither the base model "
                                 f"'{self.base_name}' nor a state in the states folder")
-            warning = self._check_card(name, read_state_card(path, name), force=False)
-            entry = self._add(name, "states_dir", self._read(path, name), warning)
+            card = read_state_card(path, name)
+            warning = self._check_card(name, card, force=False)
+            entry = self._add(name, "states_dir", self._read(path, name), warning, card)
             return model_id(name, entry.version)
 
     def fetch(self, mid: str) -> torch.Tensor:
@@ -127,10 +131,11 @@ class StateStore:
         path = state_path(self.states_dir, name)
         if not os.path.isfile(path):
             raise not_found(f"no state file '{name}{STATE_SUFFIX}' in the states folder", "state_not_found")
-        warning = self._check_card(name, read_state_card(path, name), force)
+        card = read_state_card(path, name)
+        warning = self._check_card(name, card, force)
         time_state = self._read(path, name)
         with self.lock:
-            return self._add(name, "states_dir", time_state, warning).describe()
+            return self._add(name, "states_dir", time_state, warning, card).describe()
 
     def upload(self, name: str, data: bytes, card: Optional[dict] = None, force: bool = False) -> dict:
         """Check a state file sent by a client fully (weights_only load, keys, shapes, its card's base), write it
@@ -144,7 +149,7 @@ class StateStore:
             write_atomically(path, lambda tmp: self._write_checked(tmp, data, name))
             time_state = self._read(path, name)
             self._replace_card(path, card)
-            return self._add(name, "upload", time_state, warning).describe()
+            return self._add(name, "upload", time_state, warning, card).describe()
 
     def blend(self, name: str, weights: dict[str, float]) -> dict:
         """Mount NAME as the weighted sum of mounted (or known) states, and keep it in states_dir with a card
@@ -161,7 +166,7 @@ class StateStore:
         with self.lock:
             save_state(time_state, path)
             self._replace_card(path, card)
-            return self._add(name, "blend", time_state.float(), None).describe()
+            return self._add(name, "blend", time_state.float(), None, card).describe()
 
     def unmount(self, name: str) -> dict:
         check_name(name)
@@ -217,6 +222,12 @@ class StateStore:
                             "(mount it with \"force\": true to serve it anyway)",
                        "invalid_request_error", "name", "base_mismatch")
 
+    def _base_match(self, card: Optional[dict]) -> Optional[bool]:
+        theirs = (card or {}).get("base")
+        if self.base is None or not isinstance(theirs, dict) or "sha256" not in theirs:
+            return None
+        return theirs["sha256"] == self.base["sha256"]
+
     def _write_checked(self, tmp: str, data: bytes, name: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -238,8 +249,9 @@ class StateStore:
             message = str(err).removeprefix(f"{path}: ")
             raise bad_request(f"state '{name}': {message}", "state", "invalid_state") from None
 
-    def _add(self, name: str, source: str, time_state: torch.Tensor, warning: Optional[str]) -> Mounted:
-        entry = Mounted(name, self.next_version, source, time_state, warning)
+    def _add(self, name: str, source: str, time_state: torch.Tensor, warning: Optional[str],
+             card: Optional[dict]) -> Mounted:
+        entry = Mounted(name, self.next_version, source, time_state, warning, card, self._base_match(card))
         self.next_version += 1
         self.mounted[name] = entry
         self.unmounted.discard(name)
