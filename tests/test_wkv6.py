@@ -41,7 +41,7 @@ def test_torch_op_gradients_match_loop_for_every_input():
 
 
 def test_torch_op_gradcheck():
-    inputs = [x.requires_grad_() for x in wkv6_inputs(2, 19, 1, 4, seed=3)]
+    inputs = [x.requires_grad_() for x in wkv6_inputs(1, 18, 1, 2, seed=3)]  # crosses a chunk boundary
     assert torch.autograd.gradcheck(lambda *x: wkv6(*x, op="torch"), inputs)
 
 
