@@ -166,7 +166,7 @@ BAD_FLAGS = [
     ("--dataload get", "--dataload: 'get' is not supported: rwkvray samples pieces of whole documents (like pad)"),
     ("--loss_mask se", "--loss_mask: 'se' is not supported (use none, pad or qa)"),
     ("--data_type sft", "--data_type: 'sft' is not supported (use jsonl or binidx)"),
-    ("--dim_att 512 --n_embd 1024", "--dim_att: must be 0 or --n_embd (1024) for RWKV-7"),
+    ("--dim_att 512 --n_embd 1024", "--dim_att: must be 0 or --n_embd (1024)"),
     ("--my_exit 1 --epoch_count 5", "--my_exit: would stop after epoch 1: set --epoch_count instead"),
 ]
 
