@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from rwkvray.checkpoint import load_checkpoint, save_checkpoint
+from rwkvray.cli import main
 from rwkvray.errors import UserError
 from rwkvray.init_model import default_dims_x060, init_weights
 from rwkvray.model import RNNState, load_model
@@ -100,13 +101,16 @@ def test_grad_checkpointing_gives_the_same_state_gradient():
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_init_model_x060_writes_rwkv_lm_keys_and_dims(tmp_path):
-    dims = default_dims_x060(2, 256, vocab_size=1000)
-    assert (dims.dim_ffn, dims.dim_mix, dims.dim_decay) == (896, 32, 64)
-    weights = init_weights(dims, seed=0)
+def test_init_model_x060_writes_rwkv_lm_keys_and_dims(tmp_path, capsys):
     path = str(tmp_path / "new.pth")
-    save_checkpoint(weights, path)
+    assert main(["init-model", "--version", "x060", "--n-layer", "2", "--n-embd", "256", "--vocab-size", "1000",
+                 "--out", path]) == 0
+    assert capsys.readouterr().out == (f"wrote {path}: x060, n_layer 2, n_embd 256, vocab 1000, "
+                                       "ffn 896, low-rank mix/decay 32/64\n")
+    dims = default_dims_x060(2, 256, vocab_size=1000)
     assert load_checkpoint(path).dims == dims
+    weights = torch.load(path, weights_only=True)
+    assert list(weights) == list(init_weights(dims))  # RWKV-LM's state-dict order
     assert weights["blocks.0.att.time_maa_w2"].shape == (5, 32, 256)
     assert weights["blocks.1.att.time_faaaa"].shape == (4, 64)
     assert weights["blocks.0.att.time_decay"][0, 0, 0].item() == pytest.approx(-6.0)
