@@ -128,3 +128,19 @@ def test_fla_chunk_rwkv6_matches_float64_loop(B, T, H):
     y, s = wkv6(*xs, op="fla")
     grads = torch.autograd.grad((y.float() * dy.float()).sum() + (s * ds).sum(), xs)
     assert_close_to_reference([y, s, *grads], [t.cuda() for t in reference], 5e-2)
+
+
+def test_fla_chunk_rwkv6_under_the_triton_interpreter(request):
+    """FLA's kernel on the CPU, called exactly as on a GPU: log-decay, [K,V] state, scale 1, by keyword."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: test_fla_chunk_rwkv6_matches_float64_loop runs the compiled kernel")
+    try:
+        request.getfixturevalue("triton_interpreter")
+    except pytest.FixtureLookupError:
+        pytest.skip("the Triton interpreter fixture (tests/triton_interp.py, issue 16) is not on this branch")
+    pytest.importorskip("fla")
+    xs, dy, ds, reference = case(1, 40, 1, torch.float32)
+    xs = [x.requires_grad_() for x in xs]
+    y, s = wkv6(*xs, op="fla")
+    grads = torch.autograd.grad((y * dy).sum() + (s * ds).sum(), xs)
+    assert_close_to_reference([y, s, *grads], reference, 1e-3)
