@@ -60,14 +60,14 @@ def test_merged_state_generates_as_in_the_rwkv_package(tiny_x060, trained_state,
     merged = str(tmp_path / "merged.pth")
     assert main(["merge-state", "--base", tiny_x060, "--state", trained_state, "--out", merged]) == 0
     outputs = []
-    for model, extra in ((tiny_x060, ["--state", trained_state]), (tiny_x060, [])):
+    for model, extra in ((tiny_x060, ["--state", trained_state]), (tiny_x060, []), (merged, [])):
         capsys.readouterr()
         assert main(["generate", "--model", model, "--prompt", PROMPT, "--max-tokens", "12", "--temperature", "0",
                      "--device", "cpu", *extra]) == 0
         outputs.append(capsys.readouterr().out.removesuffix("\n"))
     tokenizer = get_tokenizer()
     theirs = greedy_with_rwkv_package(merged, tokenizer.encode(PROMPT), 12)
-    assert outputs[0] == tokenizer.decode(theirs)
+    assert outputs[0] == tokenizer.decode(theirs) == outputs[2]  # the merged file carries the state itself
     assert outputs[0] != outputs[1]  # the tuned state changes the text, so a wrong layout could not pass
 
 
