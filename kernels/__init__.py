@@ -1,6 +1,6 @@
 """The WKV entry points, `wkv7(...)` (RWKV-7) and `wkv6(...)` (RWKV-6), with backends torch, cuda and fla.
 
-Inputs r, w, k, v, a, b are [B,T,H,N]; w is RWKV-LM's pre-decay (decay = exp(-exp(w)), w <= -0.5);
+wkv7: inputs r, w, k, v, a, b are [B,T,H,N]; w is RWKV-LM's pre-decay (decay = exp(-exp(w)), w <= -0.5);
 a and b are the in-context vectors (a = -kk, b = kk * a_gate). s0 is the initial state [B,H,N,N] in the
 [value, key] layout (fp32). Returns y [B,T,H,N] in r's dtype and the final state [B,H,N,N] in fp32.
 """

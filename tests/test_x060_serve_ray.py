@@ -1,7 +1,8 @@
-"""RWKV-6 (x060) in the rest of the system: Serve's batching engine with two v6 states in one batch, and a state
-tuning run through Ray Train with DeepSpeed."""
+"""RWKV-6 (x060) in the rest of the system: Serve's batching engine with two v6 states in one batch, the same
+over HTTP on a real Ray Serve, and a state tuning run through Ray Train with DeepSpeed."""
 import asyncio
 import os
+import socket
 
 import pytest
 import torch
@@ -18,6 +19,12 @@ SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data",
 # The real tokenizer's ids reach 65535, so prompts need the full vocab; everything else is tiny.
 SERVE_DIMS = ModelDimsX060(n_layer=2, n_embd=64, head_size=64, vocab_size=65536, dim_ffn=224, dim_mix=8, dim_decay=8)
 PROMPTS = ["User: hi\n\nAssistant:", "The capital of France is"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def random_state(seed: int) -> torch.Tensor:
@@ -51,6 +58,49 @@ def test_serve_engine_decodes_two_v6_states_in_one_batch():
     assert asyncio.run(run()) == expected
     assert len(set(expected)) == len(cases)  # the two states give different text, so cross-talk would show
     assert max(rows_per_call) == len(cases)  # all four rows, both states, went through the model together
+
+
+@pytest.mark.ray
+def test_serve_over_http_answers_two_mounted_v6_states_at_once(tmp_path):
+    """A v6 base and two v6 state files on a real local Ray Serve; concurrent greedy requests over HTTP."""
+    ray = pytest.importorskip("ray")
+    import httpx
+    from ray import serve
+    from rwkvray.checkpoint import save_checkpoint
+    from rwkvray.serve.app import APP_NAME, build_app
+    from rwkvray.state_file import save_state
+
+    model = random_model_x060(SERVE_DIMS)
+    save_checkpoint(model.state_dict(), str(tmp_path / "base6.pth"))
+    (tmp_path / "states").mkdir()
+    for seed in (1, 2):
+        save_state(random_state(seed), str(tmp_path / "states" / f"s{seed}.pth"))
+    cases = [(prompt, seed) for prompt in PROMPTS for seed in (1, 2)]
+    expected = [greedy_text(model, prompt, random_state(seed), 6) for prompt, seed in cases]
+    os.environ["RWKVRAY_TEST_X060_KEY"] = "k6"
+    config = spec_from_dict({"serve": {
+        "model": str(tmp_path / "base6.pth"), "states_dir": str(tmp_path / "states"),
+        "api_key_env": "RWKVRAY_TEST_X060_KEY", "max_batch_size": 8, "batch_wait_ms": 50.0, "use_gpu": False}},
+        "test serve spec").serve
+    port = free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+
+        async def ask_all():
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                                         headers={"Authorization": "Bearer k6"}) as client:
+                replies = await asyncio.gather(*(client.post("/v1/completions", json={
+                    "model": f"s{seed}", "prompt": prompt, "max_tokens": 6, "temperature": 0})
+                    for prompt, seed in cases))
+            return [reply.json()["choices"][0]["text"] for reply in replies]
+        assert asyncio.run(ask_all()) == expected
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        del os.environ["RWKVRAY_TEST_X060_KEY"]
+    assert len(set(expected)) == len(cases)
 
 
 @pytest.mark.ray
