@@ -49,11 +49,16 @@ def greedy_with_rwkv_package(model_path: str, prompt: list[int], max_tokens: int
     return tokens
 
 
-def test_state_file_is_rwkv_peft_v6_layout(trained_state):
+def test_state_file_is_rwkv_peft_v6_layout_and_exports_for_ai00(trained_state, tmp_path):
     raw = torch.load(trained_state, weights_only=True)
     assert sorted(raw) == ["blocks.0.att.time_state", "blocks.1.att.time_state"]
     assert all(t.shape == (2, 64, 64) and t.dtype == torch.float32 for t in raw.values())
     assert raw["blocks.1.att.time_state"].abs().max() > 0
+    exported = str(tmp_path / "state.st")
+    assert main(["export-state", "--state", trained_state, "--out", exported]) == 0
+    from safetensors.torch import load_file
+    ai00 = load_file(exported)
+    assert torch.equal(ai00["blocks.1.att.time_state"], raw["blocks.1.att.time_state"].transpose(-1, -2).half())
 
 
 def test_merged_state_generates_as_in_the_rwkv_package(tiny_x060, trained_state, tmp_path, capsys):
