@@ -36,14 +36,11 @@ class TimeMix(nn.Module):
     def forward(self, x, v_first, last_x, s0, op):
         B, T, C = x.shape
         xx = token_shift(x, last_x)
-        # data-dependent lerp: one shared low-rank map of x + xx*maa_x yields the five extra mixes
-        xxx = torch.tanh((x + xx * self.time_maa_x) @ self.time_maa_w1).view(B * T, MIXES, -1).transpose(0, 1)
-        mw, mk, mv, mr, mg = torch.bmm(xxx, self.time_maa_w2).view(MIXES, B, T, C).unbind(0)
-        xw = x + xx * (self.time_maa_w + mw)
-        xk = x + xx * (self.time_maa_k + mk)
-        xv = x + xx * (self.time_maa_v + mv)
-        xr = x + xx * (self.time_maa_r + mr)
-        xg = x + xx * (self.time_maa_g + mg)
+        # data-dependent lerp: one shared low-rank map of x + xx*maa_x yields an extra mix for each of w,k,v,r,g
+        hidden = torch.tanh((x + xx * self.time_maa_x) @ self.time_maa_w1).view(B, T, MIXES, -1)
+        extra = torch.einsum("btmd,mdc->mbtc", hidden, self.time_maa_w2)
+        maa = (self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g)
+        xw, xk, xv, xr, xg = (x + xx * (m + e) for m, e in zip(maa, extra))
 
         r = self.receptance(xr)
         k = self.key(xk)
