@@ -1,7 +1,8 @@
-"""Read, check and write BlinkDL-format RWKV-7 (x070) checkpoints (`.pth` state dicts).
+"""Read, check and write BlinkDL-format RWKV-7 (x070) and RWKV-6 (x060) checkpoints (`.pth` state dicts).
 
-Every dimension is read from the tensors (see `infer_dims`); every expected key is checked for presence and
-shape; anything that is not a plain x070 model (RWKV-4/5/6, DeepEmbed 7a/7b, stray keys) is refused with one line.
+The version comes from the keys (an `att.time_maa` key means x060, as in the rwkv package). Every dimension is
+read from the tensors (see `infer_dims`); every expected key is checked for presence and shape; anything that is
+not a plain x070 or x060 model (RWKV-4/5, DeepEmbed 7a/7b, stray keys) is refused with one line.
 """
 import os
 import re
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from rwkvray.atomic import write_atomically
-from rwkvray.dims import ModelDims
+from rwkvray.checkpoint_x060 import block_shapes_x060, infer_dims_x060, is_x060
+from rwkvray.dims import ModelDims, ModelDimsX060
 from rwkvray.errors import UserError
 
 TIME_STATE_KEY = "blocks.{}.att.time_state"
@@ -19,13 +21,12 @@ _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _TIME_STATE = re.compile(r"^blocks\.(\d+)\.att\.time_state$")
 # Layer 0 of RWKV-LM has value-residual parameters too, but the forward pass never uses them.
 _UNUSED_LAYER0 = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
-# Key fragments of older RWKV generations, most telling first (RWKV-6 also has time_decay and time_faaaa).
+# Key fragments of older RWKV generations, most telling first; checked only once `att.time_maa` (RWKV-6) is absent.
 _OLDER_GENERATIONS = (
-    ("att.time_maa", "RWKV-6"),
     ("att.time_faaaa", "RWKV-5"),
     ("att.time_first", "RWKV-4"),
-    ("att.time_decay", "RWKV-6 or older"),
-    ("att.time_mix_", "RWKV-6 or older"),
+    ("att.time_decay", "RWKV-5 or older"),
+    ("att.time_mix_", "RWKV-5 or older"),
 )
 # Per-block keys of the DeepEmbed variants (RWKV-7a/7b).
 _DEEP_EMBED = {"ffn.s_emb.weight", "ffn.s_emb_x.weight", "ffn.s0", "ffn.s1", "ffn.s2",
@@ -34,13 +35,13 @@ _DEEP_EMBED = {"ffn.s_emb.weight", "ffn.s_emb_x.weight", "ffn.s0", "ffn.s1", "ff
 
 @dataclass
 class Checkpoint:
-    dims: ModelDims
+    dims: ModelDims | ModelDimsX060  # dims.version is "x070" or "x060"
     weights: dict[str, torch.Tensor]  # model weights only (time_state and unused blocks.0.att.v* removed)
     time_state: torch.Tensor | None  # [L,H,N,N] fp32 if the file carries merged blocks.{i}.att.time_state keys
 
 
 def load_checkpoint(path: str) -> Checkpoint:
-    """Load a BlinkDL x070 checkpoint of any size (memory-mapped where the file format allows it)."""
+    """Load a BlinkDL x070 or x060 checkpoint of any size (memory-mapped where the file format allows it)."""
     return parse_checkpoint(read_tensor_dict(path), path)
 
 
@@ -67,9 +68,10 @@ def read_tensor_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def parse_checkpoint(raw: dict[str, torch.Tensor], path: str) -> Checkpoint:
-    """Check a loaded state dict against the x070 layout and split off merged time_state keys."""
+    """Check a loaded state dict against the x070 or x060 layout and split off merged time_state keys."""
     try:
-        _refuse_other_architectures(raw)
+        if not is_x060(raw):
+            _refuse_other_architectures(raw)
         dims = infer_dims(raw)
         state_keys = {key for key in raw if _TIME_STATE.match(key)}
         weights = {k: v for k, v in raw.items() if k not in state_keys and k not in _UNUSED_LAYER0}
@@ -80,22 +82,23 @@ def parse_checkpoint(raw: dict[str, torch.Tensor], path: str) -> Checkpoint:
     return Checkpoint(dims=dims, weights=weights, time_state=time_state)
 
 
-def infer_dims(weights: dict) -> ModelDims:
-    """Read every dimension from the tensors.
+def infer_dims(weights: dict) -> ModelDims | ModelDimsX060:
+    """Read every dimension from the tensors (for x060 see `infer_dims_x060`).
 
-    H, N from `blocks.0.att.r_k`; V, C from `emb.weight`; L = highest block index + 1; the low-rank dims from
+    x070: H, N from `blocks.0.att.r_k`; V, C from `emb.weight`; L = highest block index + 1; the low-rank dims from
     the widths of `w1`, `a1`, `g1` of block 0 and of `v1` of block 1 (layer 0 has no value residual).
     Merged `blocks.{i}.att.time_state` keys do not count as layers.
     A one-layer model has no used `v1`: then dim_v is the width of `blocks.0.att.v1` if the file has it
     (RWKV-LM writes it), else 0.
     """
+    if is_x060(weights):
+        return infer_dims_x060(weights, _n_layer(weights), lambda key, ndim: _shape(weights, key, ndim))
     vocab_size, n_embd = _shape_2d(weights, "emb.weight")
     n_head, head_size = _shape_2d(weights, "blocks.0.att.r_k")
     if n_head * head_size != n_embd:
         raise UserError(f"key 'blocks.0.att.r_k' has shape [{n_head}, {head_size}] but H*N must equal "
                         f"the embedding size {n_embd} of 'emb.weight'")
-    n_layer = 1 + max(int(m.group(1)) for key in weights if (m := _BLOCK_KEY.match(key))
-                      and not _TIME_STATE.match(key))
+    n_layer = _n_layer(weights)
     if n_layer > 1:
         dim_v = _shape_2d(weights, "blocks.1.att.v1")[1]
     else:
@@ -109,20 +112,21 @@ def infer_dims(weights: dict) -> ModelDims:
     )
 
 
-def expected_shapes(dims: ModelDims) -> dict[str, tuple[int, ...]]:
-    """Every model key of an x070 checkpoint with its shape, in RWKV-LM's state-dict order.
+def expected_shapes(dims: ModelDims | ModelDimsX060) -> dict[str, tuple[int, ...]]:
+    """Every model key of an x070 (or x060) checkpoint with its shape, in RWKV-LM's state-dict order.
 
     Layer 0 has no v0/v1/v2 here: they are never used (init_weights adds them, as RWKV-LM writes them).
     """
     C, V = dims.n_embd, dims.vocab_size
+    block_shapes = block_shapes_x060 if dims.version == "x060" else _block_shapes
     shapes: dict[str, tuple[int, ...]] = {"emb.weight": (V, C)}
     for i in range(dims.n_layer):
-        shapes.update(_block_shapes(i, dims))
+        shapes.update(block_shapes(i, dims))
     shapes.update({"ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V, C)})
     return shapes
 
 
-def check_weights(weights: dict[str, torch.Tensor], dims: ModelDims) -> None:
+def check_weights(weights: dict[str, torch.Tensor], dims: ModelDims | ModelDimsX060) -> None:
     """Every expected key present with its shape and a floating dtype, and no other key."""
     expected = expected_shapes(dims)
     for key, shape in expected.items():
@@ -135,7 +139,8 @@ def check_weights(weights: dict[str, torch.Tensor], dims: ModelDims) -> None:
             raise UserError(f"key '{key}' has dtype {tensor.dtype}, expected a floating-point tensor")
     for key in weights:
         if key not in expected:
-            raise UserError(f"unexpected key '{key}' (not part of an RWKV-7 x070 checkpoint)")
+            generation = "RWKV-6 x060" if dims.version == "x060" else "RWKV-7 x070"
+            raise UserError(f"unexpected key '{key}' (not part of an {generation} checkpoint)")
 
 
 def save_checkpoint(weights: dict, path: str) -> None:
@@ -170,7 +175,7 @@ def _refuse_other_architectures(weights: dict) -> None:
         key = next((key for key in weights if fragment in key), None)
         if key:
             raise UserError(f"looks like an {generation} checkpoint (key '{key}'); "
-                            "rwkvray needs an RWKV-7 (x070) model")
+                            "rwkvray needs an RWKV-7 (x070) or RWKV-6 (x060) model")
     for key in weights:
         block = _BLOCK_KEY.match(key)
         if block and block.group(2) in _DEEP_EMBED:
@@ -178,13 +183,25 @@ def _refuse_other_architectures(weights: dict) -> None:
                             "use a plain RWKV-7 (x070) model")
 
 
-def _shape_2d(weights: dict, key: str) -> tuple[int, int]:
+def _n_layer(weights: dict) -> int:
+    """Highest block index + 1; merged time_state keys do not count."""
+    layers = [int(m.group(1)) for key in weights if (m := _BLOCK_KEY.match(key)) and not _TIME_STATE.match(key)]
+    if not layers:
+        raise UserError("no 'blocks.{i}.' keys: not an RWKV model")
+    return 1 + max(layers)
+
+
+def _shape(weights: dict, key: str, ndim: int) -> tuple[int, ...]:
     if key not in weights:
         raise UserError(f"missing key '{key}'")
     shape = tuple(weights[key].shape)
-    if len(shape) != 2:
-        raise UserError(f"key '{key}' has shape {list(shape)}, expected 2 dims")
+    if len(shape) != ndim:
+        raise UserError(f"key '{key}' has shape {list(shape)}, expected {ndim} dims")
     return shape
+
+
+def _shape_2d(weights: dict, key: str) -> tuple[int, int]:
+    return _shape(weights, key, 2)
 
 
 def _stack_time_state(raw: dict, state_keys: set[str], dims: ModelDims) -> torch.Tensor:

@@ -9,12 +9,17 @@ from rwkvray.errors import UserError
 def cmd_init_model(args) -> None:
     import torch
     from rwkvray.checkpoint import save_checkpoint
-    from rwkvray.init_model import default_dims, init_weights
-    dims = default_dims(args.n_layer, args.n_embd, args.vocab_size, args.head_size)
+    from rwkvray.init_model import default_dims, default_dims_x060, init_weights
+    make_dims = default_dims_x060 if args.version == "x060" else default_dims
+    dims = make_dims(args.n_layer, args.n_embd, args.vocab_size, args.head_size)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     save_checkpoint(init_weights(dims, seed=args.seed, perturb=args.perturb, dtype=dtype), args.out)
-    print(f"wrote {args.out}: n_layer {dims.n_layer}, n_embd {dims.n_embd}, vocab {dims.vocab_size}, "
-          f"low-rank w/a/v/g {dims.dim_w}/{dims.dim_a}/{dims.dim_v}/{dims.dim_g}")
+    if args.version == "x060":
+        low_rank = f"ffn {dims.dim_ffn}, low-rank mix/decay {dims.dim_mix}/{dims.dim_decay}"
+    else:
+        low_rank = f"low-rank w/a/v/g {dims.dim_w}/{dims.dim_a}/{dims.dim_v}/{dims.dim_g}"
+    print(f"wrote {args.out}: {dims.version}, n_layer {dims.n_layer}, n_embd {dims.n_embd}, "
+          f"vocab {dims.vocab_size}, {low_rank}")
 
 
 def cmd_generate(args) -> None:
@@ -101,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rwkvray", description="State tuning of RWKV-7 models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("init-model", help="write a new RWKV-7 checkpoint with the RWKV-LM init")
+    p = sub.add_parser("init-model", help="write a new RWKV-7 (or RWKV-6) checkpoint with the RWKV-LM init")
+    p.add_argument("--version", choices=["x070", "x060"], default="x070", help="RWKV-7 (x070) or RWKV-6 (x060)")
     p.add_argument("--n-layer", type=int, required=True)
     p.add_argument("--n-embd", type=int, required=True)
     p.add_argument("--vocab-size", type=int, default=65536)

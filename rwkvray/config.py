@@ -146,6 +146,7 @@ class ModelConfig(StrictModel):
     """The checkpoint, plus optional expectations checked against its weights (see check_model_expectations)."""
 
     path: ExistingFile
+    version: Literal["x070", "x060"] | None = None  # RWKV-7 or RWKV-6; the checkpoint's keys decide, this checks
     n_layer: PositiveInt | None = None
     n_embd: PositiveInt | None = None
     head_size: PositiveInt | None = None
@@ -680,10 +681,10 @@ def require_serve_block(spec: JobSpec) -> ServeConfig:
 
 
 def check_model_expectations(model: ModelConfig, dims: ModelDims, source: str) -> None:
-    """Compare the spec's optional n_layer/n_embd/head_size/vocab_size with the checkpoint's real shape."""
+    """Compare the spec's optional version/n_layer/n_embd/head_size/vocab_size with the checkpoint's real ones."""
     mismatches = [
         f"{name}={getattr(dims, name)} but the spec expects {getattr(model, name)}"
-        for name in ("n_layer", "n_embd", "head_size", "vocab_size")
+        for name in ("version", "n_layer", "n_embd", "head_size", "vocab_size")
         if getattr(model, name) is not None and getattr(model, name) != getattr(dims, name)
     ]
     if mismatches:

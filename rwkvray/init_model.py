@@ -1,4 +1,5 @@
-"""Weights for a NEW RWKV-7 (x070) model, initialised as RWKV-LM's trainer does (`generate_init_weight`).
+"""Weights for a NEW RWKV-7 (x070) or RWKV-6 (x060) model, initialised as RWKV-LM's trainer does
+(`generate_init_weight`, and for x060 the RWKV_Tmix_x060 / RWKV_CMix_x060 constructors).
 
 A model built exactly like this is nearly an identity map: `att.output` and `ffn.value` are zero, so no layer
 changes the residual stream and the WKV state (hence state tuning) cannot change the output at all.
@@ -10,11 +11,14 @@ import math
 import torch
 
 from rwkvray.checkpoint import expected_shapes
-from rwkvray.dims import ModelDims
+from rwkvray.dims import ModelDims, ModelDimsX060
 from rwkvray.errors import UserError
 
 _MIX_EXPONENTS = {"x_r": 0.2, "x_w": 0.9, "x_k": 0.7, "x_v": 0.7, "x_a": 0.9, "x_g": 0.2}
 _PERTURBED = ("att.output.weight", "ffn.value.weight", "att.w1", "att.a1", "att.v1", "att.g1")
+_PERTURBED_X060 = ("att.output.weight", "ffn.value.weight", "ffn.receptance.weight", "att.time_maa_w1",
+                   "att.time_decay_w1")
+VERSIONS = ("x070", "x060")
 
 
 def default_dims(n_layer: int, n_embd: int, vocab_size: int = 65536, head_size: int = 64) -> ModelDims:
@@ -37,20 +41,32 @@ def default_dims(n_layer: int, n_embd: int, vocab_size: int = 65536, head_size: 
     )
 
 
-def init_weights(dims: ModelDims, seed: int = 0, perturb: float = 0.0,
+def default_dims_x060(n_layer: int, n_embd: int, vocab_size: int = 65536, head_size: int = 64) -> ModelDimsX060:
+    """Dims of a new x060 model as RWKV-LM's trainer sets them: ffn 3.5*C rounded down to a multiple of 32,
+    token-shift LoRA rank 32 and decay LoRA rank 64, both doubled at n_embd 4096 (the 7B)."""
+    default_dims(n_layer, n_embd, vocab_size, head_size)  # the same size checks
+    wide = 2 if n_embd >= 4096 else 1
+    return ModelDimsX060(n_layer=n_layer, n_embd=n_embd, head_size=head_size, vocab_size=vocab_size,
+                         dim_ffn=int(n_embd * 3.5) // 32 * 32, dim_mix=32 * wide, dim_decay=64 * wide)
+
+
+def init_weights(dims: ModelDims | ModelDimsX060, seed: int = 0, perturb: float = 0.0,
                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Every key of a BlinkDL x070 checkpoint (plus the unused blocks.0.att.v0/v1/v2 that RWKV-LM writes).
+    """Every key of a BlinkDL x070 checkpoint (plus the unused blocks.0.att.v0/v1/v2 that RWKV-LM writes), or of
+    an x060 one when `dims` is ModelDimsX060.
 
     Random draws come from one generator seeded with `seed`, in key order, so a seed gives the same weights.
     RWKV-LM divides by L-1 for the w0 ramp; a one-layer model uses ratio 0 there.
     """
     generator = torch.Generator().manual_seed(seed)
+    x060 = dims.version == "x060"
+    shapes = expected_shapes(dims) if x060 else _shapes_with_layer0_values(dims)
     weights = {}
-    for key, shape in _shapes_with_layer0_values(dims).items():
+    for key, shape in shapes.items():
         weights[key] = _init_tensor(key, shape, dims, generator)
     if perturb > 0:
         for key, tensor in weights.items():
-            if key.endswith(_PERTURBED):
+            if key.endswith(_PERTURBED_X060 if x060 else _PERTURBED):
                 tensor.normal_(0.0, perturb, generator=generator)
     return {key: tensor.to(dtype) for key, tensor in weights.items()}
 
@@ -82,7 +98,8 @@ def _init_tensor(key: str, shape: tuple[int, ...], dims: ModelDims, generator: t
         return _layer_norm(key, shape)
     layer = int(key.split(".")[1])
     name = key.split(".", 2)[2]
-    return _block_tensor(name, layer, shape, dims, generator).reshape(shape)
+    block_tensor = _block_tensor_x060 if dims.version == "x060" else _block_tensor
+    return block_tensor(name, layer, shape, dims, generator).reshape(shape)
 
 
 def _block_tensor(name: str, layer: int, shape: tuple[int, ...], dims: ModelDims,
@@ -120,6 +137,37 @@ def _block_tensor(name: str, layer: int, shape: tuple[int, ...], dims: ModelDims
         return _orthogonal(shape, 1.0, generator)
     if name == "att.key.weight":
         return _orthogonal(shape, 0.1, generator)
+    if name == "att.ln_x.weight":
+        return torch.full(shape, ((layer + 1) / L) ** 0.7)
+    return _layer_norm(name, shape)
+
+
+def _block_tensor_x060(name: str, layer: int, shape: tuple[int, ...], dims: ModelDimsX060,
+                       generator: torch.Generator) -> torch.Tensor:
+    C, L = dims.n_embd, dims.n_layer
+    n = torch.arange(C, dtype=torch.float64)
+    ddd = n / C
+    ratio_1_to_almost0 = 1.0 - layer / L
+    ratio_0_to_1 = layer / (L - 1) if L > 1 else 0.0
+    if name in ("att.time_maa_x", "att.time_maa_w", "att.time_maa_k", "ffn.time_maa_k", "ffn.time_maa_r"):
+        return 1.0 - ddd ** ratio_1_to_almost0
+    if name == "att.time_maa_v":
+        return 1.0 - (ddd ** ratio_1_to_almost0 + 0.3 * ratio_0_to_1)
+    if name in ("att.time_maa_r", "att.time_maa_g"):
+        return 1.0 - ddd ** (0.5 * ratio_1_to_almost0)
+    if name == "att.time_decay":
+        return -6 + 5 * (n / (C - 1)) ** (0.7 + 1.3 * ratio_0_to_1)
+    if name == "att.time_faaaa":
+        return ratio_0_to_1 * (1 - n / (C - 1)) + ((n + 1) % 3 - 1) * 0.1
+    if name in ("att.time_maa_w2", "att.time_decay_w2"):
+        return torch.empty(shape).uniform_(-0.01, 0.01, generator=generator)
+    if name in ("att.time_maa_w1", "att.time_decay_w1", "att.output.weight", "ffn.value.weight",
+                "ffn.receptance.weight"):
+        return torch.zeros(shape)
+    if name in ("att.key.weight", "att.gate.weight"):
+        return _orthogonal(shape, 0.1, generator)
+    if name in ("att.receptance.weight", "att.value.weight", "ffn.key.weight"):
+        return _orthogonal(shape, 1.0, generator)
     if name == "att.ln_x.weight":
         return torch.full(shape, ((layer + 1) / L) ** 0.7)
     return _layer_norm(name, shape)

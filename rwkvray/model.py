@@ -1,4 +1,6 @@
-"""RWKV-7 "x070" in PyTorch, in the order and with the names of BlinkDL's rwkv_v7_demo.py.
+"""RWKV-7 "x070" in PyTorch, in the order and with the names of BlinkDL's rwkv_v7_demo.py, and the parts every
+RWKV version shares: the RNN state, the Block skeleton and the model's hidden/forward/step API (`RWKV`).
+RWKV-6 ("x060") plugs its own time-mix and channel-mix into them (rwkvray/model_x060.py).
 
 One forward serves both modes: a whole sequence (training, prompt prefill) and one token at a time
 (generation). Both take and return an RNNState, so a sequence can start from any state.
@@ -93,7 +95,7 @@ class TimeMix(nn.Module):
 
 
 class ChannelMix(nn.Module):
-    def __init__(self, dims: ModelDims):
+    def __init__(self, dims: ModelDims, layer_id: int):
         super().__init__()
         C = dims.n_embd
         self.x_k = nn.Parameter(torch.zeros(1, 1, C))
@@ -106,14 +108,16 @@ class ChannelMix(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dims: ModelDims, layer_id: int):
+    """x = x + att(ln1(x)); x = x + ffn(ln2(x)), with ln0 first in block 0. `v_first` is RWKV-7's value residual;
+    an RWKV-6 time-mix passes it through untouched."""
+
+    def __init__(self, n_embd: int, layer_id: int, att: nn.Module, ffn: nn.Module):
         super().__init__()
-        C = dims.n_embd
         if layer_id == 0:
-            self.ln0 = nn.LayerNorm(C)
-        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
-        self.att = TimeMix(dims, layer_id)
-        self.ffn = ChannelMix(dims)
+            self.ln0 = nn.LayerNorm(n_embd)
+        self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.att = att
+        self.ffn = ffn
 
     def forward(self, x, v_first, att_shift, wkv, ffn_shift, op):
         if hasattr(self, "ln0"):
@@ -124,12 +128,17 @@ class Block(nn.Module):
         return x + dx, v_first, att_shift, wkv, ffn_shift
 
 
-class RWKV7(nn.Module):
-    def __init__(self, dims: ModelDims):
+class RWKV(nn.Module):
+    """Embedding, blocks, ln_out, head; a version subclass names its time-mix and channel-mix classes."""
+    time_mix: type[nn.Module]
+    channel_mix: type[nn.Module]
+
+    def __init__(self, dims):
         super().__init__()
         self.dims = dims
         self.emb = nn.Embedding(dims.vocab_size, dims.n_embd)
-        self.blocks = nn.ModuleList(Block(dims, i) for i in range(dims.n_layer))
+        self.blocks = nn.ModuleList(Block(dims.n_embd, i, self.time_mix(dims, i), self.channel_mix(dims, i))
+                                    for i in range(dims.n_layer))
         self.ln_out = nn.LayerNorm(dims.n_embd)
         self.head = nn.Linear(dims.n_embd, dims.vocab_size, bias=False)
         self.op = "torch"       # WKV backend: auto, torch, cuda or fla
@@ -163,12 +172,24 @@ class RWKV7(nn.Module):
         return logits[:, 0], state
 
 
-def load_model(path: str, device="cpu", dtype=torch.float32) -> tuple[RWKV7, torch.Tensor | None]:
-    """A BlinkDL checkpoint as a frozen-ready model, plus the state merged into the file (if any)."""
+class RWKV7(RWKV):
+    time_mix, channel_mix = TimeMix, ChannelMix
+
+
+def model_class(version: str) -> type[RWKV]:
+    if version == "x060":
+        from rwkvray.model_x060 import RWKV6
+        return RWKV6
+    return RWKV7
+
+
+def load_model(path: str, device="cpu", dtype=torch.float32) -> tuple[RWKV, torch.Tensor | None]:
+    """A BlinkDL checkpoint (x070 or x060, told apart by its keys) as a frozen-ready model, plus the state merged
+    into the file (if any)."""
     from rwkvray.checkpoint import load_checkpoint
     ckpt = load_checkpoint(path)
     with torch.device("meta"):  # no throwaway init: the weights come straight from the file
-        model = RWKV7(ckpt.dims)
+        model = model_class(ckpt.dims.version)(ckpt.dims)
     model.load_state_dict(ckpt.weights, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval(), ckpt.time_state
 

@@ -5,7 +5,7 @@ Every flag of RWKV-PEFT's train.py (JL-er/RWKV-PEFT and its successor) is accept
 - flags that mean something here are mapped into the spec (--lora_config, --strategy, --devices, ...);
 - --n_layer, --n_embd, --head_size_a and --vocab_size become expectations checked against the checkpoint;
 - flags that RWKV-PEFT itself ignores for RWKV-7 (x070) are accepted whatever their value;
-- a value we cannot honour (--my_testing x060, --train_type infctx, --quant fp8, ...) is a one-line error.
+- a value we cannot honour (--my_testing x052, --train_type infctx, --quant fp8, ...) is a one-line error.
 The seed form `--action train --data FILE --model FILE` works too.
 """
 
@@ -20,6 +20,7 @@ from rwkvray.config import TARGETS, JobSpec, spec_from_dict, strategy_to_deepspe
 from rwkvray.errors import UserError
 
 SOURCE = "train flags"
+MODEL_VERSIONS = ("x070", "x060")
 WEIGHT_METHODS = {"lora": "lora", "pissa": "pissa", "disha": "disha", "miss": "disha", "bone": "disha"}
 CONFIG_FLAGS = {  # method -> flags that may carry its JSON config
     "lora": ("lora_config", "peft_config"),
@@ -112,7 +113,8 @@ def add_main_flags(group) -> None:
     group.add_argument("--n_embd", type=int, help="checked against the checkpoint")
     group.add_argument("--head_size_a", "--head_size", dest="head_size_a", type=int, help="checked against the model")
     group.add_argument("--dim_att", type=int, help="0 or n_embd")
-    group.add_argument("--my_testing", help="model version: must be x070 (RWKV-7)")
+    group.add_argument("--my_testing", help="model version, x070 (RWKV-7) or x060 (RWKV-6): checked against the "
+                       "checkpoint, whose keys decide")
 
 
 def add_schedule_flags(group) -> None:
@@ -238,8 +240,9 @@ def spec_from_train_flags(argv: list[str]) -> JobSpec:
 
 
 def check_compat_flags(args) -> None:
-    if args.my_testing is not None and args.my_testing.strip().lower() != "x070":
-        raise flag_error("my_testing", f"{args.my_testing!r} is not RWKV-7; rwkvray trains RWKV-7 (x070) only")
+    if args.my_testing is not None and args.my_testing.strip().lower() not in MODEL_VERSIONS:
+        raise flag_error("my_testing", f"{args.my_testing!r} is not supported; rwkvray trains RWKV-7 (x070) and "
+                                       "RWKV-6 (x060)")
     for name, (values, why) in REQUIRED_VALUES.items():
         value = getattr(args, name)
         if value is not None and value not in values:
@@ -252,6 +255,8 @@ def check_compat_flags(args) -> None:
 
 def map_model(args, spec: SpecBuilder) -> None:
     spec.put_given("model.path", args.load_model, "--load_model")
+    if args.my_testing is not None:
+        spec.put("model.version", args.my_testing.strip().lower(), "--my_testing")
     spec.put_given("model.n_layer", args.n_layer, "--n_layer")
     spec.put_given("model.n_embd", args.n_embd, "--n_embd")
     spec.put_given("model.head_size", args.head_size_a, "--head_size_a")
@@ -259,7 +264,7 @@ def map_model(args, spec: SpecBuilder) -> None:
         spec.put("model.vocab_size", args.vocab_size, "--vocab_size")
     if args.dim_att:
         if args.n_embd is not None and args.dim_att != args.n_embd:
-            raise flag_error("dim_att", f"must be 0 or --n_embd ({args.n_embd}) for RWKV-7")
+            raise flag_error("dim_att", f"must be 0 or --n_embd ({args.n_embd})")
         spec.put("model.n_embd", args.dim_att, "--dim_att")
 
 

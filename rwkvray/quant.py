@@ -15,8 +15,10 @@ from rwkvray.peft.base import replace_module
 
 QUANT_KINDS = ("int8", "nf4")
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold, as transformers uses it
-# The six block Linears, also as the frozen `base_layer` inside an adapter layer.
-_BLOCK_LINEAR = re.compile(r"^blocks\.\d+\.(att\.(receptance|key|value|output)|ffn\.(key|value))(\.base_layer)?$")
+# The block Linears (six in x070; x060 adds att.gate and ffn.receptance), also as the frozen `base_layer` inside
+# an adapter layer.
+_BLOCK_LINEAR = re.compile(
+    r"^blocks\.\d+\.(att\.(receptance|key|value|output|gate)|ffn\.(key|value|receptance))(\.base_layer)?$")
 
 
 def import_bitsandbytes(kind: str):

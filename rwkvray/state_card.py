@@ -50,6 +50,6 @@ def base_fingerprint(model_path: str) -> dict:
     """The card's "base" entry for a model checkpoint."""
     from rwkvray.checkpoint import load_checkpoint
     dims = load_checkpoint(model_path).dims
-    return {"sha256": file_sha256(model_path), "file": os.path.basename(model_path), "version": "x070",
+    return {"sha256": file_sha256(model_path), "file": os.path.basename(model_path), "version": dims.version,
             "n_layer": dims.n_layer, "n_embd": dims.n_embd, "head_size": dims.head_size,
             "vocab_size": dims.vocab_size}

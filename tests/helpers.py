@@ -1,8 +1,9 @@
 """Tiny random models for tests (no weights can be downloaded)."""
 import torch
 
-from rwkvray.dims import ModelDims
+from rwkvray.dims import ModelDims, ModelDimsX060
 from rwkvray.model import RWKV7
+from rwkvray.model_x060 import RWKV6
 
 TINY = ModelDims(n_layer=2, n_embd=128, head_size=64, vocab_size=300, dim_w=8, dim_a=8, dim_v=4, dim_g=16)
 
@@ -31,3 +32,21 @@ def train_steps(model, batch, steps: int) -> list[float]:
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+TINY_X060 = ModelDimsX060(n_layer=2, n_embd=128, head_size=64, vocab_size=300, dim_ffn=448, dim_mix=8, dim_decay=16)
+
+
+def random_model_x060(dims: ModelDimsX060 = TINY_X060, seed: int = 0, dtype=torch.float32) -> RWKV6:
+    """Every parameter random; the decay spans from almost 1 to almost 0, as in trained RWKV-6 models."""
+    torch.manual_seed(seed)
+    model = RWKV6(dims)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln0.weight", "ln1.weight", "ln2.weight", "ln_out.weight", "ln_x.weight")):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("time_decay"):
+                p.copy_(torch.linspace(-7, 2, p.shape[-1]).view_as(p))
+            else:
+                p.copy_(torch.randn_like(p) * (0.5 if p.dim() < 2 else p.shape[-1] ** -0.5))
+    return model.to(dtype).eval()

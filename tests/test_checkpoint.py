@@ -174,11 +174,10 @@ def test_refuses_files_that_are_not_checkpoints(tmp_path):
     assert refusal(tmp_path, {"foo": torch.zeros(2)}) == "PATH: missing key 'emb.weight'"
 
 
-def test_refuses_rwkv6(tmp_path):
+def test_truncated_rwkv6_is_refused_at_its_first_missing_key(tmp_path):
     rwkv6 = {"emb.weight": torch.zeros(10, 8), "blocks.0.att.time_maa_x": torch.zeros(1, 1, 8),
              "blocks.0.att.time_decay": torch.zeros(1, 1, 8), "blocks.0.att.time_faaaa": torch.zeros(2, 4)}
-    assert refusal(tmp_path, rwkv6) == ("PATH: looks like an RWKV-6 checkpoint (key 'blocks.0.att.time_maa_x'); "
-                                        "rwkvray needs an RWKV-7 (x070) model")
+    assert refusal(tmp_path, rwkv6) == "PATH: missing key 'blocks.0.att.time_maa_w2'"
 
 
 def test_refuses_deep_embed(tmp_path, weights):

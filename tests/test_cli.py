@@ -28,7 +28,7 @@ def run_cli(*args):
     (lambda p: None, "no such file"),
     (lambda p: p.write_bytes(os.urandom(300)), "not a PyTorch checkpoint"),
     (lambda p: torch.save({"blocks.0.att.time_maa_x": torch.zeros(1, 1, 64), "emb.weight": torch.zeros(10, 64)}, p),
-     "RWKV-6"),
+     "missing key 'blocks.0.att.time_faaaa'"),
 ])
 def test_bad_checkpoints_give_one_line_without_traceback(tmp_path, make_file, message):
     path = tmp_path / "model.pth"

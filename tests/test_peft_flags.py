@@ -142,7 +142,7 @@ BAD_FLAGS = [
     ("--lr_init 1e-4 --lr_final 1e-3", "--lr_final: must be ≤ lr_init (0.0001)"),
     ("--lr_init abc", "argument --lr_init: invalid float value: 'abc'"),
     ("--bogus 1", "unrecognized arguments: --bogus 1"),
-    ("--my_testing x060", "--my_testing: 'x060' is not RWKV-7; rwkvray trains RWKV-7 (x070) only"),
+    ("--my_testing x052", "--my_testing: 'x052' is not supported; rwkvray trains RWKV-7 (x070) and RWKV-6 (x060)"),
     ("--peft none", "--peft: full fine-tuning is not supported: use --peft state, lora, pissa or disha"),
     ("--peft lisa", "--peft: 'lisa' is not supported (use state, lora, pissa or disha)"),
     ("--train_type infctx", "--train_type: 'infctx' is not supported (use state, or leave it out)"),
@@ -182,7 +182,7 @@ BAD_FLAGS = [
     ("--dataload get", "--dataload: 'get' is not supported: rwkvray samples pieces of whole documents (like pad)"),
     ("--loss_mask se", "--loss_mask: 'se' is not supported (use none, pad or qa)"),
     ("--data_type sft", "--data_type: 'sft' is not supported (use jsonl or binidx)"),
-    ("--dim_att 512 --n_embd 1024", "--dim_att: must be 0 or --n_embd (1024) for RWKV-7"),
+    ("--dim_att 512 --n_embd 1024", "--dim_att: must be 0 or --n_embd (1024)"),
     ("--my_exit 1 --epoch_count 5", "--my_exit: would stop after epoch 1: set --epoch_count instead"),
 ]
 
