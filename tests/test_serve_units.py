@@ -410,6 +410,21 @@ def test_a_state_tuned_on_another_base_is_409_unless_forced(tmp_path):
     assert forced["warning"].startswith("mounted with force: state 'foreign' was tuned on base 'other.pth'")
 
 
+def test_info_reads_the_card_of_a_state_that_is_not_mounted(tmp_path):
+    states_dir = tmp_path / "states"
+    states_dir.mkdir()
+    for name, card in (("foreign", FOREIGN_CARD), ("own", {"base": BASE_CARD, "method": "state", "steps": 7})):
+        save_state(random_state(1), str(states_dir / f"{name}.pth"))
+        (states_dir / f"{name}.json").write_text(json.dumps(card))
+    store = StateStore(str(states_dir), SERVE_DIMS, "base", max_upload_bytes=2**20, base=BASE_CARD)
+    assert store.info("foreign") == {"name": "foreign", "mounted": False, "source": "states_dir",
+                                     "card": FOREIGN_CARD, "base_match": False}
+    store.resolve("own")
+    own = store.info("own")
+    assert (own["mounted"], own["card"]["steps"], own["base_match"]) == (True, 7, True)
+    assert error_of(store.info, "nobody").status == 404
+
+
 def test_blend_is_the_weighted_sum_and_its_card_records_the_recipe(store):
     store.upload("beta", state_bytes(random_state(2)))
     assert store.blend("same", {"alpha": 1.0})["source"] == "blend"

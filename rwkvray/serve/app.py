@@ -40,7 +40,7 @@ from rwkvray.serve.api import (ApiError, ChatCompletionRequest, CompletionReques
 from rwkvray.serve.bodies import check_mount_options, multipart_payload, refuse_unknown_keys
 from rwkvray.serve.engine import BatchEngine, Chunk, SamplingParams
 from rwkvray.serve.metrics import EngineMetrics, mounted_states_gauge
-from rwkvray.serve.page import add_playground, find_state
+from rwkvray.serve.page import add_playground
 from rwkvray.serve.states import StateStore, check_name, upload_too_large
 from rwkvray.state_card import base_fingerprint
 from rwkvray.tokenizer import get_tokenizer
@@ -85,7 +85,7 @@ class LoadedState:
         self.time_state = None
 
 
-REGISTRY_CALLS = ("resolve", "fetch", "mount", "upload", "blend", "unmount", "listing", "servable_names")
+REGISTRY_CALLS = ("resolve", "fetch", "mount", "upload", "blend", "unmount", "listing", "servable_names", "info")
 
 
 @serve.deployment
@@ -232,7 +232,7 @@ class Gateway:
     @fastapi_app.get("/v1/states/{name}")
     async def state(self, name: str, request: Request) -> dict:
         self.authorize(request)
-        return find_state(await ask_registry(self.registry, "listing"), check_name(name))
+        return await ask_registry(self.registry, "info", name)
 
     @fastapi_app.delete("/v1/states/{name}")
     async def unmount_state(self, name: str, request: Request) -> dict:

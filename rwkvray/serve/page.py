@@ -1,5 +1,4 @@
-"""The state playground: a static page (rwkvray/serve/playground/) served by the Gateway, and the lookup
-behind `GET /v1/states/{name}`.
+"""The state playground: a static page (rwkvray/serve/playground/) served by the Gateway.
 
 The page is plain HTML/JS/CSS shipped as package data: no build step, and a Content-Security-Policy that lets
 it reach only its own origin, so it never loads anything from the network. It talks to the same
@@ -43,12 +42,3 @@ def add_playground(app: FastAPI) -> None:
     async def playground_file(name: str) -> Response:
         return page_file(name)
 
-
-def find_state(listing: dict, name: str) -> dict:
-    """One state of a `GET /v1/states` listing, with its card when the registry has one (404 if unknown)."""
-    for entry in listing.get("mounted", []):
-        if entry.get("name") == name:
-            return {"card": None, **entry, "mounted": True}
-    if name in listing.get("known", []):
-        return {"name": name, "mounted": False, "source": "states_dir", "card": None}
-    raise not_found(f"no state '{name}': it is neither mounted nor a file in the states folder", "state_not_found")

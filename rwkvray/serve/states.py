@@ -184,6 +184,19 @@ class StateStore:
                     "known": self.known_names(),
                     "unmounted": sorted(self.unmounted)}
 
+    def info(self, name: str) -> dict:
+        """One state, mounted or only in states_dir, with its card (`GET /v1/states/{name}`)."""
+        check_name(name)
+        with self.lock:
+            if name in self.mounted:
+                return {**self.mounted[name].describe(), "mounted": True}
+        if not self._known(name):
+            raise not_found(f"no state '{name}': it is neither mounted nor a file in the states folder",
+                            "state_not_found")
+        card = read_state_card(state_path(self.states_dir, name), name)
+        return {"name": name, "mounted": False, "source": "states_dir", "card": card,
+                "base_match": self._base_match(card)}
+
     def servable_names(self) -> list[str]:
         """Names a request may use as `model` right now: mounted, or known and not unmounted."""
         with self.lock:
