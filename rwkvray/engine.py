@@ -86,7 +86,8 @@ class DeepSpeedEngine:
         return deepspeed.zero.GatheredParameters(self.module.trainable_parameters(), enabled=self.engine.zero_optimization_stage() == 3)
 
     def save(self, folder: str):
-        self.engine.save_checkpoint(folder, tag="deepspeed")
+        """Trainable tensors and optimizer state only: the frozen base is read again from model.path."""
+        self.engine.save_checkpoint(folder, tag="deepspeed", exclude_frozen_parameters=True)
 
     def load(self, folder: str):
-        self.engine.load_checkpoint(folder, tag="deepspeed")
+        self.engine.load_checkpoint(folder, tag="deepspeed", load_module_strict=False)  # no frozen tensors saved

@@ -72,7 +72,7 @@ def train(spec, ctx) -> dict:
     engine = _build_engine(spec, module, ctx)
     engine.module.train()  # adapter dropout on; the frozen base has no dropout of its own
     progress = Progress()
-    ctx.resume(lambda folder: _load_checkpoint(folder, engine, progress))
+    ctx.resume(lambda folder: _load_checkpoint(folder, engine, progress, ctx.rank))
 
     total = trainer.epoch_count * trainer.epoch_steps
     logger = RunLogger(proj_dir(spec), total, progress.step, enabled=ctx.rank == 0,
@@ -175,6 +175,7 @@ def _checkpoint_and_report(spec, engine, progress, metrics, ctx, logger) -> None
     epoch_end = progress.step % spec.trainer.epoch_steps == 0
     with tempfile.TemporaryDirectory() as folder:
         engine.save(folder)
+        torch.save(_rng_state(), os.path.join(folder, f"rng-{ctx.rank}.pt"))  # adapter dropout continues the same
         with engine.gathered():  # ZeRO-3 partitions the trainable tensors: gather them on every rank
             metrics["replica_divergence"] = _replica_divergence(engine, ctx)
             if ctx.rank == 0:
@@ -213,8 +214,18 @@ def _replica_divergence(engine, ctx) -> float:
     return (high - low).abs().max().item()
 
 
-def _load_checkpoint(folder, engine, progress) -> None:
+def _rng_state() -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def _load_checkpoint(folder, engine, progress, rank: int) -> None:
     engine.load(folder)
+    rng_path = os.path.join(folder, f"rng-{rank}.pt")
+    if os.path.exists(rng_path):  # absent when the world size changed
+        rng = torch.load(rng_path, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     with open(os.path.join(folder, "progress.json")) as f:
         saved = json.load(f)
     progress.step, progress.best_val_loss = saved["step"], saved["best_val_loss"]

@@ -61,6 +61,21 @@ def test_two_worker_zero1_lowers_loss_and_keeps_replicas_identical(zero1_run):
     assert torch.equal(final, load_state(os.path.join(spec.trainer.proj_dir, "rwkv-1.pth")))
 
 
+def folder_bytes(folder) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
+
+
+def test_checkpoint_holds_no_frozen_base(zero1_run, tiny_model):
+    """Trainable tensors, optimizer and progress only: at most 4x the trainable bytes + 1 MB."""
+    spec, result = zero1_run
+    trainable_bytes = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth")).numel() * 4
+    assert os.path.getsize(tiny_model) >= 50 * trainable_bytes
+    checkpoint_bytes = folder_bytes(result.checkpoint.path)
+    assert checkpoint_bytes <= 4 * trainable_bytes + 2**20, (checkpoint_bytes, trainable_bytes)
+    names = set(os.listdir(result.checkpoint.path))
+    assert {"progress.json", "state.pth", "rng-0.pt", "rng-1.pt"} <= names
+
+
 def test_killed_worker_resumes_to_the_same_final_state(zero1_run, tiny_model, tmp_path, monkeypatch):
     reference_spec, _ = zero1_run
     monkeypatch.setenv(FAULT_STEP_ENV, "6")
