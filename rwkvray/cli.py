@@ -28,6 +28,11 @@ def cmd_generate(args) -> None:
     device = pick_device(args.device)
     model, merged_state = load_model(args.model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     time_state = load_state(args.state, model.dims) if args.state else merged_state
+    if args.state:
+        from rwkvray.state_card import base_mismatch, read_card
+        mismatch = base_mismatch(read_card(args.state), args.model)
+        if mismatch:
+            print(f"warning: {args.state}: {mismatch}", file=sys.stderr)
     tokenizer = get_tokenizer()
     decoder = StreamDecoder(tokenizer)
     for token in generate_tokens(model, tokenizer.encode(args.prompt), time_state, args.max_tokens,
@@ -37,22 +42,9 @@ def cmd_generate(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from rwkvray.launch.train import run_on_ray
     from rwkvray.peft_flags import spec_from_train_flags
-    spec = spec_from_train_flags(args.flags)
-    if spec.scaling.num_workers > 1:
-        from rwkvray.launch.train import run_on_ray
-        run_on_ray(spec)
-        return
-    import torch
-
-    from rwkvray.metrics import summarize
-    from rwkvray.train_loop import LocalContext, export_final_state, proj_dir, train
-    if spec.scaling.use_gpu and not torch.cuda.is_available():
-        raise UserError("--accelerator gpu: this machine has no CUDA device (use --accelerator cpu)")
-    context = LocalContext(proj_dir(spec), device=torch.device("cuda" if spec.scaling.use_gpu else "cpu"))
-    train(spec, context)
-    print(summarize(context.proj_dir))
-    export_final_state(spec, context.checkpoint_dir)
+    run_on_ray(spec_from_train_flags(args.flags))  # --devices 1 too: one worker, the same engine and loop
 
 
 def cmd_validate(args) -> None:

@@ -265,7 +265,7 @@ class TrainerConfig(StrictModel):
     grad_cp: bool = False
     op: Literal["auto", "torch", "cuda", "fla"] = "auto"
     seed: NonNegativeInt = 42
-    proj_dir: str | None = None  # where state files go; default: <storage_path>/<name>
+    proj_dir: str | None = None  # local copy of the outputs; default: <storage_path>/<name>, or ./runs/<name>
 
     @field_validator("proj_dir")
     @classmethod
@@ -452,14 +452,10 @@ class JobSpec(StrictModel):
             raise SpecProblem("tune.gpus_per_trial", "needs scaling.use_gpu: true")
 
     def fill_proj_dir(self) -> None:
-        if self.trainer.proj_dir is not None:
-            return
-        if not is_uri(self.run.storage_path):
-            self.trainer.proj_dir = os.path.join(self.run.storage_path, self.run.name)
-        elif self.model is not None:
-            raise SpecProblem(
-                "trainer.proj_dir", "required when run.storage_path is a URI (state files are written to a folder)"
-            )
+        """The driver's local copy of the outputs: storage_path/name itself when that is a folder."""
+        if self.trainer.proj_dir is None:
+            local_root = "./runs" if is_uri(self.run.storage_path) else self.run.storage_path
+            self.trainer.proj_dir = absolute(os.path.join(local_root, self.run.name))
 
     def check_tune(self) -> None:
         if self.tune.metric == "val_loss" and not (self.data.eval_file or self.data.holdout_fraction > 0):

@@ -1,11 +1,13 @@
 """Ray Train + DeepSpeed on CPU: 2 workers, ZeRO stages, fault recovery. One local Ray instance for the module."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
 
 from rwkvray.config import spec_from_dict
+from rwkvray.launch.outputs import export_outputs
 from rwkvray.launch.train import FAULT_MARKER_ENV, FAULT_STEP_ENV, run_on_ray
 from rwkvray.state_file import load_state
 
@@ -46,6 +48,7 @@ def losses(spec):
 @pytest.fixture(scope="module")
 def zero1_run(local_ray, tiny_model, tmp_path_factory):
     spec = two_worker_spec(tiny_model, tmp_path_factory.mktemp("runs"), "zero1")
+    spec.trainer.proj_dir = str(tmp_path_factory.mktemp("driver") / "zero1")  # the driver's own disk
     return spec, run_on_ray(spec)
 
 
@@ -59,6 +62,21 @@ def test_two_worker_zero1_lowers_loss_and_keeps_replicas_identical(zero1_run):
     final = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth"))
     assert final.shape == (2, 2, 64, 64) and final.abs().max() > 0
     assert torch.equal(final, load_state(os.path.join(spec.trainer.proj_dir, "rwkv-1.pth")))
+
+
+def test_driver_outputs_come_from_run_storage_only(zero1_run, capsys):
+    """Workers write only to run storage: with the driver's folder deleted, exporting again from storage and
+    the last checkpoint gives every user-facing file back."""
+    spec, result = zero1_run
+    local = spec.trainer.proj_dir
+    expected = sorted(os.listdir(local))
+    assert {"rwkv-0.pth", "rwkv-0.json", "rwkv-1.pth", "rwkv-final.pth", "rwkv-final.json", "metrics.jsonl",
+            "loss.png"} <= set(expected)
+    shutil.rmtree(local)
+    export_outputs(spec, result.checkpoint)
+    assert sorted(os.listdir(local)) == expected
+    assert f"final state file: {os.path.join(local, 'rwkv-final.pth')}" in capsys.readouterr().out
+    assert torch.equal(load_state(os.path.join(local, "rwkv-final.pth")), load_state(os.path.join(local, "rwkv-1.pth")))
 
 
 def folder_bytes(folder) -> int:
@@ -85,6 +103,7 @@ def test_killed_worker_resumes_to_the_same_final_state(zero1_run, tiny_model, tm
     result = run_on_ray(spec)
     assert (tmp_path / "fault-happened").exists()
     assert result.error is None
+    assert [json.loads(line)["step"] for line in open(os.path.join(spec.trainer.proj_dir, "metrics.jsonl"))] == list(range(1, 13))
     final = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth"))
     reference = load_state(os.path.join(reference_spec.trainer.proj_dir, "rwkv-final.pth"))
     torch.testing.assert_close(final, reference, rtol=1e-5, atol=1e-6)
