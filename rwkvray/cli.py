@@ -56,7 +56,7 @@ def cmd_validate(args) -> None:
 def cmd_run(args) -> None:
     from rwkvray.config import load_spec
     from rwkvray.launch.train import run_on_ray
-    run_on_ray(load_spec(args.spec), address=args.address)
+    run_on_ray(load_spec(args.spec), address=args.address, allow_changed_spec=args.allow_changed_spec)
 
 
 def cmd_tune(args) -> None:
@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                        help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray instance)")
         p.set_defaults(func=func)
+        if name == "run":
+            p.add_argument("--allow-changed-spec", action="store_true",
+                           help="resume a run whose spec changed since it started (default: refuse)")
 
     p = sub.add_parser("merge-state", help="put a state into a base checkpoint file")
     p.add_argument("--base", required=True)

@@ -83,6 +83,7 @@ class Progress:
 
 def train(spec, ctx) -> dict:
     """Run the spec's training on this worker; returns the last metrics."""
+    _quiet_library_logs()
     trainer = spec.trainer
     torch.manual_seed(trainer.seed)
     if trainer.precision == "tf32":
@@ -111,6 +112,15 @@ def train(spec, ctx) -> dict:
             _checkpoint_and_report(spec, engine, progress, metrics, ctx, logger)
     logger.finish()
     return metrics
+
+
+def _quiet_library_logs() -> None:
+    """One line per report, from rank 0 (ours): not Ray Train's per-worker checkpoint and report logs, nor the
+    FutureWarning torch prints at each DeepSpeed call of a renamed collective."""
+    import logging
+    import warnings
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 def _build_module(spec, device):
@@ -206,7 +216,15 @@ def _checkpoint_and_report(spec, engine, progress, metrics, ctx, logger) -> None
                 if epoch_end:
                     _save_epoch_files(spec, engine, progress.step // spec.trainer.epoch_steps, metrics, logger)
                 logger.save_metrics()
+                logger.note(report_line(metrics, spec.trainer.epoch_count * spec.trainer.epoch_steps))
         ctx.report(metrics, folder)
+
+
+def report_line(metrics: dict, total: int) -> str:
+    line = f"step {metrics['step']}/{total}: loss {metrics['loss']:.4f}"
+    if "val_loss" in metrics:
+        line += f", val_loss {metrics['val_loss']:.4f}"
+    return line + ", checkpoint saved"
 
 
 def _save_epoch_files(spec, engine, epoch: int, metrics: dict, logger) -> None:

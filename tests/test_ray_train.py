@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rwkvray.config import spec_from_dict
+from rwkvray.errors import UserError
 from rwkvray.launch.outputs import export_outputs
 from rwkvray.launch.train import FAULT_MARKER_ENV, FAULT_STEP_ENV, run_on_ray
 from rwkvray.state_file import load_state
@@ -77,6 +78,17 @@ def test_driver_outputs_come_from_run_storage_only(zero1_run, capsys):
     assert sorted(os.listdir(local)) == expected
     assert f"final state file: {os.path.join(local, 'rwkv-final.pth')}" in capsys.readouterr().out
     assert torch.equal(load_state(os.path.join(local, "rwkv-final.pth")), load_state(os.path.join(local, "rwkv-1.pth")))
+
+
+def test_rerun_says_complete_and_refuses_a_changed_spec(zero1_run, capsys):
+    spec, _ = zero1_run
+    assert run_on_ray(spec) is None
+    assert "run 'zero1' already complete at step 12/12" in capsys.readouterr().out
+    changed = spec.model_copy(deep=True)
+    changed.optim.lr_init, changed.trainer.seed = 0.3, 8
+    with pytest.raises(UserError, match=r"started with a different spec \(changed: optim.lr_init, trainer.seed\); "
+                                        "use a new run.name, or --allow-changed-spec"):
+        run_on_ray(changed)
 
 
 def folder_bytes(folder) -> int:

@@ -138,3 +138,16 @@ def test_init_from_state_file_is_where_training_starts(local_ray, tiny_model, tm
     run_on_ray(spec)
     torch.testing.assert_close(load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth")),
                                load_state(str(tmp_path / "init.pth")), rtol=0, atol=1e-6)
+
+
+def test_generate_warns_when_the_state_card_names_another_base(tiny_model, tmp_path, capsys):
+    from rwkvray.state_card import base_fingerprint, write_card
+    state = tmp_path / "other.pth"
+    torch.save({f"blocks.{i}.att.time_state": torch.zeros(4, 64, 64) for i in range(2)}, state)
+    card = {"base": {**base_fingerprint(tiny_model), "sha256": "0" * 64, "file": "rwkv7-g1-1.5b.pth"}, "method": "state"}
+    write_card(str(state), card)
+    assert main(["generate", "--model", tiny_model, "--state", str(state), "--prompt", "hi", "--max-tokens", "2",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().err == (f"warning: {state}: the state was tuned on rwkv7-g1-1.5b.pth (sha256 000000000000…), "
+                                       f"not on {os.path.basename(tiny_model)}: a state works only on the exact model it "
+                                       "was tuned on\n")

@@ -6,7 +6,8 @@ import torch
 
 from rwkvray import storage
 from rwkvray.config import check_model_expectations, require_training_blocks
-from rwkvray.launch.outputs import export_outputs
+from rwkvray.launch.outputs import copy_to_proj_dir, export_outputs
+from rwkvray.launch.resume import check_rerun
 from rwkvray.train_loop import WorkerContext, train
 
 FAULT_STEP_ENV = "RWKVRAY_FAULT_AT_STEP"     # chaos testing: the last worker exits after reporting this step
@@ -58,11 +59,16 @@ def check_model_file(model, source: str) -> None:
     check_model_expectations(model, infer_dims(read_tensor_dict(model.path)), source)
 
 
-def run_on_ray(spec, address: str | None = None):
-    """Fit the spec on the cluster, export its outputs from run storage; returns the Ray Train result."""
+def run_on_ray(spec, address: str | None = None, allow_changed_spec: bool = False):
+    """Fit the spec on the cluster, export its outputs from run storage; returns the Ray Train result, or None
+    when the run was already complete (its outputs are copied to proj_dir again)."""
     from rwkvray.launch.ray_session import ray_session
     model, _ = require_training_blocks(spec)
     check_model_file(model, spec.source)  # a wrong n_layer fails here, not after Ray has started
+    step = check_rerun(spec, allow_changed_spec)
+    if step is not None and step >= spec.trainer.epoch_count * spec.trainer.epoch_steps:
+        print(f"outputs in {copy_to_proj_dir(spec, storage.run_dir(spec))}")
+        return None
     with ray_session(address):
         warn_if_cluster_too_small(spec)
         result = build_trainer(spec).fit()
