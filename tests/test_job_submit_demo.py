@@ -44,18 +44,20 @@ def head_with_home(tmp_path):
 
 def test_submitted_demo_writes_its_outputs_under_home(head_with_home, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
-    deadline = time.time() + 90
-    while True:
-        try:
-            client = JobSubmissionClient(head_with_home)
-            break
-        except Exception:
-            assert time.time() < deadline, "dashboard did not come up"
-            time.sleep(2)
     rwkvray = os.path.join(os.path.dirname(sys.executable), "rwkvray")
     entrypoint = (f"{rwkvray} init-model --n-layer 2 --n-embd 256 --perturb 0.2 --out out/tiny.pth && "
                   f"{rwkvray} run jobs/demo_state_cpu.yaml")
-    job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": REPO})
+    deadline = time.time() + 120
+    while True:  # the dashboard and its job agent come up some seconds after the head
+        try:
+            client = JobSubmissionClient(head_with_home)
+            job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": REPO})
+            break
+        except (ConnectionError, RuntimeError) as error:
+            if isinstance(error, RuntimeError) and "No available agent" not in str(error):
+                raise
+            assert time.time() < deadline, f"the head did not accept the job: {error}"
+            time.sleep(3)
     deadline = time.time() + 540
     while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         assert time.time() < deadline, "the demo job did not finish in 9 minutes"

@@ -33,7 +33,7 @@ def two_worker_spec(model_path, storage, name, stage=1):
     return spec_from_dict({
         "run": {"name": name, "storage_path": str(storage), "checkpoint_every_steps": 4},
         "model": {"path": model_path},
-        "data": {"file": SAMPLE, "ctx_len": 32, "loss_mask": "qa"},
+        "data": {"file": SAMPLE, "ctx_len": 32, "loss_mask": "qa", "eval_file": SAMPLE.replace(".jsonl", "_eval.jsonl")},
         "optim": {"lr_init": 0.2, "lr_final": 0.05},
         "trainer": {"epoch_count": 2, "epoch_steps": 6, "micro_bsz": 2, "precision": "fp32", "op": "torch", "seed": 7},
         "deepspeed": {"stage": stage},
@@ -63,6 +63,25 @@ def test_two_worker_zero1_lowers_loss_and_keeps_replicas_identical(zero1_run):
     final = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth"))
     assert final.shape == (2, 2, 64, 64) and final.abs().max() > 0
     assert torch.equal(final, load_state(os.path.join(spec.trainer.proj_dir, "rwkv-1.pth")))
+
+
+def test_sharded_evaluation_equals_the_whole_set_mean(zero1_run):
+    """Each rank evaluates half the batches, then the sums are all-reduced: the same token-weighted mean as one
+    process evaluating every piece with the final state."""
+    from rwkvray.data import eval_batches, load_documents
+    from rwkvray.model import load_model
+    from rwkvray.peft.base import PeftModel
+    from rwkvray.peft.state import StateTuning
+    spec, result = zero1_run
+    model, _ = load_model(spec.model.path)
+    module = PeftModel(model, [StateTuning(load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth")))]).eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for batch in eval_batches(load_documents(spec.data.eval_file, "jsonl", "qa"), 32, 2):
+            n = batch.mask.sum().item()
+            total += module(batch.input_ids, batch.targets, batch.mask).item() * n
+            count += n
+    assert result.metrics["val_loss"] == pytest.approx(total / count, rel=1e-4)
 
 
 def test_driver_outputs_come_from_run_storage_only(zero1_run, capsys):
