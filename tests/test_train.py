@@ -151,3 +151,12 @@ def test_generate_warns_when_the_state_card_names_another_base(tiny_model, tmp_p
     assert capsys.readouterr().err == (f"warning: {state}: the state was tuned on rwkv7-g1-1.5b.pth (sha256 000000000000…), "
                                        f"not on {os.path.basename(tiny_model)}: a state works only on the exact model it "
                                        "was tuned on\n")
+
+
+def test_offload_strategy_on_cpu_is_refused_before_ray_starts(tiny_model, capsys):
+    """One worker gets the same DeepSpeed config as many: offload cannot be dropped quietly, so on CPU it is
+    refused up front (on a GPU it runs; test_one_worker_train_command... proves --strategy reaches DeepSpeed)."""
+    command = f"--load_model {tiny_model} --data_file {SAMPLE} --accelerator cpu --devices 1 --strategy deepspeed_stage_2_offload"
+    assert main(["train", *shlex.split(command)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: train flags: --strategy: needs") and err.count("\n") == 1

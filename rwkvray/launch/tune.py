@@ -1,7 +1,8 @@
 """`rwkvray tune`: sweep the learning-rate schedule with Ray Tune, then hand back the best state.
 
-Each trial runs the same training loop as `rwkvray run`: in-process for single-worker trials (a plain
-function trainable), or as a Ray Train run of its own when the spec asks for several workers.
+Each trial runs the same training loop and DeepSpeed engine as `rwkvray run`: in the trial's process for
+single-worker trials (a process group of one), or as a Ray Train run of its own when the spec asks for several
+workers. A trial's epoch files and metrics land in <storage_path>/<name>/trials/<trial id>.
 """
 import functools
 import json
