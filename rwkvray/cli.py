@@ -22,6 +22,16 @@ def cmd_init_model(args) -> None:
           f"vocab {dims.vocab_size}, {low_rank}")
 
 
+def warn_on_foreign_base(state_path: str, model_path: str) -> None:
+    from rwkvray.state_card import base_mismatch, read_card
+    try:
+        mismatch = base_mismatch(read_card(state_path), model_path)
+    except ValueError as err:
+        mismatch = f"its card is unreadable ({err})"
+    if mismatch:
+        print(f"warning: {state_path}: {mismatch}", file=sys.stderr)
+
+
 def cmd_generate(args) -> None:
     import torch
     from rwkvray.generate import generate_tokens
@@ -33,6 +43,8 @@ def cmd_generate(args) -> None:
     device = pick_device(args.device)
     model, merged_state = load_model(args.model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     time_state = load_state(args.state, model.dims) if args.state else merged_state
+    if args.state:
+        warn_on_foreign_base(args.state, args.model)
     tokenizer = get_tokenizer()
     decoder = StreamDecoder(tokenizer)
     for token in generate_tokens(model, tokenizer.encode(args.prompt), time_state, args.max_tokens,
@@ -42,22 +54,9 @@ def cmd_generate(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from rwkvray.launch.train import run_on_ray
     from rwkvray.peft_flags import spec_from_train_flags
-    spec = spec_from_train_flags(args.flags)
-    if spec.scaling.num_workers > 1:
-        from rwkvray.launch.train import run_on_ray
-        run_on_ray(spec)
-        return
-    import torch
-
-    from rwkvray.metrics import summarize
-    from rwkvray.train_loop import LocalContext, export_final_state, proj_dir, train
-    if spec.scaling.use_gpu and not torch.cuda.is_available():
-        raise UserError("--accelerator gpu: this machine has no CUDA device (use --accelerator cpu)")
-    context = LocalContext(proj_dir(spec), device=torch.device("cuda" if spec.scaling.use_gpu else "cpu"))
-    train(spec, context)
-    print(summarize(context.proj_dir))
-    export_final_state(spec, context.checkpoint_dir)
+    run_on_ray(spec_from_train_flags(args.flags))  # --devices 1 too: one worker, the same engine and loop
 
 
 def cmd_validate(args) -> None:
@@ -69,7 +68,7 @@ def cmd_validate(args) -> None:
 def cmd_run(args) -> None:
     from rwkvray.config import load_spec
     from rwkvray.launch.train import run_on_ray
-    run_on_ray(load_spec(args.spec), address=args.address)
+    run_on_ray(load_spec(args.spec), address=args.address, allow_changed_spec=args.allow_changed_spec)
 
 
 def cmd_tune(args) -> None:
@@ -146,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                        help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray instance)")
         p.set_defaults(func=func)
+        if name == "run":
+            p.add_argument("--allow-changed-spec", action="store_true",
+                           help="resume a run whose spec changed since it started (default: refuse)")
 
     p = sub.add_parser("merge-state", help="put a state into a base checkpoint file")
     p.add_argument("--base", required=True)

@@ -13,6 +13,7 @@ that every node must read (model, data) belong in the working dir (small files) 
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import os
 import re
 from typing import Annotated, Any, Literal, get_args
@@ -43,6 +44,7 @@ TUNABLE_KEYS = {  # tune.space key -> (block, field) it sets in each trial
 }
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
 GPU_OPS = ("cuda", "fla")
+RAY_PACKAGE = re.compile(r"/runtime_resources/working_dir_files/[^/]+")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -67,17 +69,55 @@ def absolute(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def ray_job_package() -> str | None:
+    """The uploaded working dir, when this process is a `ray job submit --working-dir` entrypoint (Ray unpacks
+    it under runtime_resources/working_dir_files/ and deletes it with the job)."""
+    match = RAY_PACKAGE.search(os.getcwd())
+    return os.getcwd()[: match.end()] if match else None
+
+
+def gitignore_rule(path: str, package: str) -> str | None:
+    """The .gitignore line of the uploaded working dir that names `path`: Ray's upload leaves those files out."""
+    try:
+        with open(os.path.join(package, ".gitignore")) as f:
+            rules = [line.strip() for line in f if line.strip() and not line.startswith(("#", "!"))]
+    except OSError:
+        return None
+    parts = os.path.relpath(path, package).split(os.sep)
+    for rule in rules:
+        pattern = rule.strip("/")
+        if rule.startswith("/"):
+            candidates = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        else:
+            candidates = parts
+        if any(fnmatch.fnmatch(candidate, pattern) for candidate in candidates):
+            return rule
+    return None
+
+
 def existing_file(path: str) -> str:
     resolved = absolute(path)
     if os.path.isdir(resolved):
         raise ValueError(f"is a folder, not a file: {resolved}")
     if not os.path.isfile(resolved):
+        package = ray_job_package()
+        rule = package and resolved.startswith(package + os.sep) and gitignore_rule(resolved, package)
+        if rule:
+            raise ValueError(f"file not found: {resolved} (Ray's --working-dir upload skips what .gitignore names, "
+                             f"and {rule!r} names this file: put it on storage every node reads and give its "
+                             "absolute path)")
         raise ValueError(f"file not found: {resolved}")
     return resolved
 
 
-def local_or_uri(path: str) -> str:
-    return path if is_uri(path) else absolute(path)
+def durable_folder(path: str) -> str:
+    """An output folder. Inside a Ray job's uploaded working dir, a relative one would vanish with the job: it is
+    resolved against ~/rwkvray instead (./runs -> ~/rwkvray/runs)."""
+    if is_uri(path):
+        return path
+    if ray_job_package() and not os.path.isabs(os.path.expanduser(path)):
+        return absolute(os.path.join("~", "rwkvray", path))
+    return absolute(path)
 
 
 def strict_choice(*values):
@@ -122,7 +162,7 @@ class StrictModel(BaseModel):
 
 class RunConfig(StrictModel):
     name: str = "rwkvray"
-    storage_path: Annotated[str, AfterValidator(local_or_uri)] = "./runs"
+    storage_path: Annotated[str, AfterValidator(durable_folder)] = "./runs"
     checkpoint_every_steps: PositiveInt | None = None  # None: checkpoint every trainer.epoch_save epochs
     keep_checkpoints: PositiveInt = 2
     max_failures: int = 0  # -1: retry forever
@@ -276,14 +316,14 @@ class TrainerConfig(StrictModel):
     op: Literal["auto", "torch", "cuda", "fla"] = "auto"
     cuda_graph: bool = False  # capture the training step once and replay it (rwkvray/graph_step.py)
     seed: NonNegativeInt = 42
-    proj_dir: str | None = None  # where state files go; default: <storage_path>/<name>
+    proj_dir: str | None = None  # local copy of the outputs; default: <storage_path>/<name>, or ./runs/<name>
 
     @field_validator("proj_dir")
     @classmethod
     def local_folder(cls, path: str | None) -> str | None:
         if path is not None and is_uri(path):
             raise ValueError("must be a local or shared folder, not a URI")
-        return None if path is None else absolute(path)
+        return None if path is None else durable_folder(path)
 
 
 class DeepSpeedBlock(StrictModel):
@@ -480,16 +520,16 @@ class JobSpec(StrictModel):
         if self.scaling.num_workers > 1:
             raise SpecProblem("trainer.cuda_graph", "needs scaling.num_workers: 1 (DeepSpeed's step across "
                               f"{self.scaling.num_workers} workers cannot be captured)")
+        if self.deepspeed.offload or self.deepspeed.stage > 1:
+            raise SpecProblem("trainer.cuda_graph", "runs its own captured AdamW step, which one worker's ZeRO "
+                              "stage 0/1 equals; it cannot honour deepspeed stage 2/3 or offload (got stage "
+                              f"{self.deepspeed.stage}{', offload' if self.deepspeed.offload else ''})")
 
     def fill_proj_dir(self) -> None:
-        if self.trainer.proj_dir is not None:
-            return
-        if not is_uri(self.run.storage_path):
-            self.trainer.proj_dir = os.path.join(self.run.storage_path, self.run.name)
-        elif self.model is not None:
-            raise SpecProblem(
-                "trainer.proj_dir", "required when run.storage_path is a URI (state files are written to a folder)"
-            )
+        """The driver's local copy of the outputs: storage_path/name itself when that is a folder."""
+        if self.trainer.proj_dir is None:
+            local_root = "./runs" if is_uri(self.run.storage_path) else self.run.storage_path
+            self.trainer.proj_dir = durable_folder(os.path.join(local_root, self.run.name))
 
     def check_tune(self) -> None:
         if self.tune.metric == "val_loss" and not (self.data.eval_file or self.data.holdout_fraction > 0):

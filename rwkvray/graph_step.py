@@ -6,10 +6,12 @@ every shape and address, so batches are padded to [micro_bsz, ctx_len] (pads car
 ignores) and copied into the captured input buffers. Capturing needs warm-up steps; their effect on the
 trainable tensors and the optimizer is undone, so the run trains exactly as without the flag.
 """
+import contextlib
+import os
+
 import torch
 import torch.nn.functional as F
 
-from rwkvray.engine import PlainEngine
 from rwkvray.errors import UserError
 
 WARMUP_STEPS = 3  # cuBLAS handles, autotuning and lazy allocations settle before capture
@@ -67,18 +69,22 @@ class GraphedStep:
                     tensor.zero_()
 
 
-class GraphedEngine(PlainEngine):
-    """PlainEngine whose training call runs the captured step. `backward` and `step` have nothing left to do:
-    the replay did both. Evaluation (grad disabled) runs eagerly, at any shape."""
+class GraphedEngine:
+    """The training loop's engine (forward, backward, step, set_lr, save/load) around a captured step: AdamW on
+    the trainable tensors. `backward` and `step` have nothing left to do: the replay did both. Evaluation (grad
+    disabled) runs eagerly, at any shape. DeepSpeed's step cannot be captured, so the spec allows this engine
+    for one GPU worker only."""
 
     def __init__(self, module, optim_spec, micro_bsz: int, ctx_len: int, device: torch.device):
         if device.type != "cuda":
             raise UserError(f"trainer.cuda_graph: needs a CUDA device, this worker has {device.type}; "
                             f"set trainer.cuda_graph: false")
-        super().__init__(module, optim_spec, grad_accum=1)
+        self.module = module
+        self.params = module.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=torch.tensor(optim_spec.lr_init, device=device),
                                            betas=tuple(optim_spec.betas), eps=optim_spec.eps,
                                            weight_decay=optim_spec.weight_decay, capturable=True)
+        self.grad_clip = optim_spec.grad_clip
         self.shape = (micro_bsz, ctx_len)
         self.device = device
         self.captured = None
@@ -101,9 +107,22 @@ class GraphedEngine(PlainEngine):
         for group in self.optimizer.param_groups:
             group["lr"].fill_(lr)  # a tensor the graph reads: a new float would not reach it
 
+    def gathered(self):
+        return contextlib.nullcontext()
+
+    def save(self, folder: str):
+        trainable = {n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
+        torch.save({"trainable": trainable, "optimizer": self.optimizer.state_dict()},
+                   os.path.join(folder, "graphed_engine.pt"))
+
     def load(self, folder: str):
-        super().load(folder)
-        for group in self.optimizer.param_groups:  # a checkpoint from a run without the flag has float lr
+        saved = torch.load(os.path.join(folder, "graphed_engine.pt"), map_location="cpu", weights_only=True)
+        named = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for name, value in saved["trainable"].items():
+                named[name].copy_(value)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        for group in self.optimizer.param_groups:  # load_state_dict may bring back a float lr
             group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
             group["capturable"] = True
 

@@ -104,7 +104,7 @@ def add_main_flags(group) -> None:
     group.add_argument("--load_model", "--model", dest="load_model", metavar="PTH", help="base RWKV-7 checkpoint")
     group.add_argument("--data_file", "--data", dest="data_file", metavar="PATH", help=".jsonl file or binidx prefix")
     group.add_argument("--data_type", help="jsonl or binidx (default: from the file name)")
-    group.add_argument("--proj_dir", help="where state/adapter files go (default: <storage_path>/<name>)")
+    group.add_argument("--proj_dir", help="where state/adapter files are copied (default: <storage_path>/<name>)")
     group.add_argument("--ctx_len", type=int, help="context length (default 512)")
     group.add_argument("--loss_mask", help="none, pad (same as none: padding never counts) or qa")
     group.add_argument("--dataload", help="pad or only (rwkvray samples whole-document pieces)")
@@ -442,6 +442,8 @@ def map_hardware(args, spec: SpecBuilder) -> None:
 
 def map_run_and_logging(args, spec: SpecBuilder) -> None:
     spec.put_given("run.name", args.name, "--name")
+    if args.storage_path is None and args.proj_dir is not None:  # checkpoints in <proj_dir>/<name>, not ./runs
+        spec.put("run.storage_path", args.proj_dir, "--proj_dir")
     spec.put_given("run.storage_path", args.storage_path, "--storage_path")
     spec.put_given("run.max_failures", args.max_failures, "--max_failures")
     spec.put_given("run.checkpoint_every_steps", args.checkpoint_every_steps, "--checkpoint_every_steps")

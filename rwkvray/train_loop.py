@@ -1,68 +1,90 @@
-"""The training loop every worker runs: plain PyTorch, with or without Ray around it.
+"""The training loop every worker runs: plain PyTorch around a DeepSpeed engine.
 
-`train(spec, ctx)` is the whole loop. A context says who this worker is and where checkpoints go:
-LocalContext for a single process, RayContext (rwkvray.launch.train) under Ray Train.
+`train(spec, ctx)` is the whole loop. The context says who this worker is and which Ray session carries its
+checkpoints: Ray Train for `run` and `train`, Ray Tune for a one-worker sweep trial. Rank 0 writes the run's
+outputs (epoch files with their state cards, metrics.jsonl) to run storage, never to a local folder.
 """
 import json
 import os
-import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from rwkvray.atomic import atomic_path
-from rwkvray.data import TokenBatcher, eval_batches, load_documents, split_holdout
+from rwkvray import storage
 from rwkvray.config import check_model_expectations
+from rwkvray.data import TokenBatcher, eval_batches, load_documents, split_holdout
 from rwkvray.metrics import RunLogger
 from rwkvray.model import load_model
 from rwkvray.peft import build_peft
-from rwkvray.peft.base import method_classes
-from rwkvray.peft.epoch_outputs import print_merge_commands, write_epoch_outputs
+from rwkvray.peft.epoch_outputs import write_epoch_outputs
 from rwkvray.schedule import learning_rate
+from rwkvray.state_card import base_fingerprint, card_bytes
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
 
 
-@dataclass
-class LocalContext:
-    """One process, no Ray: the latest checkpoint lives in <proj_dir>/checkpoint."""
-    proj_dir: str
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    distributed: bool = False
+class WorkerContext:
+    """Who this worker is, and the Ray session (ray.train or ray.tune) its checkpoints go through."""
 
-    @property
-    def checkpoint_dir(self) -> str:
-        return os.path.join(self.proj_dir, "checkpoint")
+    def __init__(self, session, rank: int, world_size: int, device: torch.device, fault: dict | None = None):
+        self.session, self.rank, self.world_size, self.device, self.fault = session, rank, world_size, device, fault
+
+    @classmethod
+    def ray_train_worker(cls, fault: dict | None = None) -> "WorkerContext":
+        import ray.train
+        import ray.train.torch
+        context = ray.train.get_context()
+        return cls(ray.train, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(), fault)
+
+    @classmethod
+    def tune_trial(cls, use_gpu: bool) -> "WorkerContext":
+        """A one-worker trial runs in the trial's process, in a process group of its own (DeepSpeed needs one)."""
+        import ray.tune
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        _join_single_process_group(device)
+        return cls(ray.tune, 0, 1, device)
 
     def resume(self, load) -> None:
-        for folder in (self.checkpoint_dir, self.checkpoint_dir + ".old"):  # .old: a crash mid-swap in report
-            if os.path.exists(os.path.join(folder, "progress.json")):
+        checkpoint = self.session.get_checkpoint()
+        if checkpoint:
+            with checkpoint.as_directory() as folder:
                 load(folder)
-                return
 
-    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
-        if checkpoint_dir is None:
-            return
-        old = self.checkpoint_dir + ".old"
-        if os.path.exists(self.checkpoint_dir):
-            os.replace(self.checkpoint_dir, old)
-        shutil.copytree(checkpoint_dir, self.checkpoint_dir + ".new")
-        os.replace(self.checkpoint_dir + ".new", self.checkpoint_dir)
-        shutil.rmtree(old, ignore_errors=True)
+    def report(self, metrics: dict, checkpoint_dir: str) -> None:
+        self.session.report(metrics, checkpoint=self.session.Checkpoint.from_directory(checkpoint_dir))
+        if self.fault and self.rank == self.world_size - 1 and metrics.get("step") == self.fault["step"]:
+            _crash_once(self.fault["marker"])
+
+
+def _join_single_process_group(device: torch.device) -> None:
+    import socket
+    if torch.distributed.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
+def _crash_once(marker: str) -> None:
+    """Chaos testing: kill this worker process the first time only (the marker file remembers)."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
 
 
 @dataclass
 class Progress:
-    step: int = 0           # optimizer steps done
+    step: int = 0           # optimizer steps done (the data position: batch n is drawn from the seed and n)
     best_val_loss: float | None = None
 
 
 def train(spec, ctx) -> dict:
     """Run the spec's training on this worker; returns the last metrics."""
+    _quiet_library_logs()
     trainer = spec.trainer
     torch.manual_seed(trainer.seed)
     if trainer.precision == "tf32":
@@ -73,19 +95,19 @@ def train(spec, ctx) -> dict:
     engine = _build_engine(spec, module, ctx)
     engine.module.train()  # adapter dropout on; the frozen base has no dropout of its own
     progress = Progress()
-    ctx.resume(lambda folder: _load_checkpoint(folder, engine, progress))
+    ctx.resume(lambda folder: _load_checkpoint(folder, engine, progress, ctx.rank))
 
     total = trainer.epoch_count * trainer.epoch_steps
-    logger = RunLogger(proj_dir(spec), total, progress.step, enabled=ctx.rank == 0,
+    logger = RunLogger(storage.run_dir(spec), total, progress.step, enabled=ctx.rank == 0,
                        wandb_project=spec.logging.wandb_project, wandb_mode=spec.logging.wandb_mode,
-                       run_name=spec.run.name, config=spec.model_dump(mode="json"))
+                       wandb_dir=spec.trainer.proj_dir, run_name=spec.run.name, config=spec.model_dump(mode="json"))
     metrics = {}
     while progress.step < total:
         metrics = _train_step(spec, engine, batcher, progress, ctx)
         progress.step += 1
         report = _report_due(spec, progress.step)
         if report and val_docs:
-            metrics["val_loss"] = evaluate(engine, val_docs, spec.data.ctx_len, spec.trainer.micro_bsz, ctx.device)
+            metrics["val_loss"] = evaluate(engine, val_docs, spec.data.ctx_len, spec.trainer.micro_bsz, ctx)
         logger.log_step(**metrics)
         if report:
             _checkpoint_and_report(spec, engine, progress, metrics, ctx, logger)
@@ -93,8 +115,13 @@ def train(spec, ctx) -> dict:
     return metrics
 
 
-def proj_dir(spec) -> str:
-    return spec.trainer.proj_dir
+def _quiet_library_logs() -> None:
+    """One line per report, from rank 0 (ours): not Ray Train's per-worker checkpoint and report logs, nor the
+    FutureWarning torch prints at each DeepSpeed call of a renamed collective."""
+    import logging
+    import warnings
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 def _build_module(spec, device):
@@ -109,21 +136,25 @@ def _load_data(spec):
     data = spec.data
     docs = load_documents(data.file, data.type, data.loss_mask)
     if data.eval_file:
-        return docs, load_documents(data.eval_file, "jsonl", data.loss_mask)
+        return docs, load_documents(data.eval_file, data.type, data.loss_mask)  # validated as the same type
     if data.holdout_fraction > 0:
         return split_holdout(docs, data.holdout_fraction, spec.trainer.seed)
     return docs, []
 
 
 def _build_engine(spec, module, ctx):
-    from rwkvray.engine import DeepSpeedEngine, PlainEngine
-    if spec.trainer.cuda_graph:  # one worker only (checked in the spec): no gradients to all-reduce
+    """Every world size, one worker included, runs the spec's DeepSpeed config: no setting is dropped. The one
+    exception is trainer.cuda_graph (one GPU worker, checked in the spec): DeepSpeed's step cannot be captured."""
+    if spec.trainer.cuda_graph:
         from rwkvray.graph_step import GraphedEngine
         return GraphedEngine(module, spec.optim, spec.trainer.micro_bsz, spec.data.ctx_len, ctx.device)
-    if ctx.distributed:
-        from rwkvray.config import deepspeed_config
-        return DeepSpeedEngine(module, spec.optim, deepspeed_config(spec))
-    return PlainEngine(module, spec.optim, spec.trainer.grad_accum)
+    from rwkvray.config import deepspeed_config
+    from rwkvray.engine import DeepSpeedEngine
+    if ctx.rank == 0:
+        where = "" if spec.scaling.use_gpu else (" (a machine's first CPU run builds DeepSpeed's communication op: "
+                                                 "about a minute, needs a C++ compiler)")
+        print(f"preparing DeepSpeed ZeRO stage {spec.deepspeed.stage}{where}", flush=True)
+    return DeepSpeedEngine(module, spec.optim, deepspeed_config(spec))
 
 
 def _train_step(spec, engine, batcher, progress, ctx) -> dict:
@@ -139,17 +170,15 @@ def _train_step(spec, engine, batcher, progress, ctx) -> dict:
         engine.step()
         loss_sum += loss.item()
         tokens += batch.input_ids.numel()
-    loss = _mean_over_ranks(loss_sum / trainer.grad_accum, ctx)
+    loss = _sum_over_ranks([loss_sum / trainer.grad_accum], ctx)[0] / ctx.world_size
     tokens_per_s = tokens * ctx.world_size / (time.perf_counter() - start)
     return {"step": progress.step + 1, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s}
 
 
-def _mean_over_ranks(value: float, ctx) -> float:
-    if not ctx.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=ctx.device)  # nccl reduces only GPU tensors
+def _sum_over_ranks(values: list[float], ctx) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)  # nccl reduces only GPU tensors
     torch.distributed.all_reduce(t)
-    return t.item() / ctx.world_size
+    return t.tolist()
 
 
 def _report_due(spec, step: int) -> bool:
@@ -160,15 +189,20 @@ def _report_due(spec, step: int) -> bool:
 
 
 @torch.no_grad()
-def evaluate(engine, docs, ctx_len: int, micro_bsz: int, device) -> float:
-    """Token-weighted mean loss over every held-out piece (each rank computes the same value)."""
+def evaluate(engine, docs, ctx_len: int, micro_bsz: int, ctx) -> float:
+    """Token-weighted mean loss over every held-out piece: each rank takes every world_size-th batch, then the
+    sums are all-reduced. Ranks run the same number of forwards (ZeRO-3 gathers weights in each one): a rank
+    past the end repeats batch 0 with weight 0."""
+    batches = list(eval_batches(docs, ctx_len, micro_bsz))
     total, count = 0.0, 0.0
     engine.module.eval()
-    for batch in eval_batches(docs, ctx_len, micro_bsz):
-        n = batch.mask.sum().item()
-        total += engine(*(t.to(device) for t in (batch.input_ids, batch.targets, batch.mask))).item() * n
+    for index in range(ctx.rank, ctx.rank + ctx.world_size * -(-len(batches) // ctx.world_size), ctx.world_size):
+        batch = batches[index] if index < len(batches) else batches[0]
+        n = batch.mask.sum().item() if index < len(batches) else 0.0
+        total += engine(*(t.to(ctx.device) for t in (batch.input_ids, batch.targets, batch.mask))).item() * n
         count += n
     engine.module.train()
+    total, count = _sum_over_ranks([total, count], ctx)
     return total / max(count, 1.0)
 
 
@@ -179,26 +213,68 @@ def _checkpoint_and_report(spec, engine, progress, metrics, ctx, logger) -> None
     epoch_end = progress.step % spec.trainer.epoch_steps == 0
     with tempfile.TemporaryDirectory() as folder:
         engine.save(folder)
+        torch.save(_rng_state(), os.path.join(folder, f"rng-{ctx.rank}.pt"))  # adapter dropout continues the same
         with engine.gathered():  # ZeRO-3 partitions the trainable tensors: gather them on every rank
             metrics["replica_divergence"] = _replica_divergence(engine, ctx)
             if ctx.rank == 0:
-                if epoch_end:
-                    _save_epoch_files(spec, engine, progress.step // spec.trainer.epoch_steps, logger)
                 _save_progress(folder, engine, progress)
+                if epoch_end:
+                    _save_epoch_files(spec, engine, progress.step // spec.trainer.epoch_steps, metrics, logger)
+                logger.save_metrics()
+                logger.note(report_line(metrics, spec.trainer.epoch_count * spec.trainer.epoch_steps))
         ctx.report(metrics, folder)
 
 
-def _save_epoch_files(spec, engine, epoch: int, logger) -> None:
-    """rwkv-<epoch>.pth every epoch_save epochs and after the last one, numbered from 0 as RWKV-PEFT does."""
+def report_line(metrics: dict, total: int) -> str:
+    line = f"step {metrics['step']}/{total}: loss {metrics['loss']:.4f}"
+    if "val_loss" in metrics:
+        line += f", val_loss {metrics['val_loss']:.4f}"
+    return line + ", checkpoint saved"
+
+
+def _save_epoch_files(spec, engine, epoch: int, metrics: dict, logger) -> None:
+    """rwkv-<epoch>.pth (and its card) every epoch_save epochs and after the last one, numbered from 0 as
+    RWKV-PEFT does, written to run storage."""
     trainer = spec.trainer
     if epoch % trainer.epoch_save and epoch != trainer.epoch_count:
         return
     for method in engine.module.methods:
-        path = os.path.join(proj_dir(spec), f"{method.file_prefix}-{epoch - 1}.pth")
-        method.save(path)
-        logger.note(f"saved {path}")
+        name = f"{method.file_prefix}-{epoch - 1}"
+        with tempfile.TemporaryDirectory() as scratch:
+            method.save(os.path.join(scratch, name + ".pth"))
+            with open(os.path.join(scratch, name + ".pth"), "rb") as f:
+                storage.write_bytes(storage.join(storage.run_dir(spec), name + ".pth"), f.read())
+        card = state_card(spec, engine.module.base.dims, method.name, metrics)
+        storage.write_bytes(storage.join(storage.run_dir(spec), name + ".json"), card_bytes(card))
+        logger.note(f"saved {name}.pth")
+    _save_epoch_extras(spec, engine, epoch)
+
+
+def _save_epoch_extras(spec, engine, epoch: int) -> None:
+    """RWKV-PEFT's per-epoch extras (merged model, peft folder, init_pissa.pth), made in scratch, then stored."""
     files = {method.name: method.file_tensors() for method in engine.module.methods}
-    write_epoch_outputs(spec.peft, spec.model.path, proj_dir(spec), files, epoch - 1, logger.note)
+    with tempfile.TemporaryDirectory() as scratch:
+        os.makedirs(os.path.join(scratch, "run"))
+        write_epoch_outputs(spec.peft, spec.model.path, os.path.join(scratch, "run"), files, epoch - 1, lambda _: None)
+        for folder, _, names in os.walk(scratch):
+            for name in names:
+                local = os.path.join(folder, name)
+                top, *rest = os.path.relpath(local, scratch).split(os.sep)
+                where = ["adapter", *rest] if top == "run-adapter" else rest  # <proj_dir>-adapter/ -> adapter/
+                with open(local, "rb") as f:
+                    storage.write_bytes(storage.join(storage.run_dir(spec), *where), f.read())
+
+
+def state_card(spec, dims, method: str, metrics: dict) -> dict:
+    from rwkvray import __version__
+    return {"base": base_fingerprint(spec.model.path, dims), "method": method,
+            "data": {"file": os.path.basename(spec.data.file), "size": _data_size(spec.data)},
+            "steps": metrics.get("step"), "loss": metrics.get("loss"), "val_loss": metrics.get("val_loss"),
+            "rwkvray_version": __version__}
+
+
+def _data_size(data) -> int:
+    return os.path.getsize(data.file + ".bin" if data.type == "binidx" else data.file)
 
 
 def _save_progress(folder, engine, progress) -> None:
@@ -211,29 +287,24 @@ def _save_progress(folder, engine, progress) -> None:
 def _replica_divergence(engine, ctx) -> float:
     """Largest difference of the trainable tensors between ranks: 0 when gradients are all-reduced."""
     flat = torch.cat([p.detach().float().reshape(-1).to(ctx.device) for p in engine.module.trainable_parameters()])
-    if not ctx.distributed:
-        return 0.0
     high, low = flat.clone(), flat.clone()
     torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
     torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
     return (high - low).abs().max().item()
 
 
-def _load_checkpoint(folder, engine, progress) -> None:
+def _rng_state() -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def _load_checkpoint(folder, engine, progress, rank: int) -> None:
     engine.load(folder)
+    rng_path = os.path.join(folder, f"rng-{rank}.pt")
+    if os.path.exists(rng_path):  # absent when the world size changed
+        rng = torch.load(rng_path, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     with open(os.path.join(folder, "progress.json")) as f:
         saved = json.load(f)
     progress.step, progress.best_val_loss = saved["step"], saved["best_val_loss"]
-
-
-def export_final_state(spec, checkpoint_dir: str) -> str:
-    """Copy each method's file from the last checkpoint to <proj_dir>/<prefix>-final.pth and print where."""
-    paths = []
-    for cls in method_classes(spec.peft):
-        path = os.path.join(proj_dir(spec), f"{cls.file_prefix}-final.pth")
-        with atomic_path(path) as tmp:
-            shutil.copyfile(os.path.join(checkpoint_dir, f"{cls.name}.pth"), tmp)
-        print(f"final {cls.name} file: {path}")
-        paths.append(path)
-    print_merge_commands(spec, paths[0])
-    return paths[0]

@@ -12,7 +12,6 @@ from rwkvray.merge import merge_adapter
 from rwkvray.model import load_model
 from rwkvray.peft import build_peft
 from rwkvray.peft.epoch_outputs import write_epoch_outputs
-from rwkvray.train_loop import LocalContext, export_final_state, train
 from tests.helpers import TINY, random_model, train_steps
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
@@ -88,26 +87,26 @@ def test_merge_0_folder_loads_in_peft_and_merges_to_merge_1s_file(name, base_pat
     assert relative_error(logits(load_model(merged_file)[0], x), logits(model, x)) < 1e-5
 
 
+@pytest.mark.ray
 def test_train_loop_merge_1_writes_rwkv_0_equal_to_rwkvray_merge(make_tiny_model, tmp_path, capsys):
+    from rwkvray.launch.train import run_on_ray
     base_path = make_tiny_model(1, 64)  # the sample data needs the full vocabulary
     spec = spec_from_dict({
         "model": {"path": base_path},
         "data": {"file": SAMPLE, "ctx_len": 32},
         "peft": CONFIGS["lora"],
         "optim": {"lr_init": 0.01, "lr_final": 0.01},
-        "trainer": {"epoch_count": 1, "epoch_steps": 2, "micro_bsz": 2, "precision": "fp32", "op": "torch",
-                    "proj_dir": str(tmp_path / "run")},
+        "trainer": {"epoch_count": 1, "epoch_steps": 2, "micro_bsz": 2, "precision": "fp32", "op": "torch"},
+        "run": {"storage_path": str(tmp_path), "name": "run"},
     }, "test")
     assert spec.peft.merge
-    context = LocalContext(str(tmp_path / "run"))
-    train(spec, context)
+    run_on_ray(spec)
     run = tmp_path / "run"
     assert load_checkpoint(str(run / "rwkv-0.pth")).dims == load_checkpoint(base_path).dims
     merge_adapter("lora", base_path, str(run / "lora-0.pth"), str(tmp_path / "merged.pth"))
     assert_same_tensors(load_raw(run / "rwkv-0.pth"), load_raw(tmp_path / "merged.pth"))
     assert not os.path.exists(str(run) + "-adapter")
 
-    export_final_state(spec, context.checkpoint_dir)
     out = capsys.readouterr().out
     final = run / "lora-final.pth"
     assert (f"or with RWKV-PEFT's older scripts: python merge/merge.py --type lora --base_model {base_path} "

@@ -96,8 +96,6 @@ MALFORMED = [
     ("bad-disha-mode", MD + "peft: {method: disha, disha: {mode: miss}}\n", "peft.disha.mode: must be one of bone, bat (got 'miss')"),
     ("max-failures", MD + "run: {max_failures: -2}\n", "run.max_failures: must be ≥ 0, or -1 to retry forever"),
     ("run-name", MD + "run: {name: my run}\n", "run.name: must start with a letter or digit and hold only letters, digits, '.', '_' and '-'"),
-    ("uri-storage-needs-proj-dir", MD + "run: {storage_path: 's3://bucket/runs'}\n",
-     "trainer.proj_dir: required when run.storage_path is a URI (state files are written to a folder)"),
     ("tune-empty-space", M + TUNE_DATA + "tune: {space: {}}\n", "tune.space: must name at least one of lr_init, lr_final, warmup_steps, ctx_len"),
     ("tune-no-space", M + TUNE_DATA + "tune: {num_samples: 2}\n", "tune.space: required"),
     ("tune-unknown-distribution", M + TUNE_DATA + "tune: {space: {lr_init: {normal: [1, 2]}}}\n",
@@ -185,6 +183,8 @@ def test_uri_storage_path_is_kept_and_proj_dir_resolved(workdir):
     spec = load_text(MD + "run: {storage_path: 's3://bucket/runs'}\ntrainer: {proj_dir: out/states}\n", workdir)
     assert spec.run.storage_path == "s3://bucket/runs"
     assert spec.trainer.proj_dir == str(workdir / "out" / "states")
+    spec = load_text(MD + "run: {storage_path: 's3://bucket/runs', name: job}\n", workdir)
+    assert spec.trainer.proj_dir == str(workdir / "runs" / "job")  # the driver's local copy
 
 
 def test_serve_only_spec_and_block_requirements(workdir):

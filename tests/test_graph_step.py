@@ -18,7 +18,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
      "raise micro_bsz instead"),
     (MD + "scaling: {use_gpu: true, num_workers: 2}\ntrainer: {cuda_graph: true}\n",
      "trainer.cuda_graph: needs scaling.num_workers: 1 (DeepSpeed's step across 2 workers cannot be captured)"),
-], ids=["cpu", "grad-accum", "workers"])
+    (MD + GPU + "deepspeed: {stage: 2, offload: true}\ntrainer: {cuda_graph: true}\n",
+     "trainer.cuda_graph: runs its own captured AdamW step, which one worker's ZeRO stage 0/1 equals; it cannot "
+     "honour deepspeed stage 2/3 or offload (got stage 2, offload)"),
+], ids=["cpu", "grad-accum", "workers", "zero-2-offload"])
 def test_cuda_graph_is_refused_in_the_spec_where_it_cannot_work(workdir, text, expected):
     with pytest.raises(UserError) as error:
         load_text(text, workdir)
@@ -48,10 +51,34 @@ def test_batches_are_padded_to_the_captured_shape_and_other_shapes_refused():
                                 "set trainer.cuda_graph: false where shapes vary")
 
 
+class EagerAdamW:
+    """The same step without a graph: the reference for the replayed one."""
+
+    def __init__(self, module, optim):
+        self.module, self.params = module, module.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr_init, betas=tuple(optim.betas), eps=optim.eps,
+                                           weight_decay=optim.weight_decay)
+        self.grad_clip = optim.grad_clip
+
+    def __call__(self, *batch):
+        return self.module(*batch)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def set_lr(self, lr: float):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+
 @needs_cuda
 def test_replayed_steps_train_exactly_as_eager_steps():
     """Same losses and the same tuned state after a few steps, batches of varying width included."""
-    from rwkvray.engine import PlainEngine
     from rwkvray.peft import build_peft
     from tests.helpers import TINY, random_model
 
@@ -65,7 +92,7 @@ def test_replayed_steps_train_exactly_as_eager_steps():
     for graphed in (False, True):
         model = build_peft(random_model().cuda(), PeftConfig(method="state"))
         engine = (GraphedEngine(model, optim, 2, 24, torch.device("cuda")) if graphed
-                  else PlainEngine(model, optim, grad_accum=1))
+                  else EagerAdamW(model, optim))
         losses = []
         for step, batch in enumerate(batches):
             engine.set_lr(1e-2 / (step + 1))

@@ -13,7 +13,6 @@ from rwkvray.merge import merge_adapter
 from rwkvray.model import load_model
 from rwkvray.peft import build_peft
 from rwkvray.peft.base import METHODS, method_classes
-from rwkvray.train_loop import LocalContext, train
 from tests.helpers import TINY, random_model, train_steps
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
@@ -180,7 +179,9 @@ def test_state_combined_with_lora_trains_both_and_merges(base_path, batch, tmp_p
     assert relative_error(merged_logits, logits(model, x)) < 1e-5
 
 
+@pytest.mark.ray
 def test_train_loop_writes_each_methods_file(tmp_path):
+    from rwkvray.launch.train import run_on_ray
     model_path = str(tmp_path / "tiny.pth")
     save_checkpoint(init_weights(default_dims(1, 128), seed=0, perturb=0.2), model_path)
     spec = spec_from_dict({
@@ -188,10 +189,10 @@ def test_train_loop_writes_each_methods_file(tmp_path):
         "data": {"file": SAMPLE, "ctx_len": 32, "loss_mask": "qa"},
         "peft": {"method": "disha", "combine_state": True, "disha": {"mode": "bone", "r": 32}, "merge": False},
         "optim": {"lr_init": 0.01, "lr_final": 0.01},
-        "trainer": {"epoch_count": 1, "epoch_steps": 2, "micro_bsz": 2, "precision": "fp32", "op": "torch",
-                    "proj_dir": str(tmp_path / "run")},
+        "trainer": {"epoch_count": 1, "epoch_steps": 2, "micro_bsz": 2, "precision": "fp32", "op": "torch"},
+        "run": {"storage_path": str(tmp_path), "name": "run"},
     }, "test")
-    train(spec, LocalContext(str(tmp_path / "run")))
+    run_on_ray(spec)
     disha = torch.load(tmp_path / "run" / "disha-0.pth", weights_only=True)
     assert sorted(disha) == [f"blocks.0.{t}.disha" for t in sorted(TARGETS)]
     assert disha["blocks.0.att.key.disha"].abs().max() > 0

@@ -1,11 +1,14 @@
 """Ray Train + DeepSpeed on CPU: 2 workers, ZeRO stages, fault recovery. One local Ray instance for the module."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
 
 from rwkvray.config import spec_from_dict
+from rwkvray.errors import UserError
+from rwkvray.launch.outputs import export_outputs
 from rwkvray.launch.train import FAULT_MARKER_ENV, FAULT_STEP_ENV, run_on_ray
 from rwkvray.state_file import load_state
 
@@ -30,7 +33,7 @@ def two_worker_spec(model_path, storage, name, stage=1):
     return spec_from_dict({
         "run": {"name": name, "storage_path": str(storage), "checkpoint_every_steps": 4},
         "model": {"path": model_path},
-        "data": {"file": SAMPLE, "ctx_len": 32, "loss_mask": "qa"},
+        "data": {"file": SAMPLE, "ctx_len": 32, "loss_mask": "qa", "eval_file": SAMPLE.replace(".jsonl", "_eval.jsonl")},
         "optim": {"lr_init": 0.2, "lr_final": 0.05},
         "trainer": {"epoch_count": 2, "epoch_steps": 6, "micro_bsz": 2, "precision": "fp32", "op": "torch", "seed": 7},
         "deepspeed": {"stage": stage},
@@ -46,6 +49,7 @@ def losses(spec):
 @pytest.fixture(scope="module")
 def zero1_run(local_ray, tiny_model, tmp_path_factory):
     spec = two_worker_spec(tiny_model, tmp_path_factory.mktemp("runs"), "zero1")
+    spec.trainer.proj_dir = str(tmp_path_factory.mktemp("driver") / "zero1")  # the driver's own disk
     return spec, run_on_ray(spec)
 
 
@@ -61,6 +65,66 @@ def test_two_worker_zero1_lowers_loss_and_keeps_replicas_identical(zero1_run):
     assert torch.equal(final, load_state(os.path.join(spec.trainer.proj_dir, "rwkv-1.pth")))
 
 
+def test_sharded_evaluation_equals_the_whole_set_mean(zero1_run):
+    """Each rank evaluates half the batches, then the sums are all-reduced: the same token-weighted mean as one
+    process evaluating every piece with the final state."""
+    from rwkvray.data import eval_batches, load_documents
+    from rwkvray.model import load_model
+    from rwkvray.peft.base import PeftModel
+    from rwkvray.peft.state import StateTuning
+    spec, result = zero1_run
+    model, _ = load_model(spec.model.path)
+    module = PeftModel(model, [StateTuning(load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth")))]).eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for batch in eval_batches(load_documents(spec.data.eval_file, "jsonl", "qa"), 32, 2):
+            n = batch.mask.sum().item()
+            total += module(batch.input_ids, batch.targets, batch.mask).item() * n
+            count += n
+    assert result.metrics["val_loss"] == pytest.approx(total / count, rel=1e-4)
+
+
+def test_driver_outputs_come_from_run_storage_only(zero1_run, capsys):
+    """Workers write only to run storage: with the driver's folder deleted, exporting again from storage and
+    the last checkpoint gives every user-facing file back."""
+    spec, result = zero1_run
+    local = spec.trainer.proj_dir
+    expected = sorted(os.listdir(local))
+    assert {"rwkv-0.pth", "rwkv-0.json", "rwkv-1.pth", "rwkv-final.pth", "rwkv-final.json", "metrics.jsonl",
+            "loss.png"} <= set(expected)
+    shutil.rmtree(local)
+    export_outputs(spec, result.checkpoint)
+    assert sorted(os.listdir(local)) == expected
+    assert f"final state file: {os.path.join(local, 'rwkv-final.pth')}" in capsys.readouterr().out
+    assert torch.equal(load_state(os.path.join(local, "rwkv-final.pth")), load_state(os.path.join(local, "rwkv-1.pth")))
+
+
+def test_rerun_says_complete_and_refuses_a_changed_spec(zero1_run, capsys):
+    spec, _ = zero1_run
+    assert run_on_ray(spec) is None
+    assert "run 'zero1' already complete at step 12/12" in capsys.readouterr().out
+    changed = spec.model_copy(deep=True)
+    changed.optim.lr_init, changed.trainer.seed = 0.3, 8
+    with pytest.raises(UserError, match=r"started with a different spec \(changed: optim.lr_init, trainer.seed\); "
+                                        "use a new run.name, or --allow-changed-spec"):
+        run_on_ray(changed)
+
+
+def folder_bytes(folder) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
+
+
+def test_checkpoint_holds_no_frozen_base(zero1_run, tiny_model):
+    """Trainable tensors, optimizer and progress only: at most 4x the trainable bytes + 1 MB."""
+    spec, result = zero1_run
+    trainable_bytes = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth")).numel() * 4
+    assert os.path.getsize(tiny_model) >= 50 * trainable_bytes
+    checkpoint_bytes = folder_bytes(result.checkpoint.path)
+    assert checkpoint_bytes <= 4 * trainable_bytes + 2**20, (checkpoint_bytes, trainable_bytes)
+    names = set(os.listdir(result.checkpoint.path))
+    assert {"progress.json", "state.pth", "rng-0.pt", "rng-1.pt"} <= names
+
+
 def test_killed_worker_resumes_to_the_same_final_state(zero1_run, tiny_model, tmp_path, monkeypatch):
     reference_spec, _ = zero1_run
     monkeypatch.setenv(FAULT_STEP_ENV, "6")
@@ -70,6 +134,7 @@ def test_killed_worker_resumes_to_the_same_final_state(zero1_run, tiny_model, tm
     result = run_on_ray(spec)
     assert (tmp_path / "fault-happened").exists()
     assert result.error is None
+    assert [json.loads(line)["step"] for line in open(os.path.join(spec.trainer.proj_dir, "metrics.jsonl"))] == list(range(1, 13))
     final = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth"))
     reference = load_state(os.path.join(reference_spec.trainer.proj_dir, "rwkv-final.pth"))
     torch.testing.assert_close(final, reference, rtol=1e-5, atol=1e-6)

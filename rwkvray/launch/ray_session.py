@@ -11,7 +11,10 @@ def ray_session(address: str | None = None):
         yield
         return
     # "local" starts a fresh instance even when another one runs on this machine
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
+    from rwkvray.storage import aws_env
+    aws = aws_env()  # an s3:// storage_path: Ray Train's controller and workers read the bucket too
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", configure_logging=False,
+             runtime_env={"env_vars": aws} if aws else None)
     try:
         yield
     finally:

@@ -4,47 +4,14 @@ import sys
 
 import torch
 
-from rwkvray.config import require_training_blocks
-from rwkvray.metrics import summarize
-from rwkvray.train_loop import export_final_state, train
+from rwkvray import storage
+from rwkvray.config import check_model_expectations, require_training_blocks
+from rwkvray.launch.outputs import copy_to_proj_dir, export_outputs
+from rwkvray.launch.resume import check_rerun
+from rwkvray.train_loop import WorkerContext, train
 
 FAULT_STEP_ENV = "RWKVRAY_FAULT_AT_STEP"     # chaos testing: the last worker exits after reporting this step
 FAULT_MARKER_ENV = "RWKVRAY_FAULT_MARKER"    # file that records the fault already happened (so it fires once)
-
-
-class RayContext:
-    """Who this worker is, under Ray Train; checkpoints go through ray.train.report."""
-
-    def __init__(self, fault: dict | None = None):
-        import ray.train
-        import ray.train.torch
-        context = ray.train.get_context()
-        self.rank = context.get_world_rank()
-        self.world_size = context.get_world_size()
-        self.device = ray.train.torch.get_device()
-        self.distributed = True
-        self.fault = fault
-
-    def resume(self, load) -> None:
-        import ray.train
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint:
-            with checkpoint.as_directory() as folder:
-                load(folder)
-
-    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
-        import ray.train
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-        if self.fault and self.rank == self.world_size - 1 and metrics.get("step") == self.fault["step"]:
-            _crash_once(self.fault["marker"])
-
-
-def _crash_once(marker: str) -> None:
-    """Chaos testing: kill this worker process the first time only (the marker file remembers)."""
-    if not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(1)
 
 
 def _fault_from_env() -> dict | None:
@@ -55,7 +22,7 @@ def _fault_from_env() -> dict | None:
 def worker_loop(config: dict) -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, gloo collectives
-    train(config["spec"], RayContext(config.get("fault")))
+    train(config["spec"], WorkerContext.ray_train_worker(config.get("fault")))
 
 
 def build_trainer(spec, callbacks=()):
@@ -71,6 +38,7 @@ def build_trainer(spec, callbacks=()):
                                      placement_strategy=scaling.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(name=spec.run.name, storage_path=spec.run.storage_path, callbacks=list(callbacks),
+                             worker_runtime_env={"env_vars": storage.aws_env()},  # S3 endpoint and keys
                              failure_config=FailureConfig(max_failures=spec.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints)),
     )
@@ -86,14 +54,23 @@ def warn_if_cluster_too_small(spec) -> None:
               "waiting for an autoscaler to add nodes", file=sys.stderr)
 
 
-def run_on_ray(spec, address: str | None = None):
-    """Fit the spec on the cluster, print the final state file's path; returns the Ray Train result."""
+def check_model_file(model, source: str) -> None:
+    from rwkvray.checkpoint import infer_dims, read_tensor_dict
+    check_model_expectations(model, infer_dims(read_tensor_dict(model.path)), source)
+
+
+def run_on_ray(spec, address: str | None = None, allow_changed_spec: bool = False):
+    """Fit the spec on the cluster, export its outputs from run storage; returns the Ray Train result, or None
+    when the run was already complete (its outputs are copied to proj_dir again)."""
     from rwkvray.launch.ray_session import ray_session
-    require_training_blocks(spec)
+    model, _ = require_training_blocks(spec)
+    check_model_file(model, spec.source)  # a wrong n_layer fails here, not after Ray has started
+    step = check_rerun(spec, allow_changed_spec)
+    if step is not None and step >= spec.trainer.epoch_count * spec.trainer.epoch_steps:
+        print(f"outputs in {copy_to_proj_dir(spec, storage.run_dir(spec))}")
+        return None
     with ray_session(address):
         warn_if_cluster_too_small(spec)
         result = build_trainer(spec).fit()
-        print(summarize(spec.trainer.proj_dir))
-        with result.checkpoint.as_directory() as folder:
-            export_final_state(spec, folder)
+        export_outputs(spec, result.checkpoint)
     return result

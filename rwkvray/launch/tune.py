@@ -1,7 +1,8 @@
 """`rwkvray tune`: sweep the learning-rate schedule with Ray Tune, then hand back the best state.
 
-Each trial runs the same training loop as `rwkvray run`: in-process for single-worker trials (a plain
-function trainable), or as a Ray Train run of its own when the spec asks for several workers.
+Each trial runs the same training loop and DeepSpeed engine as `rwkvray run`: in the trial's process for
+single-worker trials (a process group of one), or as a Ray Train run of its own when the spec asks for several
+workers. A trial's epoch files and metrics land in <storage_path>/<name>/trials/<trial id>.
 """
 import functools
 import json
@@ -10,42 +11,25 @@ import shutil
 
 import torch
 
+from rwkvray import storage
 from rwkvray.atomic import atomic_path
 from rwkvray.config import ray_search_space, require_tune_block, spec_for_trial
 from rwkvray.peft.base import method_classes
-from rwkvray.train_loop import train
+from rwkvray.train_loop import WorkerContext, train
 
 METRIC_KEYS = {"val_loss": "val_loss", "train_loss": "loss"}  # spec metric -> key the training loop reports
-
-
-class TrialContext:
-    """A single-worker trial: the loop runs in the trial's process and reports through ray.tune."""
-    rank, world_size, distributed = 0, 1, False
-
-    def __init__(self, use_gpu: bool):
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-
-    def resume(self, load) -> None:
-        import ray.tune
-        checkpoint = ray.tune.get_checkpoint()
-        if checkpoint:
-            with checkpoint.as_directory() as folder:
-                load(folder)
-
-    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
-        import ray.tune
-        checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.tune.report(metrics, checkpoint=checkpoint)
 
 
 def run_trial(config: dict, spec) -> None:
     import ray.tune
     trial_spec = spec_for_trial(spec, config)
     trial_id = ray.tune.get_context().get_trial_id()
-    trial_spec.run.name = f"{spec.run.name}-{trial_id}"
-    trial_spec.trainer.proj_dir = os.path.join(spec.trainer.proj_dir, "trials", trial_id)
+    trial_spec.run.storage_path = storage.join(spec.run.storage_path, spec.run.name, "trials")
+    trial_spec.run.name = trial_id  # its epoch files and metrics land in <sweep storage>/trials/<trial id>
     if spec.scaling.num_workers == 1:
-        train(trial_spec, TrialContext(spec.tune.gpus_per_trial > 0))
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        train(trial_spec, WorkerContext.tune_trial(spec.tune.gpus_per_trial > 0))
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 

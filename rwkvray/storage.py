@@ -1,0 +1,64 @@
+"""Run storage: `run.storage_path` is a local/shared folder or a URI (s3://, gs://) that pyarrow opens.
+
+Workers write run outputs here and the driver reads them back from here: no file passes through a worker's
+own disk. S3 endpoint and credentials come from the standard AWS_* environment variables.
+"""
+import os
+import posixpath
+
+from rwkvray.atomic import write_bytes_atomically
+from rwkvray.config import is_uri
+
+AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+           "AWS_SESSION_TOKEN", "AWS_REGION")
+
+
+def run_dir(spec) -> str:
+    """storage_path/name: where Ray keeps the run's checkpoints and rwkvray its outputs."""
+    return join(spec.run.storage_path, spec.run.name)
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(base, *parts) if is_uri(base) else os.path.join(base, *parts)
+
+
+def _filesystem(path: str):
+    import pyarrow.fs
+    if not is_uri(path):
+        return pyarrow.fs.LocalFileSystem(), path
+    return pyarrow.fs.FileSystem.from_uri(path)
+
+
+def write_bytes(path: str, payload: bytes) -> None:
+    """Whole-file write: atomic rename on disk; an object store's put is atomic by itself."""
+    if not is_uri(path):
+        write_bytes_atomically(path, payload)
+        return
+    fs, inner = _filesystem(path)
+    with fs.open_output_stream(inner) as f:
+        f.write(payload)
+
+
+def read_bytes(path: str) -> bytes | None:
+    """The file's content, or None when it does not exist."""
+    import pyarrow.fs
+    fs, inner = _filesystem(path)
+    if fs.get_file_info(inner).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(inner) as f:
+        return f.read()
+
+
+def list_files(folder: str) -> list[str]:
+    """Names of the plain files directly in `folder` (none if it does not exist)."""
+    import pyarrow.fs
+    fs, inner = _filesystem(folder)
+    if fs.get_file_info(inner).type != pyarrow.fs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=False))
+    return sorted(info.base_name for info in infos if info.type == pyarrow.fs.FileType.File)
+
+
+def aws_env() -> dict[str, str]:
+    """The AWS_* variables of this process, for the workers' runtime_env."""
+    return {name: os.environ[name] for name in AWS_ENV if name in os.environ}

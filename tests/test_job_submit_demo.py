@@ -1,0 +1,72 @@
+"""The README's submitted form of the demo: `ray job submit --working-dir .` of jobs/demo_state_cpu.yaml to a
+head this test starts (and stops, by PID). Its outputs must land where the docs say: ~/rwkvray/runs/<name>."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def head_with_home(tmp_path):
+    """A Ray head whose jobs see HOME=tmp_path/home (DeepSpeed's built ops stay where they are)."""
+    bin_dir = os.path.dirname(sys.executable)
+    port, dashboard = free_port(), free_port()
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "HOME": str(tmp_path / "home"),
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                  os.path.expanduser("~/.cache/torch_extensions"))}
+    head = subprocess.Popen(
+        [os.path.join(bin_dir, "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"],
+        stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    try:
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_submitted_demo_writes_its_outputs_under_home(head_with_home, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    rwkvray = os.path.join(os.path.dirname(sys.executable), "rwkvray")
+    entrypoint = (f"{rwkvray} init-model --n-layer 2 --n-embd 256 --perturb 0.2 --out out/tiny.pth && "
+                  f"{rwkvray} run jobs/demo_state_cpu.yaml")
+    deadline = time.time() + 120
+    while True:  # the dashboard and its job agent come up some seconds after the head
+        try:
+            client = JobSubmissionClient(head_with_home)
+            job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": REPO})
+            break
+        except (ConnectionError, RuntimeError) as error:
+            if isinstance(error, RuntimeError) and "No available agent" not in str(error):
+                raise
+            assert time.time() < deadline, f"the head did not accept the job: {error}"
+            time.sleep(3)
+    deadline = time.time() + 540
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.time() < deadline, "the demo job did not finish in 9 minutes"
+        time.sleep(3)
+    logs = client.get_job_logs(job)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
+    outputs = tmp_path / "home" / "rwkvray" / "runs" / "demo-state-cpu"
+    assert f"final state file: {outputs / 'rwkv-final.pth'}" in logs
+    for name in ("rwkv-0.pth", "rwkv-2.pth", "rwkv-final.pth", "rwkv-final.json", "metrics.jsonl", "loss.png"):
+        assert (outputs / name).stat().st_size > 0, name
+    assert "step 180/180: loss" in logs and "Checkpoint successfully created" not in logs
+    assert "all_gather_into_tensor" not in logs

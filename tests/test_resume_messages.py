@@ -1,0 +1,33 @@
+"""What a rerun says before anything starts: a new run, resuming from step N, a refused spec change."""
+import json
+import os
+
+import pytest
+
+from rwkvray.config import spec_from_dict
+from rwkvray.errors import UserError
+from rwkvray.launch.resume import check_rerun
+
+SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
+
+
+def spec(model, storage, **trainer):
+    return spec_from_dict({"run": {"name": "again", "storage_path": str(storage)}, "model": {"path": model},
+                           "data": {"file": SAMPLE}, "trainer": {"epoch_steps": 6, "epoch_count": 2, **trainer}},
+                          "job.yaml")
+
+
+def test_rerun_messages(make_tiny_model, tmp_path, capsys):
+    model = make_tiny_model(1, 64)
+    assert check_rerun(spec(model, tmp_path)) is None
+    assert capsys.readouterr().out == ""
+    (tmp_path / "again" / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)))
+    assert check_rerun(spec(model, tmp_path, proj_dir=str(tmp_path / "elsewhere"))) == 4
+    assert capsys.readouterr().out == "resuming run 'again' from step 4/12\n"
+    with pytest.raises(UserError) as refused:
+        check_rerun(spec(model, tmp_path, micro_bsz=2))
+    assert str(refused.value) == (f"job.yaml: run 'again' in {tmp_path / 'again'} was started with a different spec "
+                                  "(changed: trainer.micro_bsz); use a new run.name, or --allow-changed-spec to "
+                                  "resume with the new values")
+    assert check_rerun(spec(model, tmp_path, micro_bsz=2), allow_changed_spec=True) == 4
+    assert "resuming with a changed spec (changed: trainer.micro_bsz)" in capsys.readouterr().out

@@ -1,0 +1,100 @@
+"""run.storage_path as an s3:// URI, against moto's S3 server on 127.0.0.1 (started and stopped by PID here).
+
+A 2-worker DeepSpeed run loses a worker, resumes from the bucket, and the final state arrives from the bucket:
+nothing passes between workers and driver outside it.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+from rwkvray.config import spec_from_dict
+from rwkvray.launch.train import FAULT_MARKER_ENV, FAULT_STEP_ENV, run_on_ray
+from rwkvray.state_file import load_state
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("moto.server")
+pytestmark = pytest.mark.ray
+SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=2)
+            break
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, "moto server did not start"
+            time.sleep(0.5)
+    urllib.request.urlopen(urllib.request.Request(endpoint + "/runs", method="PUT"))  # create the bucket
+    try:
+        yield endpoint
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def s3_ray(s3_server):
+    """Ray started after the AWS_* variables are set (the run's controller reads the bucket too)."""
+    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def test_killed_worker_resumes_from_the_bucket(s3_ray, make_tiny_model, tmp_path, monkeypatch):
+    import pyarrow.fs
+    monkeypatch.setenv(FAULT_STEP_ENV, "4")
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "fault-happened"))
+    spec = spec_from_dict({
+        "run": {"name": "s3run", "storage_path": "s3://runs/rwkvray", "checkpoint_every_steps": 4, "max_failures": 1},
+        "model": {"path": make_tiny_model(2, 128)},
+        "data": {"file": SAMPLE, "ctx_len": 32, "loss_mask": "qa"},
+        "optim": {"lr_init": 0.2, "lr_final": 0.05},
+        "trainer": {"epoch_count": 1, "epoch_steps": 8, "micro_bsz": 2, "precision": "fp32", "op": "torch",
+                    "seed": 7, "proj_dir": str(tmp_path / "local")},
+        "deepspeed": {"stage": 2},
+        "scaling": {"num_workers": 2},
+    }, "test")
+    result = run_on_ray(spec)
+    assert (tmp_path / "fault-happened").exists() and result.error is None
+    bucket = pyarrow.fs.FileSystem.from_uri("s3://runs/rwkvray/s3run")[0]
+    with bucket.open_input_stream("runs/rwkvray/s3run/rwkv-final.pth") as f:
+        (tmp_path / "from-bucket.pth").write_bytes(f.read())
+    from_bucket = load_state(str(tmp_path / "from-bucket.pth"))
+    assert from_bucket.shape == (2, 2, 64, 64) and from_bucket.abs().max() > 0
+    assert torch.equal(from_bucket, load_state(str(tmp_path / "local" / "rwkv-final.pth")))
+    names = {info.base_name for info in bucket.get_file_info(pyarrow.fs.FileSelector("runs/rwkvray/s3run"))}
+    assert {"rwkv-0.pth", "rwkv-0.json", "rwkv-final.json", "metrics.jsonl", "loss.png"} <= names
+    steps = [line for line in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 8
