@@ -1,6 +1,17 @@
-"""Join the Ray cluster named by --address / RAY_ADDRESS, or start a local instance (the embedded default)."""
+"""Join the Ray cluster named by --address / RAY_ADDRESS, or start a local instance (the embedded default).
+
+A cluster address is probed before `ray.init`: Ray itself retries an address where nothing answers for many
+minutes, printing "Failed to connect to GCS" warnings, where a user wants one line naming the address.
+"""
 import contextlib
 import os
+import socket
+import time
+
+from rwkvray.errors import UserError
+
+PROBE_SECONDS = 20  # how long an address that neither answers nor refuses is retried
+START_HINT = "start a head there with `ray start --head`, or leave out the address to use a local Ray instance"
 
 
 @contextlib.contextmanager
@@ -11,10 +22,56 @@ def ray_session(address: str | None = None):
         yield
         return
     # "local" starts a fresh instance even when another one runs on this machine
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
+    target, named_by = resolve_address(address)
+    if target != "local":
+        check_reachable(target, named_by)
+    try:
+        ray.init(address=target, configure_logging=False)
+    except ConnectionError as err:
+        raise UserError(f"{named_by}: cannot join a Ray cluster ({first_line(err)}); {START_HINT}") from None
     try:
         yield
     finally:
         # explicitly, before interpreter exit: otherwise Ray Train's placement-group cleaner races the
         # shutting-down GCS and prints a traceback
         ray.shutdown()
+
+
+def resolve_address(address: str | None) -> tuple[str, str]:
+    """(address for ray.init, how the user named it: `--address X` or `RAY_ADDRESS=X`)."""
+    if address:
+        return address, f"--address {address}"
+    from_env = os.environ.get("RAY_ADDRESS")
+    if from_env:
+        return from_env, f"RAY_ADDRESS={from_env}"
+    return "local", "local Ray"
+
+
+def check_reachable(address: str, named_by: str) -> None:
+    """Refuse at once an address that is malformed, a dashboard URL, or where nothing listens."""
+    if address == "auto":  # Ray finds the cluster this machine belongs to, or says there is none
+        return
+    if address.startswith(("http://", "https://")):
+        raise UserError(f"{named_by}: that is a dashboard URL (for `ray job submit`); rwkvray joins the cluster "
+                        "itself: give the head's HOST:PORT (port 6379 by default)")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"{named_by}: expected HOST:PORT of a Ray head, for example 10.0.0.5:6379")
+    deadline = time.monotonic() + PROBE_SECONDS
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+            return
+        except socket.gaierror:
+            raise UserError(f"{named_by}: unknown host {host}") from None
+        except ConnectionRefusedError:
+            raise UserError(f"{named_by}: nothing listens there (connection refused); {START_HINT}") from None
+        except OSError as err:
+            if time.monotonic() > deadline:
+                raise UserError(f"{named_by}: no answer in {PROBE_SECONDS} s ({err.strerror or err}); "
+                                f"{START_HINT}") from None
+            time.sleep(1)
+
+
+def first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
