@@ -82,9 +82,9 @@ def cmd_tune(args) -> None:
 
 def cmd_serve(args) -> None:
     from rwkvray.config import load_spec
+    spec = load_spec(args.spec)  # before importing Ray Serve, which takes seconds
     from rwkvray.prechecks import before_serving
     from rwkvray.serve.app import run_server
-    spec = load_spec(args.spec)
     before_serving(spec)
     run_server(spec, address=args.address)
 
@@ -112,7 +112,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        if shown and "default" not in text:
             text += f" (default: {action.default})"
         return text
 
@@ -131,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_command(sub, "init-model", cmd_init_model, "write a new RWKV-7 checkpoint with the RWKV-LM init")
     p.add_argument("--n-layer", type=int, required=True, help="number of blocks")
     p.add_argument("--n-embd", type=int, required=True, help="embedding width (a multiple of --head-size)")
-    p.add_argument("--vocab-size", type=int, default=65536, help="vocabulary size (65536: the RWKV world tokenizer)")
+    p.add_argument("--vocab-size", type=int, default=65536,
+                   help="vocabulary size (the RWKV world tokenizer has 65536 tokens)")
     p.add_argument("--head-size", type=int, default=64, help="channels per head")
     p.add_argument("--seed", type=int, default=0, help="random seed of the init")
     p.add_argument("--perturb", type=float, default=0.0,

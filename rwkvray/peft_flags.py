@@ -188,7 +188,8 @@ def add_rwkvray_flags(group) -> None:
     group.add_argument("--holdout_fraction", type=float, help="hold out this fraction of the data for evaluation"
                        + spec_default("data.holdout_fraction"))
     group.add_argument("--state_init", help="state file to start state tuning from (default: zeros)")
-    group.add_argument("--grad_clip", type=float, help="gradient clipping, 0 for none" + spec_default("optim.grad_clip"))
+    group.add_argument("--grad_clip", type=float,
+                       help="gradient clipping, 0 for none" + spec_default("optim.grad_clip"))
     group.add_argument("--max_failures", type=int,
                        help="worker-group restarts on failure (-1: forever)" + spec_default("run.max_failures"))
     group.add_argument("--checkpoint_every_steps", type=int,

@@ -79,8 +79,8 @@ def validate_ray_serve_config(path: str, check_files: bool) -> str:
         if set(args) == {"spec"}:
             require_serve_block(load_spec(args["spec"], check_files=check_files))
             continue
-        spec_from_dict({"serve": args}, where, {f"serve.{name}": name for name in ServeConfig.model_fields},
-                       check_files=check_files)
+        names = {f"serve.{name}": name for name in (*ServeConfig.model_fields, *args)}  # args are serve fields
+        spec_from_dict({"serve": args}, where, names, check_files=check_files)
     files = "" if check_files else "; files not checked"
     return (f"{path}: ok, a Ray Serve config file with {ours} rwkvray application(s){files}; "
             f"start it with `serve run {path}`")
