@@ -38,11 +38,11 @@ def cmd_generate(args) -> None:
 
 def cmd_train(args) -> None:
     from rwkvray.peft_flags import spec_from_train_flags
+    from rwkvray.prechecks import before_training
     spec = spec_from_train_flags(args.flags)
+    before_training(spec)
     if spec.scaling.num_workers > 1:
         from rwkvray.launch.train import run_on_ray
-        from rwkvray.prechecks import before_training
-        before_training(spec)
         run_on_ray(spec)
         return
     import torch
@@ -85,7 +85,7 @@ def cmd_serve(args) -> None:
     spec = load_spec(args.spec)  # before importing Ray Serve, which takes seconds
     from rwkvray.prechecks import before_serving
     from rwkvray.serve.app import run_server
-    before_serving(spec)
+    before_serving(spec, args.address)
     run_server(spec, address=args.address)
 
 

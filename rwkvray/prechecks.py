@@ -2,9 +2,12 @@
 
 The spec loader already checks keys, values and that files exist. Here: that the blocks a command needs are
 there, that the model file is an RWKV-7 checkpoint whose shape matches the spec's model.n_layer/n_embd/...
-expectations, and (serve) that the API-key variable is set. A cluster's Ray starts only after all of these pass.
+expectations, that output folders can be written, and (serve) that the API-key variable is set and the port is
+free. Ray starts only after all of these pass.
 """
+import errno
 import os
+import socket
 
 import yaml
 
@@ -14,6 +17,7 @@ from rwkvray.dims import ModelDims
 from rwkvray.errors import RayServeConfigFile, UserError
 
 SERVE_APP_PREFIX = "rwkvray.serve.app:"
+TRAIN_FLAG_NAMES = {"run.storage_path": "--storage_path", "trainer.proj_dir": "--proj_dir"}  # `rwkvray train`
 
 
 def checked_model_dims(spec) -> ModelDims:
@@ -25,20 +29,54 @@ def checked_model_dims(spec) -> ModelDims:
 
 
 def before_training(spec, tune: bool = False) -> None:
-    """`run`, `tune` and multi-worker `train`: everything checkable on this machine."""
+    """`run`, `tune` and `train`: everything checkable on this machine."""
     require_training_blocks(spec)
     if tune:
         require_tune_block(spec)
     checked_model_dims(spec)
+    check_output_folders(spec)
 
 
-def before_serving(spec) -> ServeConfig:
+def check_output_folders(spec) -> None:
+    """The run's folders can be made and written here (a shared or URI storage_path is checked by Ray)."""
+    named = TRAIN_FLAG_NAMES if spec.source == "train flags" else {}
+    for key, path in (("run.storage_path", spec.run.storage_path), ("trainer.proj_dir", spec.trainer.proj_dir)):
+        if path and "://" not in path:
+            check_writable_folder(path, f"{spec.source}: {named.get(key, key)}")
+
+
+def check_writable_folder(path: str, where: str) -> None:
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{where}: cannot make {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{where}: cannot write in {existing} (permission denied)")
+
+
+def before_serving(spec, address: str | None = None) -> ServeConfig:
     from rwkvray.checkpoint import load_checkpoint
+    from rwkvray.launch.ray_session import resolve_address
     from rwkvray.serve.app import read_api_key
     config = require_serve_block(spec)
     read_api_key(config)
     load_checkpoint(config.model)
+    check_writable_folder(config.states_dir, f"{spec.source}: serve.states_dir")
+    if resolve_address(address)[0] == "local":  # on a cluster the head binds the port, not this machine
+        check_port_free(config.host, config.port, spec.source)
     return config
+
+
+def check_port_free(host: str, port: int, source: str) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise UserError(f"{source}: serve.port: {host}:{port} is in use by another program "
+                                "(choose another serve.port)") from None
+            raise UserError(f"{source}: serve.host: cannot listen on {host}:{port} ({err.strerror})") from None
 
 
 def validate_file(path: str, check_files: bool = True) -> str:

@@ -175,3 +175,26 @@ def test_a_bad_ray_address_variable_is_named_as_such(capsys, good_spec, monkeypa
 def test_malformed_addresses(capsys, good_spec, address, message):
     assert cli(capsys, "run", good_spec, "--address", address) == (2, "", f"error: --address {address}: {message}\n")
     assert not ray_started()
+
+
+def test_a_serve_port_in_use_fails_before_ray_starts(capsys, write_spec, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        spec = write_spec({"serve": {"model": tiny_model, "states_dir": str(tmp_path / "states"), "port": port}})
+        assert cli(capsys, "serve", spec) == (
+            2, "", f"error: {spec}: serve.port: 127.0.0.1:{port} is in use by another program (choose another serve.port)\n")
+    assert not ray_started()
+
+
+def test_an_output_folder_that_cannot_be_made_fails_before_ray_starts(capsys, write_spec, tiny_model, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    spec = write_spec({"run": {"storage_path": str(tmp_path / "a-file" / "runs")},
+                       "model": {"path": tiny_model}, "data": {"file": SAMPLE}})
+    assert cli(capsys, "run", spec) == (
+        2, "", f"error: {spec}: run.storage_path: cannot make {tmp_path}/a-file/runs: {tmp_path}/a-file is a file\n")
+    assert cli(capsys, "train", "--load_model", tiny_model, "--data_file", SAMPLE, "--proj_dir", str(tmp_path / "a-file" / "out")) == (
+        2, "", f"error: train flags: --proj_dir: cannot make {tmp_path}/a-file/out: {tmp_path}/a-file is a file\n")
+    assert not ray_started()
