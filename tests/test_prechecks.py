@@ -198,3 +198,4 @@ def test_an_output_folder_that_cannot_be_made_fails_before_ray_starts(capsys, wr
     assert cli(capsys, "train", "--load_model", tiny_model, "--data_file", SAMPLE, "--proj_dir", str(tmp_path / "a-file" / "out")) == (
         2, "", f"error: train flags: --proj_dir: cannot make {tmp_path}/a-file/out: {tmp_path}/a-file is a file\n")
     assert not ray_started()
+

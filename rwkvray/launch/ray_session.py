@@ -49,8 +49,9 @@ def resolve_address(address: str | None) -> tuple[str, str]:
 
 def check_reachable(address: str, named_by: str) -> None:
     """Refuse at once an address that is malformed, a dashboard URL, or where nothing listens."""
-    if address == "auto":  # Ray finds the cluster this machine belongs to, or says there is none
-        return
+    if address == "auto":
+        address = local_cluster_address(named_by)
+        named_by += f" (the head Ray finds on this machine: {address})"
     if address.startswith(("http://", "https://")):
         raise UserError(f"{named_by}: that is a dashboard URL (for `ray job submit`); rwkvray joins the cluster "
                         "itself: give the head's HOST:PORT (port 6379 by default)")
@@ -71,6 +72,18 @@ def check_reachable(address: str, named_by: str) -> None:
                 raise UserError(f"{named_by}: no answer in {PROBE_SECONDS} s ({err.strerror or err}); "
                                 f"{START_HINT}") from None
             time.sleep(1)
+
+
+def local_cluster_address(named_by: str) -> str:
+    """What "auto" means to Ray: the head `ray start` last recorded on this machine (the record may be stale)."""
+    from ray._private.services import canonicalize_bootstrap_address  # Ray's own lookup, so both agree
+    try:
+        found = canonicalize_bootstrap_address("auto")
+    except Exception as err:
+        raise UserError(f"{named_by}: no Ray instance found on this machine ({first_line(err)})") from None
+    if not found:
+        raise UserError(f"{named_by}: no Ray instance found on this machine; {START_HINT}")
+    return found
 
 
 def first_line(err: Exception) -> str:
