@@ -15,9 +15,10 @@ from rwkvray.config import (ServeConfig, check_model_expectations, load_spec, re
                             require_training_blocks, require_tune_block, spec_from_dict)
 from rwkvray.dims import ModelDims
 from rwkvray.errors import RayServeConfigFile, UserError
+from rwkvray.peft_flags import SOURCE as TRAIN_FLAGS
 
 SERVE_APP_PREFIX = "rwkvray.serve.app:"
-TRAIN_FLAG_NAMES = {"run.storage_path": "--storage_path", "trainer.proj_dir": "--proj_dir"}  # `rwkvray train`
+TRAIN_FLAG_NAMES = {"run.storage_path": "--storage_path", "trainer.proj_dir": "--proj_dir"}
 
 
 def checked_model_dims(spec) -> ModelDims:
@@ -39,7 +40,7 @@ def before_training(spec, tune: bool = False) -> None:
 
 def check_output_folders(spec) -> None:
     """The run's folders can be made and written here (a shared or URI storage_path is checked by Ray)."""
-    named = TRAIN_FLAG_NAMES if spec.source == "train flags" else {}
+    named = TRAIN_FLAG_NAMES if spec.source == TRAIN_FLAGS else {}
     for key, path in (("run.storage_path", spec.run.storage_path), ("trainer.proj_dir", spec.trainer.proj_dir)):
         if path and "://" not in path:
             check_writable_folder(path, f"{spec.source}: {named.get(key, key)}")
@@ -55,13 +56,17 @@ def check_writable_folder(path: str, where: str) -> None:
         raise UserError(f"{where}: cannot write in {existing} (permission denied)")
 
 
-def before_serving(spec, address: str | None = None) -> ServeConfig:
+def check_serve_model(config: ServeConfig) -> None:
     from rwkvray.checkpoint import load_checkpoint
+    load_checkpoint(config.model)  # an RWKV-7 checkpoint, not just a file
+
+
+def before_serving(spec, address: str | None = None) -> ServeConfig:
     from rwkvray.launch.ray_session import resolve_address
     from rwkvray.serve.app import read_api_key
     config = require_serve_block(spec)
     read_api_key(config)
-    load_checkpoint(config.model)
+    check_serve_model(config)
     check_writable_folder(config.states_dir, f"{spec.source}: serve.states_dir")
     if resolve_address(address)[0] == "local":  # on a cluster the head binds the port, not this machine
         check_port_free(config.host, config.port, spec.source)
@@ -93,8 +98,7 @@ def validate_file(path: str, check_files: bool = True) -> str:
         dims = checked_model_dims(spec)
         found.append(f"model n_layer {dims.n_layer}, n_embd {dims.n_embd}")
     if spec.serve is not None:
-        from rwkvray.checkpoint import load_checkpoint
-        load_checkpoint(spec.serve.model)
+        check_serve_model(spec.serve)
     return f"{path}: ok ({blocks})" + "".join(f"; {text}" for text in found)
 
 
@@ -115,10 +119,12 @@ def validate_ray_serve_config(path: str, check_files: bool) -> str:
         if not isinstance(args, dict):
             raise UserError(f"{where}: must be a mapping of serve fields, or spec: PATH")
         if set(args) == {"spec"}:
-            require_serve_block(load_spec(args["spec"], check_files=check_files))
-            continue
-        names = {f"serve.{name}": name for name in (*ServeConfig.model_fields, *args)}  # args are serve fields
-        spec_from_dict({"serve": args}, where, names, check_files=check_files)
+            config = require_serve_block(load_spec(args["spec"], check_files=check_files))
+        else:
+            names = {f"serve.{name}": name for name in (*ServeConfig.model_fields, *args)}  # args are serve fields
+            config = spec_from_dict({"serve": args}, where, names, check_files=check_files).serve
+        if check_files:
+            check_serve_model(config)
     files = "" if check_files else "; files not checked"
     return (f"{path}: ok, a Ray Serve config file with {ours} rwkvray application(s){files}; "
             f"start it with `serve run {path}`")
