@@ -58,10 +58,16 @@ def check_reachable(address: str, named_by: str) -> None:
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise UserError(f"{named_by}: expected HOST:PORT of a Ray head, for example 10.0.0.5:6379")
+    wait_for_listener(host.strip("[]"), int(port), named_by)
+
+
+def wait_for_listener(host: str, port: int, named_by: str) -> None:
+    """Return once something accepts a connection at host:port; a refusal or an unknown host fails at once."""
     deadline = time.monotonic() + PROBE_SECONDS
     while True:
         try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+            wait = min(5.0, max(deadline - time.monotonic(), 1.0))
+            socket.create_connection((host, port), timeout=wait).close()
             return
         except socket.gaierror:
             raise UserError(f"{named_by}: unknown host {host}") from None
