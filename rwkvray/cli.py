@@ -37,20 +37,21 @@ def cmd_generate(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from rwkvray.peft_flags import spec_from_train_flags
+    import torch
+
+    from rwkvray.peft_flags import SOURCE, spec_from_train_flags
     from rwkvray.prechecks import before_training
     spec = spec_from_train_flags(args.flags)
+    on_ray = spec.scaling.num_workers > 1
+    if not on_ray and spec.scaling.use_gpu and not torch.cuda.is_available():
+        raise UserError(f"{SOURCE}: --accelerator gpu: this machine has no CUDA device (use --accelerator cpu)")
     before_training(spec)
-    if spec.scaling.num_workers > 1:
+    if on_ray:
         from rwkvray.launch.train import run_on_ray
         run_on_ray(spec)
         return
-    import torch
-
     from rwkvray.metrics import summarize
     from rwkvray.train_loop import LocalContext, export_final_state, proj_dir, train
-    if spec.scaling.use_gpu and not torch.cuda.is_available():
-        raise UserError("--accelerator gpu: this machine has no CUDA device (use --accelerator cpu)")
     context = LocalContext(proj_dir(spec), device=torch.device("cuda" if spec.scaling.use_gpu else "cpu"))
     train(spec, context)
     print(summarize(context.proj_dir))
@@ -67,7 +68,7 @@ def cmd_run(args) -> None:
     from rwkvray.launch.train import run_on_ray
     from rwkvray.prechecks import before_training
     spec = load_spec(args.spec)
-    before_training(spec)
+    before_training(spec, address=args.address)
     run_on_ray(spec, address=args.address)
 
 
@@ -76,7 +77,7 @@ def cmd_tune(args) -> None:
     from rwkvray.launch.tune import run_sweep
     from rwkvray.prechecks import before_training
     spec = load_spec(args.spec)
-    before_training(spec, tune=True)
+    before_training(spec, tune=True, address=args.address)
     run_sweep(spec, address=args.address)
 
 

@@ -29,13 +29,32 @@ def checked_model_dims(spec) -> ModelDims:
     return dims
 
 
-def before_training(spec, tune: bool = False) -> None:
+def before_training(spec, tune: bool = False, address: str | None = None) -> None:
     """`run`, `tune` and `train`: everything checkable on this machine."""
     require_training_blocks(spec)
     if tune:
         require_tune_block(spec)
     checked_model_dims(spec)
     check_output_folders(spec)
+    check_local_gpus(spec, tune, address)
+
+
+def check_local_gpus(spec, tune: bool, address: str | None) -> None:
+    """A local Ray instance has only this machine's GPUs, and would wait for more for ever."""
+    from rwkvray.launch.ray_session import resolve_address
+    if not spec.scaling.use_gpu or resolve_address(address)[0] != "local":
+        return
+    import torch
+    scaling = spec.scaling
+    single_trials = tune and scaling.num_workers == 1  # each trial trains in its own process, with its own GPUs
+    needed = spec.tune.gpus_per_trial if single_trials else (
+        scaling.num_workers * scaling.resources_per_worker.get("GPU", 1))
+    available = torch.cuda.device_count()
+    if needed > available:
+        flags = spec.source == TRAIN_FLAGS
+        key, cluster = ("--accelerator gpu", "RAY_ADDRESS") if flags else ("scaling.use_gpu", "--address or RAY_ADDRESS")
+        raise UserError(f"{spec.source}: {key}: the run needs {needed:g} GPU(s) and this machine has {available}, "
+                        f"with no {cluster} naming a cluster that has them")
 
 
 def check_output_folders(spec) -> None:

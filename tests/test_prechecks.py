@@ -199,3 +199,20 @@ def test_an_output_folder_that_cannot_be_made_fails_before_ray_starts(capsys, wr
         2, "", f"error: train flags: --proj_dir: cannot make {tmp_path}/a-file/out: {tmp_path}/a-file is a file\n")
     assert not ray_started()
 
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpus_a_local_ray_instance_cannot_have_are_refused_before_it_starts(capsys, write_spec, tiny_model, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    spec = write_spec({"model": {"path": tiny_model}, "data": {"file": SAMPLE},
+                       "scaling": {"num_workers": 2, "use_gpu": True}})
+    assert cli(capsys, "run", spec) == (
+        2, "", f"error: {spec}: scaling.use_gpu: the run needs 2 GPU(s) and this machine has 0, with no --address or "
+               "RAY_ADDRESS naming a cluster that has them\n")
+    assert cli(capsys, "train", "--load_model", tiny_model, "--data_file", SAMPLE, "--accelerator", "gpu",
+               "--devices", "2") == (
+        2, "", "error: train flags: --accelerator gpu: the run needs 2 GPU(s) and this machine has 0, with no "
+               "RAY_ADDRESS naming a cluster that has them\n")
+    assert cli(capsys, "train", "--load_model", tiny_model, "--data_file", SAMPLE, "--accelerator", "gpu") == (
+        2, "", "error: train flags: --accelerator gpu: this machine has no CUDA device (use --accelerator cpu)\n")
+    assert not ray_started()
