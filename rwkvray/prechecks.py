@@ -87,8 +87,13 @@ def before_serving(spec, address: str | None = None) -> ServeConfig:
     read_api_key(config)
     check_serve_model(config)
     check_writable_folder(config.states_dir, f"{spec.source}: serve.states_dir")
-    if resolve_address(address)[0] == "local":  # on a cluster the head binds the port, not this machine
+    if resolve_address(address)[0] == "local":  # on a cluster the head binds the port and holds the GPUs
         check_port_free(config.host, config.port, spec.source)
+        import torch
+        if config.use_gpu is True and config.replicas > torch.cuda.device_count():
+            raise UserError(f"{spec.source}: serve.use_gpu: {config.replicas} replica(s) need a GPU each and this "
+                            f"machine has {torch.cuda.device_count()}, with no --address or RAY_ADDRESS naming a "
+                            "cluster that has them (use_gpu: auto serves on the CPU)")
     return config
 
 

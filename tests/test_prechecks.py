@@ -215,4 +215,8 @@ def test_gpus_a_local_ray_instance_cannot_have_are_refused_before_it_starts(caps
                "RAY_ADDRESS naming a cluster that has them\n")
     assert cli(capsys, "train", "--load_model", tiny_model, "--data_file", SAMPLE, "--accelerator", "gpu") == (
         2, "", "error: train flags: --accelerator gpu: this machine has no CUDA device (use --accelerator cpu)\n")
+    spec = write_spec({"serve": {"model": tiny_model, "use_gpu": True, "port": refused_port()}})
+    assert cli(capsys, "serve", spec) == (
+        2, "", f"error: {spec}: serve.use_gpu: 1 replica(s) need a GPU each and this machine has 0, with no --address "
+               "or RAY_ADDRESS naming a cluster that has them (use_gpu: auto serves on the CPU)\n")
     assert not ray_started()
