@@ -37,11 +37,11 @@ def cmd_generate(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from rwkvray.peft_flags import SOURCE, spec_from_train_flags
+    spec = spec_from_train_flags(args.flags)  # before importing torch: `train --help` answers at once
     import torch
 
-    from rwkvray.peft_flags import SOURCE, spec_from_train_flags
     from rwkvray.prechecks import before_training
-    spec = spec_from_train_flags(args.flags)
     on_ray = spec.scaling.num_workers > 1
     if not on_ray and spec.scaling.use_gpu and not torch.cuda.is_available():
         raise UserError(f"{SOURCE}: --accelerator gpu: this machine has no CUDA device (use --accelerator cpu)")
