@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -35,11 +36,14 @@ def ray_head(tmp_path):
     own_ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                          "metrics-export-port", "runtime-env-agent-port",
                                                          "ray-client-server-port")]
+    # its own temp dir (short: Ray's socket paths must fit in 107 bytes), so that the job's driver, which finds
+    # its head through the temp dir's ray_current_cluster record, never joins another Ray on this machine
+    ray_tmp = tempfile.mkdtemp(prefix="rwkvray-head-", dir="/tmp")
     head = subprocess.Popen(
         [os.path.join(bin_dir, "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *own_ports],
         stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"]})
+        env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "RAY_TMPDIR": ray_tmp})
     try:
         yield f"http://127.0.0.1:{dashboard}"
     finally:
@@ -48,6 +52,7 @@ def ray_head(tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 DASHBOARD_NOT_READY = (ConnectionError, requests.exceptions.ConnectionError, requests.exceptions.Timeout)
