@@ -1,8 +1,8 @@
 """The `rwkvray` command. Each subcommand parses its flags and hands off to the module that does the work."""
 import argparse
-import os
 import sys
 
+from rwkvray import __version__
 from rwkvray.errors import UserError
 
 
@@ -54,33 +54,44 @@ def cmd_generate(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from rwkvray.launch.train import run_on_ray
     from rwkvray.peft_flags import spec_from_train_flags
-    run_on_ray(spec_from_train_flags(args.flags))  # --devices 1 too: one worker, the same engine and loop
+    spec = spec_from_train_flags(args.flags)  # before importing torch: `train --help` answers at once
+    from rwkvray.launch.train import run_on_ray
+    from rwkvray.prechecks import before_training
+    before_training(spec)
+    run_on_ray(spec)  # --devices 1 too: one worker, the same engine and loop
 
 
 def cmd_validate(args) -> None:
-    from rwkvray.config import load_spec
-    spec = load_spec(args.spec)
-    print(f"{args.spec}: ok ({', '.join(name for name in type(spec).model_fields if getattr(spec, name) is not None)})")
+    from rwkvray.prechecks import validate_file
+    print(validate_file(args.spec, check_files=args.check_files))
 
 
 def cmd_run(args) -> None:
     from rwkvray.config import load_spec
     from rwkvray.launch.train import run_on_ray
-    run_on_ray(load_spec(args.spec), address=args.address, allow_changed_spec=args.allow_changed_spec)
+    from rwkvray.prechecks import before_training
+    spec = load_spec(args.spec)
+    before_training(spec, address=args.address)
+    run_on_ray(spec, address=args.address, allow_changed_spec=args.allow_changed_spec)
 
 
 def cmd_tune(args) -> None:
     from rwkvray.config import load_spec
     from rwkvray.launch.tune import run_sweep
-    run_sweep(load_spec(args.spec), address=args.address)
+    from rwkvray.prechecks import before_training
+    spec = load_spec(args.spec)
+    before_training(spec, tune=True, address=args.address)
+    run_sweep(spec, address=args.address)
 
 
 def cmd_serve(args) -> None:
     from rwkvray.config import load_spec
+    spec = load_spec(args.spec)  # before importing Ray Serve, which takes seconds
+    from rwkvray.prechecks import before_serving
     from rwkvray.serve.app import run_server
-    run_server(load_spec(args.spec), address=args.address)
+    before_serving(spec, args.address)
+    run_server(spec, address=args.address)
 
 
 def cmd_merge_state(args) -> None:
@@ -101,75 +112,90 @@ def cmd_merge(args) -> None:
     print(f"wrote {args.out}: {len(merged)} weights merged")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default after its description, where it has one worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        if shown and "default" not in text:
+            text += f" (default: {action.default})"
+        return text
+
+
+def add_command(sub, name: str, func, text: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rwkvray", description="State tuning of RWKV-7 models on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"rwkvray {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("init-model", help="write a new RWKV-7 (or RWKV-6) checkpoint with the RWKV-LM init")
+    p = add_command(sub, "init-model", cmd_init_model,
+                    "write a new RWKV-7 (or RWKV-6) checkpoint with the RWKV-LM init")
     p.add_argument("--version", choices=["x070", "x060"], default="x070", help="RWKV-7 (x070) or RWKV-6 (x060)")
-    p.add_argument("--n-layer", type=int, required=True)
-    p.add_argument("--n-embd", type=int, required=True)
-    p.add_argument("--vocab-size", type=int, default=65536)
-    p.add_argument("--head-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-layer", type=int, required=True, help="number of blocks")
+    p.add_argument("--n-embd", type=int, required=True, help="embedding width (a multiple of --head-size)")
+    p.add_argument("--vocab-size", type=int, default=65536,
+                   help="vocabulary size (the RWKV world tokenizer has 65536 tokens)")
+    p.add_argument("--head-size", type=int, default=64, help="channels per head")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the init")
     p.add_argument("--perturb", type=float, default=0.0,
                    help="noise std for the zero-initialised matrices: a fresh init ignores any state (demos, tests)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_init_model)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the saved weights")
+    p.add_argument("--out", required=True, metavar="PTH", help="checkpoint file to write")
 
-    p = sub.add_parser("generate", help="RNN-mode generation, optionally from a tuned state")
-    p.add_argument("--model", required=True)
-    p.add_argument("--state")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=0.85)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_generate)
+    p = add_command(sub, "generate", cmd_generate, "RNN-mode generation, optionally from a tuned state")
+    p.add_argument("--model", required=True, metavar="PTH", help="RWKV-7 checkpoint")
+    p.add_argument("--state", metavar="PTH", help="tuned state file to start from (default: the model's own)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-tokens", type=int, default=100, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=float, default=0.85, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when there is one)")
 
-    p = sub.add_parser("train", add_help=False, help="RWKV-PEFT's train.py flags (rwkvray train --help)")
-    p.add_argument("flags", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_train)
+    sub.add_parser("train", add_help=False, help="train with RWKV-PEFT's train.py flags (rwkvray train --help)")
 
-    p = sub.add_parser("validate", help="check a job spec without running it")
-    p.add_argument("spec")
-    p.set_defaults(func=cmd_validate)
+    p = add_command(sub, "validate", cmd_validate,
+                    "check a job spec (or a Ray Serve config file) without starting anything")
+    p.add_argument("spec", help="job spec YAML file")
+    p.add_argument("--no-check-files", dest="check_files", action="store_false",
+                   help="do not look for the spec's files (model, data) here: they live on the cluster")
 
     for name, func, text in (("run", cmd_run, "run a job spec on Ray Train (DeepSpeed workers)"),
                              ("tune", cmd_tune, "sweep learning rates with Ray Tune"),
                              ("serve", cmd_serve, "serve the base model and mounted states (Ray Serve)")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("spec")
-        p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                       help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray instance)")
-        p.set_defaults(func=func)
+        p = add_command(sub, name, func, text)
+        p.add_argument("spec", help="job spec YAML file")
+        p.add_argument("--address", metavar="HOST:PORT",
+                       help="Ray head to join (default: $RAY_ADDRESS, else a local Ray instance)")
         if name == "run":
             p.add_argument("--allow-changed-spec", action="store_true",
                            help="resume a run whose spec changed since it started (default: refuse)")
 
-    p = sub.add_parser("merge-state", help="put a state into a base checkpoint file")
-    p.add_argument("--base", required=True)
-    p.add_argument("--state", required=True)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_merge_state)
+    p = add_command(sub, "merge-state", cmd_merge_state, "put a state into a base checkpoint file")
+    p.add_argument("--base", required=True, metavar="PTH", help="RWKV-7 checkpoint")
+    p.add_argument("--state", required=True, metavar="PTH", help="state file (blocks.{i}.att.time_state)")
+    p.add_argument("--out", required=True, metavar="PTH", help="checkpoint file to write")
 
-    p = sub.add_parser("export-state", help="convert a state file (safetensors for Ai00)")
-    p.add_argument("--state", required=True)
-    p.add_argument("--format", choices=["safetensors"], default="safetensors")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_export_state)
+    p = add_command(sub, "export-state", cmd_export_state, "convert a state file (safetensors for Ai00)")
+    p.add_argument("--state", required=True, metavar="PTH", help="state file written by training")
+    p.add_argument("--format", choices=["safetensors"], default="safetensors",
+                   help="output format (safetensors: fp16, [key, value] layout, as Ai00 reads it)")
+    p.add_argument("--out", required=True, help="file to write")
 
-    p = sub.add_parser("merge", help="fold a LoRA, PiSSA or DiSHA adapter into a full BlinkDL checkpoint")
-    p.add_argument("--type", choices=["lora", "pissa", "disha"], help="default: told by the adapter")
-    p.add_argument("--base", required=True)
-    p.add_argument("--adapter", required=True, help="adapter file, or a peft save_pretrained folder")
-    p.add_argument("--init", help="PiSSA's init_pissa.pth, for RWKV-PEFT's PiSSA files (ours carry it)")
-    p.add_argument("--out", required=True)
+    p = add_command(sub, "merge", cmd_merge, "fold a LoRA, PiSSA or DiSHA adapter into a full BlinkDL checkpoint")
+    p.add_argument("--type", choices=["lora", "pissa", "disha"], help="the adapter's method (default: told by the adapter)")
+    p.add_argument("--base", required=True, metavar="PTH", help="the base checkpoint the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="adapter file written by training, or a peft save_pretrained folder")
+    p.add_argument("--init", metavar="PTH", help="PiSSA's init_pissa.pth, for RWKV-PEFT's PiSSA files (ours carry it)")
+    p.add_argument("--out", required=True, metavar="PTH", help="checkpoint file to write")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="cast every tensor (default: keep the base's dtypes)")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha, for RWKV-PEFT LoRA files (ours store it)")
-    p.set_defaults(func=cmd_merge)
     return parser
 
 

@@ -12,6 +12,7 @@ that every node must read (model, data) belong in the working dir (small files) 
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import fnmatch
 import os
@@ -33,7 +34,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from rwkvray.dims import ModelDims
-from rwkvray.errors import UserError
+from rwkvray.errors import RayServeConfigFile, UserError
 
 TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 TUNABLE_KEYS = {  # tune.space key -> (block, field) it sets in each trial
@@ -47,6 +48,9 @@ GPU_OPS = ("cuda", "fla")
 RAY_PACKAGE = re.compile(r"/runtime_resources/working_dir_files/[^/]+")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+RAY_SERVE_CONFIG_KEYS = ("applications", "http_options")
+# off while `rwkvray validate --no-check-files` loads a spec whose files live on a cluster's disk
+CHECK_FILES = contextvars.ContextVar("CHECK_FILES", default=True)
 
 
 class SpecProblem(ValueError):
@@ -97,6 +101,8 @@ def gitignore_rule(path: str, package: str) -> str | None:
 
 def existing_file(path: str) -> str:
     resolved = absolute(path)
+    if not CHECK_FILES.get():
+        return resolved
     if os.path.isdir(resolved):
         raise ValueError(f"is a folder, not a file: {resolved}")
     if not os.path.isfile(resolved):
@@ -197,14 +203,15 @@ def data_path(path: str, data_type: str | None) -> str:
     """A jsonl file must exist; a binidx prefix (with or without .bin/.idx) needs both its .bin and .idx."""
     if data_type != "binidx":
         resolved = absolute(path)
-        if data_type == "jsonl" and not os.path.exists(resolved) and os.path.isfile(resolved + ".bin"):
+        binidx_instead = not os.path.exists(resolved) and os.path.isfile(resolved + ".bin")
+        if data_type == "jsonl" and CHECK_FILES.get() and binidx_instead:
             raise ValueError(f"file not found: {resolved} ({resolved}.bin exists: set data.type: binidx)")
         return existing_file(path)
     prefix = absolute(path)
     for extension in (".bin", ".idx"):
         prefix = prefix.removesuffix(extension)
     for needed in (prefix + ".bin", prefix + ".idx"):
-        if not os.path.isfile(needed):
+        if CHECK_FILES.get() and not os.path.isfile(needed):
             raise ValueError(f"binidx file not found: {needed}")
     return prefix
 
@@ -734,8 +741,9 @@ def check_model_expectations(model: ModelConfig, dims: ModelDims, source: str) -
 # ---------------------------------------------------------------- loading and error messages
 
 
-def load_spec(path: str) -> JobSpec:
-    """Read and validate a YAML job spec; every problem becomes a one-line UserError."""
+def load_spec(path: str, check_files: bool = True) -> JobSpec:
+    """Read and validate a YAML job spec; every problem becomes a one-line UserError.
+    check_files=False accepts paths to files that are not on this machine."""
     if os.path.isdir(path):
         raise UserError(f"{path}: is a folder, not a spec file")
     try:
@@ -760,18 +768,27 @@ def load_spec(path: str) -> JobSpec:
         raise UserError(
             f"{path}: the top level must be a mapping of blocks (model, data, ...), not a {yaml_type(data)}"
         )
-    return spec_from_dict(data, path)
+    found = [key for key in RAY_SERVE_CONFIG_KEYS if key in data]
+    if found:
+        raise RayServeConfigFile(f"{path}: this is a Ray Serve config file (it has {' and '.join(found)}), not an "
+                                 f"rwkvray job spec: start it with `serve run {path}`, or `serve deploy {path}` "
+                                 "on a running cluster")
+    return spec_from_dict(data, path, check_files=check_files)
 
 
-def spec_from_dict(data: dict, source: str, key_names: dict[str, str] | None = None) -> JobSpec:
+def spec_from_dict(data: dict, source: str, key_names: dict[str, str] | None = None,
+                   check_files: bool = True) -> JobSpec:
     """Validate a spec given as a dict. key_names renames key paths in messages (e.g. to command-line flags)."""
     if not isinstance(data, dict):
         raise UserError(f"{source}: the spec must be a mapping (got {yaml_type(data)})")
     blocks = {key: value for key, value in data.items() if value is not None}  # `optim:` alone means defaults
+    token = CHECK_FILES.set(check_files)
     try:
         spec = JobSpec.model_validate(blocks)
     except ValidationError as err:
         raise UserError(format_validation_error(err, source, key_names)) from None
+    finally:
+        CHECK_FILES.reset(token)
     spec._source = source
     return spec
 

@@ -16,7 +16,7 @@ import json
 import os
 from typing import Any
 
-from rwkvray.config import TARGETS, JobSpec, spec_from_dict, strategy_to_deepspeed
+from rwkvray.config import TARGETS, JobSpec, nested_model, spec_from_dict, strategy_to_deepspeed
 from rwkvray.errors import UserError
 
 SOURCE = "train flags"
@@ -88,9 +88,11 @@ def json_object(text: str) -> dict:
 def build_train_parser() -> argparse.ArgumentParser:
     parser = FlagParser(
         prog="rwkvray train",
+        usage="rwkvray train --load_model PTH --data_file PATH [--proj_dir DIR] [FLAG VALUE ...]",
         description="Train with RWKV-PEFT's train.py flags (same names, same meanings), on Ray.",
         allow_abbrev=False,
     )
+    add_common_flags(parser.add_argument_group("common flags"))
     add_main_flags(parser.add_argument_group("model and data"))
     add_schedule_flags(parser.add_argument_group("schedule and optimizer"))
     add_peft_flags(parser.add_argument_group("PEFT"))
@@ -100,84 +102,116 @@ def build_train_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_main_flags(group) -> None:
+def spec_default(path: str) -> str:
+    """' (default: X)' with X the job spec's default for the dotted key `path`."""
+    model: Any = JobSpec
+    *blocks, key = path.split(".")
+    for block in blocks:
+        model = nested_model(model.model_fields[block].annotation)
+    value = model.model_fields[key].get_default(call_default_factory=True)
+    return f" (default: {value:g})" if isinstance(value, float) else f" (default: {value})"
+
+
+def add_common_flags(group) -> None:
     group.add_argument("--load_model", "--model", dest="load_model", metavar="PTH", help="base RWKV-7 checkpoint")
     group.add_argument("--data_file", "--data", dest="data_file", metavar="PATH", help=".jsonl file or binidx prefix")
+    group.add_argument("--proj_dir", metavar="DIR",
+                       help="local copy of the state/adapter files; without --storage_path the run's checkpoints go to "
+                       "<proj_dir>/<--name> too (default: ./runs/<--name>)")
+    group.add_argument("--peft", help="state, lora, pissa, disha (miss and bone are DiSHA's other names)"
+                       + spec_default("peft.method"))
+    group.add_argument("--ctx_len", type=int, help="tokens per sample" + spec_default("data.ctx_len"))
+    group.add_argument("--micro_bsz", type=int, help="samples per step and device" + spec_default("trainer.micro_bsz"))
+    group.add_argument("--epoch_steps", type=int, help="steps per epoch" + spec_default("trainer.epoch_steps"))
+    group.add_argument("--epoch_count", type=int, help="epochs" + spec_default("trainer.epoch_count"))
+    group.add_argument("--epoch_save", type=int,
+                       help="save a state file every N epochs" + spec_default("trainer.epoch_save"))
+    group.add_argument("--lr_init", type=float, help="learning rate at the start" + spec_default("optim.lr_init"))
+    group.add_argument("--lr_final", type=float, help="learning rate at the end" + spec_default("optim.lr_final"))
+    group.add_argument("--accelerator", help="gpu or cpu (default: gpu if this machine has a CUDA device, else cpu)")
+    group.add_argument("--devices", type=int, help="workers per node; above 1 they run on Ray Train (default: 1)")
+    group.add_argument("--precision", help="bf16, fp16, fp32 or tf32" + spec_default("trainer.precision"))
+
+
+def add_main_flags(group) -> None:
     group.add_argument("--data_type", help="jsonl or binidx (default: from the file name)")
-    group.add_argument("--proj_dir", help="where state/adapter files are copied (default: <storage_path>/<name>)")
-    group.add_argument("--ctx_len", type=int, help="context length (default 512)")
-    group.add_argument("--loss_mask", help="none, pad (same as none: padding never counts) or qa")
-    group.add_argument("--dataload", help="pad or only (rwkvray samples whole-document pieces)")
-    group.add_argument("--vocab_size", type=int, help="checked against the checkpoint (0: do not check)")
-    group.add_argument("--n_layer", type=int, help="checked against the checkpoint")
-    group.add_argument("--n_embd", type=int, help="checked against the checkpoint")
-    group.add_argument("--head_size_a", "--head_size", dest="head_size_a", type=int, help="checked against the model")
-    group.add_argument("--dim_att", type=int, help="0 or n_embd")
+    group.add_argument("--loss_mask", help="none, pad (same as none: padding never counts) or qa (default: none)")
+    group.add_argument("--dataload", help="pad or only (rwkvray samples whole-document pieces) (default: pad)")
+    group.add_argument("--vocab_size", type=int, help="checked against the checkpoint (default and 0: not checked)")
+    group.add_argument("--n_layer", type=int, help="checked against the checkpoint (default: not checked)")
+    group.add_argument("--n_embd", type=int, help="checked against the checkpoint (default: not checked)")
+    group.add_argument("--head_size_a", "--head_size", dest="head_size_a", type=int,
+                       help="checked against the checkpoint (default: not checked)")
+    group.add_argument("--dim_att", type=int, help="0 or --n_embd (default: 0)")
     group.add_argument("--my_testing", help="model version, x070 (RWKV-7) or x060 (RWKV-6): checked against the "
-                       "checkpoint, whose keys decide")
+                       "checkpoint, whose keys decide (default: the checkpoint's)")
 
 
 def add_schedule_flags(group) -> None:
-    group.add_argument("--epoch_steps", type=int)
-    group.add_argument("--epoch_count", type=int)
-    group.add_argument("--epoch_save", type=int)
-    group.add_argument("--micro_bsz", type=int)
-    group.add_argument("--lr_init", type=float, help="default 1e-2")
-    group.add_argument("--lr_final", type=float, help="default 1e-4")
-    group.add_argument("--warmup_steps", type=int, help="negative means 0")
-    group.add_argument("--lr_schedule", help="cos_decay (or cos) or wsd")
-    group.add_argument("--beta1", type=float)
-    group.add_argument("--beta2", type=float)
-    group.add_argument("--adam_eps", type=float)
-    group.add_argument("--weight_decay", type=float)
-    group.add_argument("--grad_cp", type=int, help="1: recompute activations in the backward pass")
-    group.add_argument("--random_seed", type=int, help="negative: keep the default seed (rwkvray always seeds)")
-    group.add_argument("--wandb", help="W&B project name ('' for none)")
+    group.add_argument("--warmup_steps", type=int,
+                       help="linear warm-up steps; negative means 0" + spec_default("optim.warmup_steps"))
+    group.add_argument("--lr_schedule", help="cos_decay (or cos) or wsd" + spec_default("optim.schedule"))
+    group.add_argument("--beta1", type=float, help="AdamW beta1 (default: 0.9)")
+    group.add_argument("--beta2", type=float, help="AdamW beta2 (default: 0.99)")
+    group.add_argument("--adam_eps", type=float, help="AdamW epsilon" + spec_default("optim.eps"))
+    group.add_argument("--weight_decay", type=float, help="AdamW weight decay" + spec_default("optim.weight_decay"))
+    group.add_argument("--grad_cp", type=int, help="1: recompute activations in the backward pass (default: 0)")
+    group.add_argument("--random_seed", type=int,
+                       help="negative: keep the default seed (rwkvray always seeds)" + spec_default("trainer.seed"))
+    group.add_argument("--wandb", help="W&B project name ('' for none) (default: none)")
 
 
 def add_peft_flags(group) -> None:
-    group.add_argument("--peft", help="state, lora, pissa, disha (miss and bone are DiSHA's other names)")
     group.add_argument("--train_type", help="state: tune the state (alone, or with the --peft weight method)")
     for name in ("lora_config", "pissa_config", "disha_config", "miss_config", "bone_config", "peft_config"):
-        group.add_argument(f"--{name}", type=json_object, metavar="JSON")
-    group.add_argument("--quant", help="none, int8 or nf4")
+        group.add_argument(f"--{name}", type=json_object, metavar="JSON",
+                           help="the method's settings as JSON, e.g. '{\"r\": 8}'")
+    group.add_argument("--quant", help="quantize the frozen base: none, int8 or nf4" + spec_default("peft.quant"))
     group.add_argument("--fla", action="store_true", help="same as --op fla")
-    group.add_argument("--op", help="auto, torch, cuda, fla (triton is taken as fla)")
-    group.add_argument("--train_parts", nargs="*", help="ln: train the LayerNorms with the adapter (nothing else)")
-    group.add_argument("--merge", type=int, help="1 (default): also write the merged model rwkv-N.pth each saved "
-                       "epoch; 0: also write the peft folder <proj_dir>-adapter/")
+    group.add_argument("--op", help="WKV kernel: auto, torch, cuda, fla (triton is taken as fla)"
+                       + spec_default("trainer.op"))
+    group.add_argument("--train_parts", nargs="*", help="ln: train the LayerNorms with the adapter (nothing else) "
+                       "(default: none)")
+    group.add_argument("--merge", type=int, help="1: also write the merged model rwkv-N.pth each saved epoch; "
+                       "0: also write the peft folder <proj_dir>-adapter/ (default: 1)")
     group.add_argument("--lora", action="store_true", help="old form of --peft lora")
     group.add_argument("--PISSA", action="store_true", help="old form of --peft pissa")
     group.add_argument("--state_tune", action="store_true", help="old form of --train_type state")
-    group.add_argument("--lora_r", type=int)
-    group.add_argument("--lora_alpha", type=float)
-    group.add_argument("--lora_dropout", type=float)
-    group.add_argument("--lora_parts", help="att, ffn (comma separated)")
-    group.add_argument("--lora_load")
-    group.add_argument("--svd_niter", type=int)
+    group.add_argument("--lora_r", type=int, help="old form of --lora_config '{\"r\": N}'")
+    group.add_argument("--lora_alpha", type=float, help="old form of --lora_config '{\"alpha\": X}'")
+    group.add_argument("--lora_dropout", type=float, help="old form of --lora_config '{\"dropout\": X}'")
+    group.add_argument("--lora_parts", help="modules to adapt: att, ffn (comma separated)")
+    group.add_argument("--lora_load", help="must be empty: starting from saved adapter weights is not supported")
+    group.add_argument("--svd_niter", type=int, help="PiSSA's SVD iterations" + spec_default("peft.pissa.svd_niter"))
 
 
 def add_hardware_flags(group) -> None:
-    group.add_argument("--accelerator", help="gpu or cpu")
-    group.add_argument("--devices", type=int, help="workers per node")
-    group.add_argument("--num_nodes", type=int, help="nodes; Ray workers = devices x num_nodes")
-    group.add_argument("--strategy", help="deepspeed_stage_1/2/3[_offload], deepspeed or ddp")
-    group.add_argument("--precision", help="bf16, fp16, fp32 or tf32")
-    group.add_argument("--accumulate_grad_batches", type=int)
+    group.add_argument("--num_nodes", type=int, help="nodes; Ray workers = devices x num_nodes (default: 1)")
+    group.add_argument("--strategy", help="deepspeed_stage_1/2/3[_offload], deepspeed or ddp "
+                       "(default: deepspeed_stage_1)")
+    group.add_argument("--accumulate_grad_batches", type=int,
+                       help="micro-batches per optimizer step" + spec_default("trainer.grad_accum"))
 
 
 def add_rwkvray_flags(group) -> None:
     group.add_argument("--action", choices=["train"], help="the seed form: --action train --data FILE --model FILE")
-    group.add_argument("--name", help="run name (Ray Train run folder; rerun with it to resume)")
-    group.add_argument("--storage_path", help="Ray Train storage: local/shared folder or s3:// URI")
+    group.add_argument("--name", help="run name (Ray Train run folder; rerun with it to resume)"
+                       + spec_default("run.name"))
+    group.add_argument("--storage_path", help="Ray Train storage: local/shared folder or s3:// URI (default: ./runs)")
     group.add_argument("--eval_file", help="evaluation data (same type as --data_file)")
-    group.add_argument("--holdout_fraction", type=float, help="hold out this fraction of the data for evaluation")
-    group.add_argument("--state_init", help="state file to start state tuning from")
-    group.add_argument("--grad_clip", type=float, help="gradient clipping (default 1.0, as in RWKV-PEFT)")
-    group.add_argument("--max_failures", type=int, help="worker-group restarts on failure (-1: forever)")
-    group.add_argument("--checkpoint_every_steps", type=int)
-    group.add_argument("--keep_checkpoints", type=int)
-    group.add_argument("--placement_strategy", help="PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+    group.add_argument("--holdout_fraction", type=float, help="hold out this fraction of the data for evaluation"
+                       + spec_default("data.holdout_fraction"))
+    group.add_argument("--state_init", help="state file to start state tuning from (default: zeros)")
+    group.add_argument("--grad_clip", type=float,
+                       help="gradient clipping, 0 for none" + spec_default("optim.grad_clip"))
+    group.add_argument("--max_failures", type=int,
+                       help="worker-group restarts on failure (-1: forever)" + spec_default("run.max_failures"))
+    group.add_argument("--checkpoint_every_steps", type=int,
+                       help="also checkpoint every N steps (default: at each --epoch_save epoch)")
+    group.add_argument("--keep_checkpoints", type=int,
+                       help="Ray Train checkpoints kept" + spec_default("run.keep_checkpoints"))
+    group.add_argument("--placement_strategy", help="PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"
+                       + spec_default("scaling.placement_strategy"))
     group.add_argument("--wandb_mode", help="online (default with --wandb), offline or disabled")
 
 
@@ -422,9 +456,11 @@ def map_trainer(args, spec: SpecBuilder) -> None:
 
 
 def map_hardware(args, spec: SpecBuilder) -> None:
-    accelerator = (args.accelerator or "gpu").lower()
+    accelerator = (args.accelerator or machine_accelerator()).lower()
     if accelerator not in ("gpu", "cuda", "cpu"):
         raise flag_error("accelerator", f"{args.accelerator!r} is not supported (use gpu or cpu)")
+    if accelerator == "cpu":
+        check_cpu_flags(args)
     spec.put("scaling.use_gpu", accelerator != "cpu", "--accelerator")
     for flag in ("devices", "num_nodes"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -438,6 +474,25 @@ def map_hardware(args, spec: SpecBuilder) -> None:
             raise flag_error("strategy", str(e)) from None
         spec.put("deepspeed.stage", stage, "--strategy")
         spec.put("deepspeed.offload", offload, "--strategy")
+
+
+def machine_accelerator() -> str:
+    import torch
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def check_cpu_flags(args) -> None:
+    """GPU-only choices, refused in the flags' own words (the spec's checks would name spec keys)."""
+    cpu = "--accelerator cpu" if args.accelerator else "--accelerator cpu (the default here: no CUDA device)"
+    op = "fla" if args.fla and args.op is None else args.op
+    if op in ("cuda", "fla", "triton"):
+        raise flag_error("fla" if args.fla and args.op is None else "op",
+                         f"{op} needs a GPU, but the run is on {cpu}: use --op torch, or --accelerator gpu")
+    if args.precision == "fp16":
+        raise flag_error("precision", f"fp16 needs a GPU, but the run is on {cpu}: use --precision bf16 or fp32")
+    if args.strategy and args.strategy.endswith("_offload"):
+        raise flag_error("strategy", f"{args.strategy} moves the optimizer to CPU memory, where it already is on "
+                         f"{cpu}: use {args.strategy.removesuffix('_offload')}")
 
 
 def map_run_and_logging(args, spec: SpecBuilder) -> None:

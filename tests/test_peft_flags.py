@@ -102,7 +102,7 @@ def test_n_layer_goes_into_the_spec_and_is_checked(workdir):
 def test_state_plus_weight_method_strategy_and_nodes(workdir):
     spec = flags("--load_model model.pth --data_file chats.jsonl --train_type state --peft miss "
                  "--miss_config '{\"mode\":\"bat\",\"r\":32,\"load\":\"\"}' --strategy deepspeed_stage_2_offload "
-                 "--devices 8 --num_nodes 2 --accumulate_grad_batches 4 --random_seed -1")
+                 "--accelerator gpu --devices 8 --num_nodes 2 --accumulate_grad_batches 4 --random_seed -1")
     assert (spec.peft.method, spec.peft.combine_state, spec.peft.disha.mode, spec.peft.disha.r) == ("disha", True, "bat", 32)
     assert (spec.deepspeed.stage, spec.deepspeed.offload) == (2, True)
     assert (spec.scaling.num_workers, spec.trainer.grad_accum, spec.trainer.seed) == (16, 4, 42)
@@ -161,7 +161,7 @@ BAD_FLAGS = [
     ("--precision 16-mixed", "--precision: must be one of bf16, fp16, fp32, tf32 (got '16-mixed')"),
     ("--lr_schedule linear", "--lr_schedule: must be one of cos_decay, wsd (got 'linear')"),
     ("--accelerator tpu", "--accelerator: 'tpu' is not supported (use gpu or cpu)"),
-    ("--accelerator cpu --op cuda", "--op: cuda needs a GPU (set scaling.use_gpu: true, or op: torch)"),
+    ("--accelerator cpu --op cuda", "--op: cuda needs a GPU, but the run is on --accelerator cpu: use --op torch, or --accelerator gpu"),
     ("--devices 0", "--devices: must be ≥ 1 (got 0)"),
     ("--micro_bsz 0 --epoch_steps 0", "--epoch_steps: must be ≥ 1; --micro_bsz: must be ≥ 1"),
     ("--grad_cp 2", "--grad_cp: must be 0 or 1 (got 2)"),

@@ -5,9 +5,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 
 import pytest
+import requests
 import yaml
 
 from rwkvray.checkpoint import save_checkpoint
@@ -28,11 +31,19 @@ def free_port() -> int:
 def ray_head(tmp_path):
     bin_dir = os.path.dirname(sys.executable)
     port, dashboard = free_port(), free_port()
+    # Ray's fixed default ports (the job agent's 52365, metrics, Ray Client) may be held by another Ray on this
+    # machine; the job agent then runs without HTTP and every submit_job answers "No available agent"
+    own_ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                         "metrics-export-port", "runtime-env-agent-port",
+                                                         "ray-client-server-port")]
+    # its own temp dir (short: Ray's socket paths must fit in 107 bytes), so that the job's driver, which finds
+    # its head through the temp dir's ray_current_cluster record, never joins another Ray on this machine
+    ray_tmp = tempfile.mkdtemp(prefix="rwkvray-head-", dir="/tmp")
     head = subprocess.Popen(
         [os.path.join(bin_dir, "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"],
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *own_ports],
         stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"]})
+        env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "RAY_TMPDIR": ray_tmp})
     try:
         yield f"http://127.0.0.1:{dashboard}"
     finally:
@@ -41,17 +52,40 @@ def ray_head(tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def wait_for(client_factory, timeout=90):
-    deadline = time.time() + timeout
+DASHBOARD_NOT_READY = (ConnectionError, requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+NO_AGENT_YET = "No available agent to submit job"  # Ray's answer (HTTP 500) while the head's job agent starts
+
+
+def while_dashboard_starts(call, timeout=120):
+    """call(), retried for a bounded time while the dashboard is still coming up (a loaded machine takes a while).
+    Only connection errors and Ray's "no agent yet" answer mean that: any other error raises at once."""
+    deadline = time.monotonic() + timeout
     while True:
         try:
-            return client_factory()
-        except Exception:
-            if time.time() > deadline:
+            return call()
+        except Exception as err:
+            if not (isinstance(err, DASHBOARD_NOT_READY) or NO_AGENT_YET in str(err)) or time.monotonic() > deadline:
                 raise
             time.sleep(2)
+
+
+def submit(client, **job) -> str:
+    """submit_job, retried while the dashboard starts; a fixed submission id keeps a retry from starting a second
+    copy of a job whose first submission got through but whose answer was lost."""
+    submission_id = f"rwkvray-test-{uuid.uuid4().hex[:12]}"
+
+    def once():
+        try:
+            return client.submit_job(submission_id=submission_id, **job)
+        except RuntimeError as err:
+            if f"{submission_id} already exists" in str(err):
+                return submission_id
+            raise
+
+    return while_dashboard_starts(once)
 
 
 def test_ray_job_submit_runs_a_spec(ray_head, tmp_path):
@@ -66,9 +100,9 @@ def test_ray_job_submit_runs_a_spec(ray_head, tmp_path):
             "scaling": {"num_workers": 1}}
     (work / "job.yaml").write_text(yaml.safe_dump(spec))
 
-    client = wait_for(lambda: JobSubmissionClient(ray_head))
+    client = while_dashboard_starts(lambda: JobSubmissionClient(ray_head))
     rwkvray = os.path.join(os.path.dirname(sys.executable), "rwkvray")
-    job = client.submit_job(entrypoint=f"{rwkvray} run job.yaml", runtime_env={"working_dir": str(work)})
+    job = submit(client, entrypoint=f"{rwkvray} run job.yaml", runtime_env={"working_dir": str(work)})
     deadline = time.time() + 300
     while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         assert time.time() < deadline, "job did not finish in 5 minutes"

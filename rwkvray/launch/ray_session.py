@@ -1,6 +1,17 @@
-"""Join the Ray cluster named by --address / RAY_ADDRESS, or start a local instance (the embedded default)."""
+"""Join the Ray cluster named by --address / RAY_ADDRESS, or start a local instance (the embedded default).
+
+A cluster address is probed before `ray.init`: Ray itself retries an address where nothing answers for many
+minutes, printing "Failed to connect to GCS" warnings, where a user wants one line naming the address.
+"""
 import contextlib
 import os
+import socket
+import time
+
+from rwkvray.errors import UserError
+
+PROBE_SECONDS = 20  # how long an address that neither answers nor refuses is retried
+START_HINT = "start a head there with `ray start --head`, or leave out the address to use a local Ray instance"
 
 
 @contextlib.contextmanager
@@ -11,13 +22,77 @@ def ray_session(address: str | None = None):
         yield
         return
     # "local" starts a fresh instance even when another one runs on this machine
+    target, named_by = resolve_address(address)
+    if target != "local":
+        check_reachable(target, named_by)
     from rwkvray.storage import aws_env
     aws = aws_env()  # an s3:// storage_path: Ray Train's controller and workers read the bucket too
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", configure_logging=False,
-             runtime_env={"env_vars": aws} if aws else None)
+    try:
+        ray.init(address=target, configure_logging=False, runtime_env={"env_vars": aws} if aws else None)
+    except ConnectionError as err:
+        raise UserError(f"{named_by}: cannot join a Ray cluster ({first_line(err)}); {START_HINT}") from None
     try:
         yield
     finally:
         # explicitly, before interpreter exit: otherwise Ray Train's placement-group cleaner races the
         # shutting-down GCS and prints a traceback
         ray.shutdown()
+
+
+def resolve_address(address: str | None) -> tuple[str, str]:
+    """(address for ray.init, how the user named it: `--address X` or `RAY_ADDRESS=X`)."""
+    if address:
+        return address, f"--address {address}"
+    from_env = os.environ.get("RAY_ADDRESS")
+    if from_env:
+        return from_env, f"RAY_ADDRESS={from_env}"
+    return "local", "local Ray"
+
+
+def check_reachable(address: str, named_by: str) -> None:
+    """Refuse at once an address that is malformed, a dashboard URL, or where nothing listens."""
+    if address == "auto":
+        address = local_cluster_address(named_by)
+        named_by += f" (the head Ray finds on this machine: {address})"
+    if address.startswith(("http://", "https://")):
+        raise UserError(f"{named_by}: that is a dashboard URL (for `ray job submit`); rwkvray joins the cluster "
+                        "itself: give the head's HOST:PORT (port 6379 by default)")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"{named_by}: expected HOST:PORT of a Ray head, for example 10.0.0.5:6379")
+    wait_for_listener(host.strip("[]"), int(port), named_by)
+
+
+def wait_for_listener(host: str, port: int, named_by: str) -> None:
+    """Return once something accepts a connection at host:port; a refusal or an unknown host fails at once."""
+    deadline = time.monotonic() + PROBE_SECONDS
+    while True:
+        try:
+            wait = min(5.0, max(deadline - time.monotonic(), 1.0))
+            socket.create_connection((host, port), timeout=wait).close()
+            return
+        except socket.gaierror:
+            raise UserError(f"{named_by}: unknown host {host}") from None
+        except ConnectionRefusedError:
+            raise UserError(f"{named_by}: nothing listens there (connection refused); {START_HINT}") from None
+        except OSError as err:
+            if time.monotonic() > deadline:
+                raise UserError(f"{named_by}: no answer in {PROBE_SECONDS} s ({err.strerror or err}); "
+                                f"{START_HINT}") from None
+            time.sleep(1)
+
+
+def local_cluster_address(named_by: str) -> str:
+    """What "auto" means to Ray: the head `ray start` last recorded on this machine (the record may be stale)."""
+    from ray._private.services import canonicalize_bootstrap_address  # Ray's own lookup, so both agree
+    try:
+        found = canonicalize_bootstrap_address("auto")
+    except Exception as err:
+        raise UserError(f"{named_by}: no Ray instance found on this machine ({first_line(err)})") from None
+    if not found:
+        raise UserError(f"{named_by}: no Ray instance found on this machine; {START_HINT}")
+    return found
+
+
+def first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

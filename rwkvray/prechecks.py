@@ -1,0 +1,156 @@
+"""What each command checks before Ray starts, and what `rwkvray validate` checks without starting anything.
+
+The spec loader already checks keys, values and that files exist. Here: that the blocks a command needs are
+there, that the model file is an RWKV-7 checkpoint whose shape matches the spec's model.n_layer/n_embd/...
+expectations, that output folders can be written, and (serve) that the API-key variable is set and the port is
+free. Ray starts only after all of these pass.
+"""
+import errno
+import os
+import socket
+
+import yaml
+
+from rwkvray.config import (ServeConfig, check_model_expectations, load_spec, require_serve_block,
+                            require_training_blocks, require_tune_block, spec_from_dict)
+from rwkvray.dims import ModelDims
+from rwkvray.errors import RayServeConfigFile, UserError
+from rwkvray.peft_flags import SOURCE as TRAIN_FLAGS
+
+SERVE_APP_PREFIX = "rwkvray.serve.app:"
+TRAIN_FLAG_NAMES = {"run.storage_path": "--storage_path", "trainer.proj_dir": "--proj_dir"}
+
+
+def checked_model_dims(spec) -> ModelDims:
+    """The checkpoint's shape, after comparing it with the spec's model expectations."""
+    from rwkvray.checkpoint import load_checkpoint
+    dims = load_checkpoint(spec.model.path).dims  # memory-mapped: cheap for a model of any size
+    check_model_expectations(spec.model, dims, spec.source)
+    return dims
+
+
+def before_training(spec, tune: bool = False, address: str | None = None) -> None:
+    """`run`, `tune` and `train`: everything checkable on this machine."""
+    require_training_blocks(spec)
+    if tune:
+        require_tune_block(spec)
+    checked_model_dims(spec)
+    check_output_folders(spec)
+    check_local_gpus(spec, tune, address)
+
+
+def check_local_gpus(spec, tune: bool, address: str | None) -> None:
+    """A local Ray instance has only this machine's GPUs, and would wait for more for ever."""
+    from rwkvray.launch.ray_session import resolve_address
+    if not spec.scaling.use_gpu or resolve_address(address)[0] != "local":
+        return
+    import torch
+    scaling = spec.scaling
+    single_trials = tune and scaling.num_workers == 1  # each trial trains in its own process, with its own GPUs
+    needed = spec.tune.gpus_per_trial if single_trials else (
+        scaling.num_workers * scaling.resources_per_worker.get("GPU", 1))
+    available = torch.cuda.device_count()
+    if needed > available:
+        flags = spec.source == TRAIN_FLAGS
+        key, cluster = ("--accelerator gpu", "RAY_ADDRESS") if flags else ("scaling.use_gpu", "--address or RAY_ADDRESS")
+        raise UserError(f"{spec.source}: {key}: the run needs {needed:g} GPU(s) and this machine has {available}, "
+                        f"with no {cluster} naming a cluster that has them")
+
+
+def check_output_folders(spec) -> None:
+    """The run's folders can be made and written here (a shared or URI storage_path is checked by Ray)."""
+    named = dict(TRAIN_FLAG_NAMES) if spec.source == TRAIN_FLAGS else {}
+    if named and spec.run.storage_path == spec.trainer.proj_dir:  # --proj_dir alone names both (peft_flags)
+        named["run.storage_path"] = "--proj_dir"
+    for key, path in (("run.storage_path", spec.run.storage_path), ("trainer.proj_dir", spec.trainer.proj_dir)):
+        if path and "://" not in path:
+            check_writable_folder(path, f"{spec.source}: {named.get(key, key)}")
+
+
+def check_writable_folder(path: str, where: str) -> None:
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{where}: cannot make {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{where}: cannot write in {existing} (permission denied)")
+
+
+def check_serve_model(config: ServeConfig) -> None:
+    from rwkvray.checkpoint import load_checkpoint
+    load_checkpoint(config.model)  # an RWKV-7 checkpoint, not just a file
+
+
+def before_serving(spec, address: str | None = None) -> ServeConfig:
+    from rwkvray.launch.ray_session import resolve_address
+    from rwkvray.serve.app import read_api_key
+    config = require_serve_block(spec)
+    read_api_key(config)
+    check_serve_model(config)
+    check_writable_folder(config.states_dir, f"{spec.source}: serve.states_dir")
+    if resolve_address(address)[0] == "local":  # on a cluster the head binds the port and holds the GPUs
+        check_port_free(config.host, config.port, spec.source)
+        import torch
+        if config.use_gpu is True and config.replicas > torch.cuda.device_count():
+            raise UserError(f"{spec.source}: serve.use_gpu: {config.replicas} replica(s) need a GPU each and this "
+                            f"machine has {torch.cuda.device_count()}, with no --address or RAY_ADDRESS naming a "
+                            "cluster that has them (use_gpu: auto serves on the CPU)")
+    return config
+
+
+def check_port_free(host: str, port: int, source: str) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise UserError(f"{source}: serve.port: {host}:{port} is in use by another program "
+                                "(choose another serve.port)") from None
+            raise UserError(f"{source}: serve.host: cannot listen on {host}:{port} ({err.strerror})") from None
+
+
+def validate_file(path: str, check_files: bool = True) -> str:
+    """The one line `rwkvray validate` prints for a job spec or a Ray Serve config file that passes."""
+    try:
+        spec = load_spec(path, check_files=check_files)
+    except RayServeConfigFile:
+        return validate_ray_serve_config(path, check_files)
+    blocks = ", ".join(name for name in type(spec).model_fields if getattr(spec, name) is not None)
+    if not check_files:
+        return f"{path}: ok ({blocks}); files not checked"
+    found = []
+    if spec.model is not None:
+        dims = checked_model_dims(spec)
+        found.append(f"model n_layer {dims.n_layer}, n_embd {dims.n_embd}")
+    if spec.serve is not None:
+        check_serve_model(spec.serve)
+    return f"{path}: ok ({blocks})" + "".join(f"; {text}" for text in found)
+
+
+def validate_ray_serve_config(path: str, check_files: bool) -> str:
+    """Check the args of each rwkvray application in a Ray Serve config file."""
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    applications = data.get("applications") or []
+    if not isinstance(applications, list):
+        raise UserError(f"{path}: applications: must be a list")
+    ours = 0
+    for index, app in enumerate(applications):
+        if not isinstance(app, dict) or not str(app.get("import_path", "")).startswith(SERVE_APP_PREFIX):
+            continue
+        ours += 1
+        where = f"{path}: applications[{index}].args"
+        args = app.get("args") or {}
+        if not isinstance(args, dict):
+            raise UserError(f"{where}: must be a mapping of serve fields, or spec: PATH")
+        if set(args) == {"spec"}:
+            config = require_serve_block(load_spec(args["spec"], check_files=check_files))
+        else:
+            names = {f"serve.{name}": name for name in (*ServeConfig.model_fields, *args)}  # args are serve fields
+            config = spec_from_dict({"serve": args}, where, names, check_files=check_files).serve
+        if check_files:
+            check_serve_model(config)
+    files = "" if check_files else "; files not checked"
+    return (f"{path}: ok, a Ray Serve config file with {ours} rwkvray application(s){files}; "
+            f"start it with `serve run {path}`")
