@@ -32,10 +32,11 @@ def bf16_spec(model_path, stage, method):
 @pytest.mark.parametrize("method", ["state", "lora"])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_bf16_keeps_fp32_masters_and_lowers_loss(world_of_one, make_tiny_model, stage, method):
-    from rwkvray.train_loop import _build_engine, _build_module
+    from rwkvray.train_loop import WorkerContext, _build_engine, _build_module
     spec = bf16_spec(make_tiny_model(1, 128), stage, method)
     spec.optim.lr_init = spec.optim.lr_final = 0.05 if method == "state" else 0.01
-    engine = _build_engine(spec, _build_module(spec, torch.device("cpu")), rank=1)
+    quiet_rank = WorkerContext(session=None, rank=1, world_size=1, device=torch.device("cpu"))  # rank 1: no log line
+    engine = _build_engine(spec, _build_module(spec, quiet_rank.device), quiet_rank)
     base = engine.module.base
     frozen = [p for p in base.parameters() if not p.requires_grad]
     assert frozen and all(getattr(p, "ds_tensor", p).dtype == torch.bfloat16 for p in frozen)

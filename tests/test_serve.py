@@ -197,7 +197,8 @@ def test_bad_uploads_are_refused_and_a_good_multipart_upload_serves(server):
 
         files = {"file": ("delta.pth", state_bytes(random_state(4)), "application/octet-stream")}
         mounted = client.post("/v1/states", data={"name": "delta"}, files=files)
-        assert mounted.json() == {"name": "delta", "source": "upload", "shape": [2, 1, 64, 64],
+        assert mounted.json() == {"name": "delta", "source": "upload", "shape": [2, 1, 64, 64], "card": None,
+                                  "base_match": None,
                                   "warning": "no state card: the base model it was tuned on is unknown"}
         text = completion(client, "delta", PROMPTS[1], max_tokens=6, temperature=0).json()["choices"][0]["text"]
         assert text == reference_text(server.model, PROMPTS[1], random_state(4), 6)
@@ -334,7 +335,8 @@ def test_a_state_card_naming_another_base_is_409_unless_forced(server):
         card = json.dumps({"base": ours, "method": "state"})
         files = {"file": ("own.pth", state_bytes(random_state(7)), "application/octet-stream")}
         owned = client.post("/v1/states", data={"name": "own", "card": card}, files=files).json()
-        assert owned == {"name": "own", "source": "upload", "shape": [2, 1, 64, 64]}  # a matching card: no warning
+        assert owned == {"name": "own", "source": "upload", "shape": [2, 1, 64, 64], "card": json.loads(card),
+                         "base_match": True}  # a matching card: no warning
         unknown = client.post("/v1/states", json={"name": "x", "forse": True})
         assert unknown.status_code == 400 and error_of(unknown)["message"] == (
             "unknown key 'forse' in the /v1/states body (allowed: name, data, card, force, blend)")
