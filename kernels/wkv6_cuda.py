@@ -4,15 +4,12 @@ The initial state s0 is an input with a gradient (ds0), as in RWKV-PEFT's wkv6st
 gradient summed over the batch.
 """
 import functools
-import hashlib
-import os
-from pathlib import Path
 
 import torch
 
 from rwkvray.errors import UserError
 
-from .wkv_cuda import CUDA_DIR, first_error_line
+from .wkv_cuda import build_extension
 
 SOURCES = ("wkv6.cu", "wkv6_binding.cpp")
 HEADERS = ("wkv6.h", "wkv6_kernels.cuh")
@@ -53,23 +50,4 @@ class WKV6Function(torch.autograd.Function):
 
 @functools.cache
 def extension():
-    """The compiled module; one clear line if CUDA is missing or the build fails."""
-    if not torch.cuda.is_available() or not torch.version.cuda:
-        raise UserError("WKV op 'cuda' needs an NVIDIA GPU and a CUDA build of PyTorch; use op 'torch' or 'fla'")
-    from torch.utils.cpp_extension import load
-
-    major, minor = torch.cuda.get_device_capability()
-    arch = f"{major}{minor}"
-    digest = hashlib.sha256(arch.encode())
-    for name in SOURCES + HEADERS:
-        digest.update((CUDA_DIR / name).read_bytes())
-    name = f"rwkvray_wkv6_{digest.hexdigest()[:16]}"
-    build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions")) / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        return load(name=name, sources=[str(CUDA_DIR / s) for s in SOURCES], extra_cflags=["-O3"],
-                    extra_cuda_cflags=["-O3", "--use_fast_math", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
-                    build_directory=str(build_dir), verbose=False)
-    except Exception as error:  # ninja, compiler and linker failures all land here
-        raise UserError(f"building the WKV-6 CUDA kernel failed: {first_error_line(error)} "
-                        f"(full log: ninja -C {build_dir}); use op 'fla' meanwhile") from error
+    return build_extension("wkv6", "WKV-6", SOURCES, HEADERS)

@@ -52,27 +52,31 @@ class WKV7Function(torch.autograd.Function):
 
 @functools.cache
 def extension():
-    """The compiled module; one clear line if CUDA is missing or the build fails."""
+    return build_extension("wkv7", "WKV-7", SOURCES, HEADERS)
+
+
+def build_extension(kind: str, title: str, sources: tuple, headers: tuple):
+    """The compiled module for one kernel family; one clear line if CUDA is missing or the build fails."""
     if not torch.cuda.is_available() or not torch.version.cuda:
         raise UserError("WKV op 'cuda' needs an NVIDIA GPU and a CUDA build of PyTorch; use op 'torch' or 'fla'")
     from torch.utils.cpp_extension import load
 
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major}{minor}"
-    name = f"rwkvray_wkv7_{source_digest(arch)}"
+    name = f"rwkvray_{kind}_{source_digest(arch, sources + headers)}"
     build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions")) / name
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
         return load(
             name=name,
-            sources=[str(CUDA_DIR / s) for s in SOURCES],
+            sources=[str(CUDA_DIR / s) for s in sources],
             extra_cflags=["-O3"],
             extra_cuda_cflags=["-O3", "--use_fast_math", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
             build_directory=str(build_dir),
             verbose=False,
         )
     except Exception as error:  # ninja, compiler and linker failures all land here
-        raise UserError(f"building the WKV-7 CUDA kernel failed: {first_error_line(error)} "
+        raise UserError(f"building the {title} CUDA kernel failed: {first_error_line(error)} "
                         f"(full log: ninja -C {build_dir}); use op 'fla' meanwhile") from error
 
 
@@ -83,8 +87,8 @@ def first_error_line(error: Exception) -> str:
     return (errors[1:2] or errors[:1] or lines[:1] or [type(error).__name__])[0]
 
 
-def source_digest(arch: str) -> str:
+def source_digest(arch: str, files: tuple) -> str:
     digest = hashlib.sha256(arch.encode())
-    for name in SOURCES + HEADERS:
+    for name in files:
         digest.update((CUDA_DIR / name).read_bytes())
     return digest.hexdigest()[:16]
