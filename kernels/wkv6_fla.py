@@ -5,11 +5,8 @@ Called by keyword. FLA's conventions: its 4th input is the log-decay -exp(w) (ne
 [value, key]); `scale` must be 1.0 for RWKV (FLA defaults to 1/sqrt(K)).
 """
 import functools
-import inspect
 
-from rwkvray.errors import UserError
-
-from .wkv_fla import installed_version
+from .wkv_fla import import_chunk, refuse_missing
 
 REQUIRED = ("r", "k", "v", "u", "scale", "initial_state", "output_final_state")
 
@@ -27,15 +24,8 @@ def wkv6_fla(r, w, k, v, u, s0):
 @functools.cache
 def fla_kernel():
     """`chunk_rwkv6`, the name of its log-decay argument and the keyword options this installed version needs."""
-    try:
-        from fla.ops.rwkv6 import chunk_rwkv6
-    except ImportError as error:
-        raise UserError(f"WKV op 'fla' needs flash-linear-attention (pip install fla-core>=0.6.0): {error}") from None
-    params = inspect.signature(chunk_rwkv6).parameters
+    chunk_rwkv6, params = import_chunk("rwkv6")
     decay_name = next((name for name in ("w", "g") if name in params), None)
-    missing = [name for name in REQUIRED if name not in params] + ([] if decay_name else ["w (or g)"])
-    if missing:
-        raise UserError(f"fla {installed_version()} has a chunk_rwkv6 without {', '.join(missing)}; "
-                        f"install fla-core>=0.6.0")
+    refuse_missing("rwkv6", [name for name in REQUIRED if name not in params] + ([] if decay_name else ["w (or g)"]))
     options = {"head_first": False} if "head_first" in params else {}  # older releases: ask for [B,T,H,N]
     return chunk_rwkv6, decay_name, options

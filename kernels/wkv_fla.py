@@ -9,6 +9,7 @@ recurrence on a tiny input: a fork that keeps the names but means other things b
 arguments r, k, v, w, a, b) is refused instead of trusted.
 """
 import functools
+import importlib
 import inspect
 import math
 
@@ -41,15 +42,8 @@ def call_fla(r, w, k, v, a, b, s0):
 @functools.cache
 def fla_kernel():
     """`chunk_rwkv7` and the keyword options this installed version understands."""
-    try:
-        from fla.ops.rwkv7 import chunk_rwkv7
-    except ImportError as error:
-        raise UserError(f"WKV op 'fla' needs flash-linear-attention (pip install fla-core>=0.6.0): {error}") from None
-    params = inspect.signature(chunk_rwkv7).parameters
-    missing = [name for name in REQUIRED if name not in params]
-    if missing:
-        raise UserError(f"fla {installed_version()} has a chunk_rwkv7 without {', '.join(missing)}; "
-                        f"install fla-core>=0.6.0")
+    chunk_rwkv7, params = import_chunk("rwkv7")
+    refuse_missing("rwkv7", [name for name in REQUIRED if name not in params])
     options = {}
     if "head_first" in params:  # older releases: ask for [B,T,H,N] explicitly
         options["head_first"] = False
@@ -73,6 +67,21 @@ def checked_kernel(device: torch.device, head_size: int, dtype: torch.dtype):
         raise UserError(f"fla {installed_version()}: chunk_rwkv7 does not reproduce the RWKV-7 recurrence on a "
                         f"tiny self-check (relative error {error:.2g}); its arguments may mean other things than "
                         f"r, w, k, v, a, b (rwkv-fla orders them r, k, v, w, a, b); install fla-core>=0.6.0")
+
+
+def import_chunk(op: str):
+    """`fla.ops.<op>.chunk_<op>` and its parameters; one clear line if fla is not installed."""
+    try:
+        chunk = getattr(importlib.import_module(f"fla.ops.{op}"), f"chunk_{op}")
+    except (ImportError, AttributeError) as error:
+        raise UserError(f"WKV op 'fla' needs flash-linear-attention (pip install fla-core>=0.6.0): {error}") from None
+    return chunk, inspect.signature(chunk).parameters
+
+
+def refuse_missing(op: str, missing: list):
+    if missing:
+        raise UserError(f"fla {installed_version()} has a chunk_{op} without {', '.join(missing)}; "
+                        f"install fla-core>=0.6.0")
 
 
 def self_check_inputs(N: int, T: int = 3):
