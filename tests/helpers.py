@@ -1,6 +1,7 @@
 """Tiny random models for tests (no weights can be downloaded)."""
 import torch
 
+from rwkvray.checkpoint import save_checkpoint
 from rwkvray.dims import ModelDims, ModelDimsX060
 from rwkvray.model import RWKV7
 from rwkvray.model_x060 import RWKV6
@@ -50,3 +51,25 @@ def random_model_x060(dims: ModelDimsX060 = TINY_X060, seed: int = 0, dtype=torc
             else:
                 p.copy_(torch.randn_like(p) * (0.5 if p.dim() < 2 else p.shape[-1] ** -0.5))
     return model.to(dtype).eval()
+
+
+PEFT_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
+PEFT_CONFIGS = {
+    "lora": {"method": "lora", "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0}},
+    "pissa": {"method": "pissa", "pissa": {"r": 4, "svd_niter": 2}},
+    "bone": {"method": "disha", "disha": {"mode": "bone", "r": 16}},
+    "bat": {"method": "disha", "disha": {"mode": "bat", "r": 16}},
+}
+
+
+def saved_base(tmp_path_factory, model, name: str = "base.pth") -> str:
+    """The model's weights as a checkpoint file in a fresh directory; its path."""
+    path = str(tmp_path_factory.mktemp("base") / name)
+    save_checkpoint(model.state_dict(), path)
+    return path
+
+
+def token_batch(vocab_size: int):
+    """One fixed batch of 2 sequences of 32 tokens: inputs, targets, mask."""
+    ids = torch.randint(0, vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
+    return ids[:, :-1], ids[:, 1:], torch.ones(2, 32)

@@ -12,29 +12,22 @@ from rwkvray.merge import merge_adapter
 from rwkvray.model import load_model
 from rwkvray.peft import build_peft
 from rwkvray.peft.epoch_outputs import write_epoch_outputs
-from tests.helpers import TINY, random_model, train_steps
+from tests.helpers import PEFT_CONFIGS, TINY, random_model, saved_base, token_batch, train_steps
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
-CONFIGS = {
-    "lora": {"method": "lora", "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0}},
-    "pissa": {"method": "pissa", "pissa": {"r": 4, "svd_niter": 2}},
-    "bone": {"method": "disha", "disha": {"mode": "bone", "r": 16}},
-}
+CONFIGS = {name: PEFT_CONFIGS[name] for name in ("lora", "pissa", "bone")}
 NORMS = ["blocks.0.ln0", "ln_out"] + [f"blocks.{i}.{n}" for i in range(TINY.n_layer)
                                      for n in ("ln1", "ln2", "att.ln_x")]
 
 
 @pytest.fixture(scope="module")
 def base_path(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("base") / "base.pth")
-    save_checkpoint(random_model().state_dict(), path)
-    return path
+    return saved_base(tmp_path_factory, random_model())
 
 
 @pytest.fixture(scope="module")
 def batch():
-    ids = torch.randint(0, TINY.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
-    return ids[:, :-1], ids[:, 1:], torch.ones(2, 32)
+    return token_batch(TINY.vocab_size)
 
 
 def trained(name, base_path, batch, dtype=torch.float32, **extra):

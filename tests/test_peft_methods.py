@@ -13,36 +13,26 @@ from rwkvray.merge import merge_adapter
 from rwkvray.model import load_model
 from rwkvray.peft import build_peft
 from rwkvray.peft.base import METHODS, method_classes
-from tests.helpers import TINY, random_model, train_steps
+from tests.helpers import PEFT_CONFIGS, PEFT_TARGETS, TINY, random_model, saved_base, token_batch, train_steps
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
-TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 C = TINY.n_embd
 SHAPES = {"att.receptance": (C, C), "att.key": (C, C), "att.value": (C, C), "att.output": (C, C),
           "ffn.key": (4 * C, C), "ffn.value": (C, 4 * C)}  # [out, in]
-CONFIGS = {
-    "lora": {"method": "lora", "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0}},
-    "pissa": {"method": "pissa", "pissa": {"r": 4, "svd_niter": 2}},
-    "bone": {"method": "disha", "disha": {"mode": "bone", "r": 16}},
-    "bat": {"method": "disha", "disha": {"mode": "bat", "r": 16}},
-}
 
 
 @pytest.fixture(scope="module")
 def base_path(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("base") / "base.pth")
-    save_checkpoint(random_model().state_dict(), path)
-    return path
+    return saved_base(tmp_path_factory, random_model())
 
 
 @pytest.fixture(scope="module")
 def batch():
-    ids = torch.randint(0, TINY.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
-    return ids[:, :-1], ids[:, 1:], torch.ones(2, 32)
+    return token_batch(TINY.vocab_size)
 
 
 def peft_spec(name, **extra):
-    return PeftConfig.model_validate({**CONFIGS[name], **extra})
+    return PeftConfig.model_validate({**PEFT_CONFIGS[name], **extra})
 
 
 def frozen_tensors(model):
@@ -61,7 +51,7 @@ def relative_error(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(PEFT_CONFIGS))
 def test_training_moves_only_the_adapter_and_the_merge_reproduces_it(name, base_path, batch, tmp_path):
     base, _ = load_model(base_path)
     original = {k: v.clone() for k, v in base.state_dict().items()}
@@ -74,23 +64,24 @@ def test_training_moves_only_the_adapter_and_the_merge_reproduces_it(name, base_
     assert losses[-1] < 0.75 * losses[0], losses
     assert all(torch.equal(frozen_before[k], v) for k, v in frozen_tensors(model).items())
     assert all(not torch.equal(a, p) for a, p in zip(trainable_before, model.trainable_parameters()))
-    residuals = {f"blocks.{i}.{t}.weight" for i in range(TINY.n_layer) for t in TARGETS} if name == "pissa" else set()
+    weights = {f"blocks.{i}.{t}.weight" for i in range(TINY.n_layer) for t in PEFT_TARGETS}
+    residuals = weights if name == "pissa" else set()
     assert all(torch.equal(original[k], v) for k, v in frozen_before.items() if k not in residuals)
     assert set(frozen_before) == set(original)
 
     adapter = str(tmp_path / "adapter.pth")
     model.methods[0].save(adapter)
     merged_path = str(tmp_path / "merged.pth")
-    kind = CONFIGS[name]["method"]
+    kind = PEFT_CONFIGS[name]["method"]
     assert merge_adapter(kind, base_path, adapter, merged_path) == [f"blocks.{i}.{t}.weight"
-                                                                     for i in range(TINY.n_layer) for t in TARGETS]
+                                                                     for i in range(TINY.n_layer) for t in PEFT_TARGETS]
     assert load_checkpoint(merged_path).dims == TINY
     merged, _ = load_model(merged_path)
     x = batch[0]
     assert relative_error(merged(x)[0].detach(), logits(model, x)) < 1e-5
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(PEFT_CONFIGS))
 def test_adapter_file_uses_rwkv_peft_key_names_and_shapes(name, base_path, tmp_path):
     base, _ = load_model(base_path)
     model = build_peft(base, peft_spec(name))
@@ -194,7 +185,7 @@ def test_train_loop_writes_each_methods_file(tmp_path):
     }, "test")
     run_on_ray(spec)
     disha = torch.load(tmp_path / "run" / "disha-0.pth", weights_only=True)
-    assert sorted(disha) == [f"blocks.0.{t}.disha" for t in sorted(TARGETS)]
+    assert sorted(disha) == [f"blocks.0.{t}.disha" for t in sorted(PEFT_TARGETS)]
     assert disha["blocks.0.att.key.disha"].abs().max() > 0
     state = torch.load(tmp_path / "run" / "rwkv-0.pth", weights_only=True)
     assert sorted(state) == ["blocks.0.att.time_state"]

@@ -2,45 +2,35 @@
 import pytest
 import torch
 
-from rwkvray.checkpoint import load_checkpoint, save_checkpoint
+from rwkvray.checkpoint import load_checkpoint
 from rwkvray.config import PeftConfig
 from rwkvray.merge import merge_adapter
 from rwkvray.model import load_model
 from rwkvray.peft import build_peft
-from tests.helpers import TINY_X060, random_model_x060, train_steps
-
-TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
-CONFIGS = {
-    "lora": {"method": "lora", "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0}},
-    "pissa": {"method": "pissa", "pissa": {"r": 4, "svd_niter": 2}},
-    "bone": {"method": "disha", "disha": {"mode": "bone", "r": 16}},
-    "bat": {"method": "disha", "disha": {"mode": "bat", "r": 16}},
-}
+from tests.helpers import (PEFT_CONFIGS, PEFT_TARGETS, TINY_X060, random_model_x060, saved_base, token_batch,
+                           train_steps)
 
 
 @pytest.fixture(scope="module")
 def base_path(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("base") / "x060.pth")
-    save_checkpoint(random_model_x060().state_dict(), path)
-    return path
+    return saved_base(tmp_path_factory, random_model_x060(), "x060.pth")
 
 
 @pytest.fixture(scope="module")
 def batch():
-    ids = torch.randint(0, TINY_X060.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
-    return ids[:, :-1], ids[:, 1:], torch.ones(2, 32)
+    return token_batch(TINY_X060.vocab_size)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(PEFT_CONFIGS))
 def test_weight_methods_train_and_merge_on_x060(name, base_path, batch, tmp_path):
     base, _ = load_model(base_path)
-    model = build_peft(base, PeftConfig.model_validate(CONFIGS[name]))
+    model = build_peft(base, PeftConfig.model_validate(PEFT_CONFIGS[name]))
     losses = train_steps(model, batch, steps=6)
     assert losses[-1] < 0.75 * losses[0], losses
     adapter, merged_path = str(tmp_path / "adapter.pth"), str(tmp_path / "merged.pth")
     model.methods[0].save(adapter)
-    merged_keys = merge_adapter(CONFIGS[name]["method"], base_path, adapter, merged_path)
-    assert merged_keys == [f"blocks.{i}.{t}.weight" for i in range(TINY_X060.n_layer) for t in TARGETS]
+    merged_keys = merge_adapter(PEFT_CONFIGS[name]["method"], base_path, adapter, merged_path)
+    assert merged_keys == [f"blocks.{i}.{t}.weight" for i in range(TINY_X060.n_layer) for t in PEFT_TARGETS]
     assert load_checkpoint(merged_path).dims == TINY_X060
     merged, _ = load_model(merged_path)
     x = batch[0]
@@ -58,7 +48,7 @@ def test_quantized_x060_base_trains_with_all_eight_block_linears_quantized(peft,
     pytest.importorskip("bitsandbytes")
     model = build_peft(random_model_x060(), PeftConfig.model_validate(peft))
     names = [f"blocks.{i}.{t}" for i in range(TINY_X060.n_layer)
-             for t in TARGETS + ("att.gate", "ffn.receptance")]
+             for t in PEFT_TARGETS + ("att.gate", "ffn.receptance")]
     layers = [model.base.get_submodule(name) for name in names]
     layers = [layer.base_layer if hasattr(layer, "base_layer") else layer for layer in layers]
     assert {type(layer).__name__ for layer in layers} == {"Linear8bitLt" if peft["quant"] == "int8" else "Linear4bit"}
