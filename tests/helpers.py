@@ -1,4 +1,11 @@
-"""Tiny random models for tests (no weights can be downloaded)."""
+"""Tiny random models for tests (no weights can be downloaded), and a Ray head that tests start and stop."""
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+
 import torch
 
 from rwkvray.checkpoint import save_checkpoint
@@ -73,3 +80,56 @@ def token_batch(vocab_size: int):
     """One fixed batch of 2 sequences of 32 tokens: inputs, targets, mask."""
     ids = torch.randint(0, vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
     return ids[:, :-1], ids[:, 1:], torch.ones(2, 32)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_ray_head(log_path, extra_args=(), env=None):
+    """`ray start --head --block` with its dashboard on 127.0.0.1, stopped by its PID on exit; yields the
+    dashboard's URL. `env` adds to (or replaces) this process's environment."""
+    bin_dir = os.path.dirname(sys.executable)
+    port, dashboard = free_port(), free_port()
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(
+            [os.path.join(bin_dir, "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *extra_args],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], **(env or {})})
+    try:
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def rel_err(got, ref) -> float:
+    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def kernel_case(inputs, loop, rounded: int, dtype, device, seed):
+    """The first `rounded` inputs in `dtype` (the rest fp32), upstream gradients, and `loop`'s float64 reference
+    (outputs, then input gradients) computed from those same rounded values."""
+    xs = [x.to(dtype).to(device) for x in inputs[:rounded]] + [x.float().to(device) for x in inputs[rounded:]]
+    B, T, H, N = xs[0].shape
+    g = torch.Generator().manual_seed(seed + 1)
+    dy = torch.randn(B, T, H, N, generator=g).to(dtype).to(device)
+    ds = torch.randn(B, H, N, N, generator=g).to(device)
+    ref_in = [x.double().requires_grad_() for x in xs]
+    y, s = loop(*ref_in)
+    grads = torch.autograd.grad((y * dy.double()).sum() + (s * ds.double()).sum(), ref_in)
+    return xs, dy, ds, (y.detach(), s.detach(), *grads)
+
+
+def assert_close_to_reference(outputs, reference, bound, input_names):
+    for name, got, ref in zip(["y", "state"] + ["d" + n for n in input_names], outputs, reference):
+        assert ref.abs().max() > 0, name
+        err = rel_err(got, ref)
+        assert err < bound, f"{name}: relative error {err:.2e} >= {bound}"

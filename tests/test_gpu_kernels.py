@@ -25,6 +25,7 @@ from rwkvray.kernels import wkv7
 from rwkvray.kernels import wkv_fla
 from rwkvray.kernels.wkv_cuda import CUDA_DIR, first_error_line
 from rwkvray.kernels.wkv_torch import wkv7_loop
+from tests.helpers import assert_close_to_reference, kernel_case, rel_err
 from tests.test_wkv import wkv_inputs
 
 NAMES = "r w k v a b s0".split()
@@ -36,28 +37,9 @@ CXX = shutil.which("c++") or shutil.which("g++")
 needs_cxx = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler")
 
 
-def rel_err(got, ref):
-    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
-
-
 def case(B, T, H, dtype, device="cpu", seed=0):
-    """Inputs in `dtype`, upstream gradients, and the float64 reference computed from those same rounded values."""
-    inputs = wkv_inputs(B, T, H, 64, seed=seed)
-    xs = [x.to(dtype).to(device) for x in inputs[:6]] + [inputs[6].float().to(device)]
-    g = torch.Generator().manual_seed(seed + 1)
-    dy = torch.randn(B, T, H, 64, generator=g).to(dtype).to(device)
-    ds = torch.randn(B, H, 64, 64, generator=g).to(device)
-    ref_in = [x.double().requires_grad_() for x in xs]
-    y, s = wkv7_loop(*ref_in)
-    grads = torch.autograd.grad((y * dy.double()).sum() + (s * ds.double()).sum(), ref_in)
-    return xs, dy, ds, (y.detach(), s.detach(), *grads)
-
-
-def assert_close_to_reference(outputs, reference, bound):
-    for name, got, ref in zip(["y", "state"] + ["d" + n for n in NAMES], outputs, reference):
-        assert ref.abs().max() > 0, name
-        err = rel_err(got, ref)
-        assert err < bound, f"{name}: relative error {err:.2e} >= {bound}"
+    """Inputs in `dtype` (s0 fp32), upstream gradients, and the float64 reference of those rounded values."""
+    return kernel_case(wkv_inputs(B, T, H, 64, seed=seed), wkv7_loop, 6, dtype, device, seed)
 
 
 # ---- the CUDA kernel's source, run on the CPU ---------------------------------------------------------------
@@ -112,7 +94,7 @@ def test_emulated_cuda_kernel_matches_float64_loop(emulated, dtype, B, T, H):
     y, s_final, sa, ckpt = emulated.forward(xs)
     grads = emulated.backward(xs, dy, ds, sa, ckpt)
     assert y.dtype == dtype and all(g.dtype == dtype for g in grads[:6]) and grads[6].dtype == torch.float32
-    assert_close_to_reference([y, s_final, *grads], reference, BOUND[dtype])
+    assert_close_to_reference([y, s_final, *grads], reference, BOUND[dtype], NAMES)
 
 
 @needs_cxx
@@ -345,7 +327,7 @@ def run_backend_against_loop(op, dtype, B, T):
     assert y.dtype == dtype and s.dtype == torch.float32 and s.shape == (B, 4, 64, 64)
     grads = torch.autograd.grad((y * dy).sum() + (s * ds).sum(), xs)
     assert grads[6].dtype == torch.float32
-    assert_close_to_reference([y, s, *grads], reference, GPU_BOUND[dtype])
+    assert_close_to_reference([y, s, *grads], reference, GPU_BOUND[dtype], NAMES)
 
 
 @needs_cuda

@@ -15,6 +15,7 @@ import torch
 from rwkvray.kernels import wkv6
 from rwkvray.kernels.wkv6_torch import wkv6_loop
 from rwkvray.kernels.wkv_cuda import CUDA_DIR
+from tests.helpers import assert_close_to_reference, kernel_case
 from tests.test_wkv6 import wkv6_inputs
 
 NAMES = "r w k v u s0".split()
@@ -25,28 +26,9 @@ needs_cxx = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def rel_err(got, ref):
-    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
-
-
 def case(B, T, H, dtype, device="cpu", seed=0):
     """Inputs in `dtype` (u and s0 fp32), upstream gradients, and the float64 reference of those rounded values."""
-    inputs = wkv6_inputs(B, T, H, 64, seed=seed)
-    xs = [x.to(dtype).to(device) for x in inputs[:4]] + [x.float().to(device) for x in inputs[4:]]
-    g = torch.Generator().manual_seed(seed + 1)
-    dy = torch.randn(B, T, H, 64, generator=g).to(dtype).to(device)
-    ds = torch.randn(B, H, 64, 64, generator=g).to(device)
-    ref_in = [x.double().requires_grad_() for x in xs]
-    y, s = wkv6_loop(*ref_in)
-    grads = torch.autograd.grad((y * dy.double()).sum() + (s * ds.double()).sum(), ref_in)
-    return xs, dy, ds, (y.detach(), s.detach(), *grads)
-
-
-def assert_close_to_reference(outputs, reference, bound):
-    for name, got, ref in zip(["y", "state"] + ["d" + n for n in NAMES], outputs, reference):
-        assert ref.abs().max() > 0, name
-        err = rel_err(got, ref)
-        assert err < bound, f"{name}: relative error {err:.2e} >= {bound}"
+    return kernel_case(wkv6_inputs(B, T, H, 64, seed=seed), wkv6_loop, 4, dtype, device, seed)
 
 
 class EmulatedKernel:
@@ -95,7 +77,7 @@ def test_emulated_cuda_kernel_matches_float64_loop(emulated, dtype, B, T, H):
     y, s_final, ckpt = emulated.forward(xs)
     grads = emulated.backward(xs, dy, ds, ckpt)
     assert y.dtype == dtype and all(g.dtype == dtype for g in grads[:4])
-    assert_close_to_reference([y, s_final, *grads], reference, BOUND[dtype])
+    assert_close_to_reference([y, s_final, *grads], reference, BOUND[dtype], NAMES)
 
 
 @needs_cxx
@@ -115,7 +97,7 @@ def test_cuda_kernel_matches_float64_loop(dtype, B, T, H):
     xs = [x.requires_grad_() for x in xs]
     y, s = wkv6(*xs, op="cuda")
     grads = torch.autograd.grad((y.float() * dy.float()).sum() + (s * ds).sum(), xs)
-    assert_close_to_reference([y, s, *grads], [t.cuda() for t in reference], GPU_BOUND[dtype])
+    assert_close_to_reference([y, s, *grads], [t.cuda() for t in reference], GPU_BOUND[dtype], NAMES)
 
 
 @pytest.mark.gpu
@@ -127,7 +109,7 @@ def test_fla_chunk_rwkv6_matches_float64_loop(B, T, H):
     xs = [x.requires_grad_() for x in xs]
     y, s = wkv6(*xs, op="fla")
     grads = torch.autograd.grad((y.float() * dy.float()).sum() + (s * ds).sum(), xs)
-    assert_close_to_reference([y, s, *grads], [t.cuda() for t in reference], 5e-2)
+    assert_close_to_reference([y, s, *grads], [t.cuda() for t in reference], 5e-2, NAMES)
 
 
 def test_fla_chunk_rwkv6_under_the_triton_interpreter(request):
@@ -143,4 +125,4 @@ def test_fla_chunk_rwkv6_under_the_triton_interpreter(request):
     xs = [x.requires_grad_() for x in xs]
     y, s = wkv6(*xs, op="fla")
     grads = torch.autograd.grad((y * dy).sum() + (s * ds).sum(), xs)
-    assert_close_to_reference([y, s, *grads], reference, BOUND[torch.float32])
+    assert_close_to_reference([y, s, *grads], reference, BOUND[torch.float32], NAMES)
