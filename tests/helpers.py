@@ -133,3 +133,16 @@ def assert_close_to_reference(outputs, reference, bound, input_names):
         assert ref.abs().max() > 0, name
         err = rel_err(got, ref)
         assert err < bound, f"{name}: relative error {err:.2e} >= {bound}"
+
+
+def assert_parallel_equals_rnn(model, idx, state):
+    """The whole sequence at once and token by token give the same logits and final state (float64 models)."""
+    with torch.no_grad():
+        logits, final = model(idx, state)
+        rnn_state, rnn_logits = state, []
+        for t in range(idx.shape[1]):
+            step_logits, rnn_state = model.step(idx[:, t], rnn_state)
+            rnn_logits.append(step_logits)
+    torch.testing.assert_close(torch.stack(rnn_logits, 1), logits, rtol=1e-9, atol=1e-9)
+    for field in ("att_shift", "wkv", "ffn_shift"):
+        torch.testing.assert_close(getattr(rnn_state, field), getattr(final, field), rtol=1e-9, atol=1e-9)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rwkvray.model import RNNState
-from tests.helpers import TINY, random_model
+from tests.helpers import TINY, assert_parallel_equals_rnn, random_model
 
 
 def random_state(batch, seed=1, dtype=torch.float64):
@@ -21,15 +21,7 @@ def test_parallel_mode_equals_rnn_mode(T):
     B = 3
     idx = torch.randint(0, TINY.vocab_size, (B, T), generator=torch.Generator().manual_seed(T))
     state = random_state(B)
-    with torch.no_grad():
-        logits, final = model(idx, state)
-        rnn_state, rnn_logits = state, []
-        for t in range(T):
-            step_logits, rnn_state = model.step(idx[:, t], rnn_state)
-            rnn_logits.append(step_logits)
-    torch.testing.assert_close(torch.stack(rnn_logits, 1), logits, rtol=1e-9, atol=1e-9)
-    for field in ("att_shift", "wkv", "ffn_shift"):
-        torch.testing.assert_close(getattr(rnn_state, field), getattr(final, field), rtol=1e-9, atol=1e-9)
+    assert_parallel_equals_rnn(model, idx, state)
 
 
 def test_fp32_parallel_matches_fp64():

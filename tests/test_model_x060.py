@@ -8,7 +8,7 @@ from rwkvray.errors import UserError
 from rwkvray.init_model import default_dims_x060, init_weights
 from rwkvray.model import RNNState, load_model
 from rwkvray.model_x060 import RWKV6
-from tests.helpers import TINY_X060, random_model_x060
+from tests.helpers import TINY_X060, assert_parallel_equals_rnn, random_model_x060
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +76,7 @@ def test_parallel_mode_equals_rnn_mode(T):
     state = RNNState(torch.randn(L, B, C, generator=g, dtype=torch.float64),
                      torch.randn(L, B, *TINY_X060.state_shape, generator=g, dtype=torch.float64),
                      torch.randn(L, B, C, generator=g, dtype=torch.float64))
-    with torch.no_grad():
-        logits, final = model(idx, state)
-        rnn_state, rnn_logits = state, []
-        for t in range(T):
-            step_logits, rnn_state = model.step(idx[:, t], rnn_state)
-            rnn_logits.append(step_logits)
-    torch.testing.assert_close(torch.stack(rnn_logits, 1), logits, rtol=1e-9, atol=1e-9)
-    for field in ("att_shift", "wkv", "ffn_shift"):
-        torch.testing.assert_close(getattr(rnn_state, field), getattr(final, field), rtol=1e-9, atol=1e-9)
+    assert_parallel_equals_rnn(model, idx, state)
 
 
 def test_grad_checkpointing_gives_the_same_state_gradient():
