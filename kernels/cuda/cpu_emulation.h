@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
+#include <vector>
 
 #define __global__
 #define __device__
@@ -42,4 +44,21 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
     if (std::isnan(f)) return {uint16_t((u >> 16) | 0x40)};
     u += 0x7fff + ((u >> 16) & 1);
     return {uint16_t(u >> 16)};
+}
+
+// Runs `kernel` on a grid of `blocks` blocks of `threads` host threads each, one block at a time.
+template <typename Kernel, typename... Args>
+void run_grid(int blocks, int threads, Kernel kernel, Args... args) {
+    for (int block = 0; block < blocks; block++) {
+        std::barrier<> barrier(threads);
+        block_barrier = &barrier;
+        std::vector<std::thread> workers;
+        for (int thread = 0; thread < threads; thread++)
+            workers.emplace_back([=] {
+                threadIdx.x = thread;
+                blockIdx.x = block;
+                kernel(args...);
+            });
+        for (auto& t : workers) t.join();
+    }
 }
