@@ -12,7 +12,7 @@ from rwkvray.errors import UserError
 from .wkv_cuda import build_extension
 
 SOURCES = ("wkv6.cu", "wkv6_binding.cpp")
-HEADERS = ("wkv6.h", "wkv6_kernels.cuh")
+HEADERS = ("wkv6.h", "wkv6_kernels.cuh", "wkv_device.cuh")
 HEAD_SIZE = 64
 
 

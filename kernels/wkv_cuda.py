@@ -14,7 +14,7 @@ from rwkvray.errors import UserError
 
 CUDA_DIR = Path(__file__).parent / "cuda"
 SOURCES = ("wkv7.cu", "wkv7_binding.cpp")
-HEADERS = ("wkv7.h", "wkv7_kernels.cuh")
+HEADERS = ("wkv7.h", "wkv7_kernels.cuh", "wkv_device.cuh")
 HEAD_SIZE = 64
 
 

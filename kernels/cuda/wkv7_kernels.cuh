@@ -16,32 +16,21 @@
 // CUDA thread.
 #pragma once
 
+#include "wkv_device.cuh"
+
 namespace wkv7 {
 
-constexpr int N = 64;      // head size
+constexpr int N = wkv::HEAD_SIZE;
 constexpr int CHUNK = 16;  // steps between state checkpoints
 
 __host__ __device__ constexpr int checkpoint_count(int T) { return (T + CHUNK - 1) / CHUNK; }
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ void put(float* p, float x) { *p = x; }
-__device__ __forceinline__ void put(__nv_bfloat16* p, float x) { *p = __float2bfloat16(x); }
+using wkv::dot;
+using wkv::put;
+using wkv::to_float;
 
 __device__ __forceinline__ bool is_checkpoint_step(int t, int T) { return (t + 1) % CHUNK == 0 || t == T - 1; }
 
-// Dot product over the head dimension, in four independent sums (a shorter dependency chain).
-__device__ __forceinline__ float dot(const float* x, const float* y) {
-    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma unroll
-    for (int j = 0; j < N; j += 4) {
-        s0 += x[j] * y[j];
-        s1 += x[j + 1] * y[j + 1];
-        s2 += x[j + 2] * y[j + 2];
-        s3 += x[j + 3] * y[j + 3];
-    }
-    return (s0 + s1) + (s2 + s3);
-}
 
 // Inputs r, w, k, v, a, b, y: [B,T,H,N]. s0, s_final: [B,H,N,N] value-major.
 // sa: [B,T,H,N] fp32; ckpt: [B,H,checkpoint_count(T),N,N] fp32, key-major (coalesced writes here).
