@@ -19,14 +19,7 @@ TINY = ModelDims(n_layer=2, n_embd=128, head_size=64, vocab_size=300, dim_w=8, d
 def random_model(dims: ModelDims = TINY, seed: int = 0, dtype=torch.float32) -> RWKV7:
     """Every parameter random, so every path (decay, value residual, gates, bonus) is exercised."""
     torch.manual_seed(seed)
-    model = RWKV7(dims)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("ln0.weight", "ln1.weight", "ln2.weight", "ln_out.weight", "ln_x.weight")):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) * (0.5 if p.dim() < 2 else p.shape[-1] ** -0.5))
-    return model.to(dtype).eval()
+    return randomized(RWKV7(dims), dtype)
 
 
 def train_steps(model, batch, steps: int) -> list[float]:
@@ -48,7 +41,11 @@ TINY_X060 = ModelDimsX060(n_layer=2, n_embd=128, head_size=64, vocab_size=300, d
 def random_model_x060(dims: ModelDimsX060 = TINY_X060, seed: int = 0, dtype=torch.float32) -> RWKV6:
     """Every parameter random; the decay spans from almost 1 to almost 0, as in trained RWKV-6 models."""
     torch.manual_seed(seed)
-    model = RWKV6(dims)
+    return randomized(RWKV6(dims), dtype)
+
+
+def randomized(model, dtype):
+    """Norm weights near 1, RWKV-6's time_decay spread over [-7, 2], every other parameter random; in eval mode."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("ln0.weight", "ln1.weight", "ln2.weight", "ln_out.weight", "ln_x.weight")):
