@@ -1,45 +1,26 @@
 """The README's submitted form of the demo: `ray job submit --working-dir .` of jobs/demo_state_cpu.yaml to a
 head this test starts (and stops, by PID). Its outputs must land where the docs say: ~/rwkvray/runs/<name>."""
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 
 import pytest
+
+from tests.helpers import running_ray_head
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def head_with_home(tmp_path):
     """A Ray head whose jobs see HOME=tmp_path/home (DeepSpeed's built ops stay where they are)."""
-    bin_dir = os.path.dirname(sys.executable)
-    port, dashboard = free_port(), free_port()
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "HOME": str(tmp_path / "home"),
+    env = {"HOME": str(tmp_path / "home"),
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                   os.path.expanduser("~/.cache/torch_extensions"))}
-    head = subprocess.Popen(
-        [os.path.join(bin_dir, "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"],
-        stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    try:
-        yield f"http://127.0.0.1:{dashboard}"
-    finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+    with running_ray_head(tmp_path / "head.log", env=env) as url:
+        yield url
 
 
 def test_submitted_demo_writes_its_outputs_under_home(head_with_home, tmp_path):

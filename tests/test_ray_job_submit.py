@@ -1,9 +1,6 @@
 """`ray job submit` of a job spec to a head node this test starts (and stops, by PID)."""
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -15,22 +12,15 @@ import yaml
 
 from rwkvray.checkpoint import save_checkpoint
 from rwkvray.init_model import default_dims, init_weights
+from tests.helpers import free_port, running_ray_head
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def ray_head(tmp_path):
-    bin_dir = os.path.dirname(sys.executable)
-    port, dashboard = free_port(), free_port()
     # Ray's fixed default ports (the job agent's 52365, metrics, Ray Client) may be held by another Ray on this
     # machine; the job agent then runs without HTTP and every submit_job answers "No available agent"
     own_ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
@@ -39,19 +29,10 @@ def ray_head(tmp_path):
     # its own temp dir (short: Ray's socket paths must fit in 107 bytes), so that the job's driver, which finds
     # its head through the temp dir's ray_current_cluster record, never joins another Ray on this machine
     ray_tmp = tempfile.mkdtemp(prefix="rwkvray-head-", dir="/tmp")
-    head = subprocess.Popen(
-        [os.path.join(bin_dir, "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *own_ports],
-        stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "RAY_TMPDIR": ray_tmp})
     try:
-        yield f"http://127.0.0.1:{dashboard}"
+        with running_ray_head(tmp_path / "head.log", own_ports, {"RAY_TMPDIR": ray_tmp}) as url:
+            yield url
     finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

@@ -5,7 +5,6 @@ nothing passes between workers and driver outside it.
 """
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,17 +16,12 @@ import torch
 from rwkvray.config import spec_from_dict
 from rwkvray.launch.train import FAULT_MARKER_ENV, FAULT_STEP_ENV, run_on_ray
 from rwkvray.state_file import load_state
+from tests.helpers import free_port
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("moto.server")
 pytestmark = pytest.mark.ray
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
