@@ -7,23 +7,15 @@ import functools
 
 import torch
 
-from rwkvray.errors import UserError
-
-from .wkv_cuda import build_extension
+from .wkv_cuda import build_extension, compute_dtype
 
 SOURCES = ("wkv6.cu", "wkv6_binding.cpp")
 HEADERS = ("wkv6.h", "wkv6_kernels.cuh", "wkv_device.cuh")
-HEAD_SIZE = 64
 
 
 def wkv6_cuda(r, w, k, v, u, s0):
     """Same contract as `rwkvray.kernels.wkv6`: y in r's dtype, final state fp32 [B,H,N,N]."""
-    N = r.shape[-1]
-    if N != HEAD_SIZE:
-        raise UserError(f"WKV op 'cuda' supports head size {HEAD_SIZE} only, got {N}; use op 'fla' or 'torch'")
-    if not r.is_cuda:
-        raise UserError(f"WKV op 'cuda' needs CUDA tensors, got a tensor on {r.device}; use op 'torch' on the CPU")
-    compute = torch.bfloat16 if r.dtype == torch.bfloat16 else torch.float32
+    compute = compute_dtype(r)
     y, state = WKV6Function.apply(*(x.to(compute).contiguous() for x in (r, w, k, v)), u.float().contiguous(),
                                   s0.float().contiguous())
     return y.to(r.dtype), state

@@ -20,15 +20,21 @@ HEAD_SIZE = 64
 
 def wkv7_cuda(r, w, k, v, a, b, s0):
     """Same contract as `rwkvray.kernels.wkv7`: y in r's dtype, final state fp32 [B,H,N,N]."""
+    compute = compute_dtype(r)
+    y, state = WKV7Function.apply(*(x.to(compute).contiguous() for x in (r, w, k, v, a, b)),
+                                  s0.float().contiguous())
+    return y.to(r.dtype), state
+
+
+def compute_dtype(r) -> torch.dtype:
+    """The kernels' dtype for inputs like r (bf16 stays bf16, the rest runs in fp32), after refusing what they
+    cannot take: another head size, or tensors off the GPU."""
     N = r.shape[-1]
     if N != HEAD_SIZE:
         raise UserError(f"WKV op 'cuda' supports head size {HEAD_SIZE} only, got {N}; use op 'fla' or 'torch'")
     if not r.is_cuda:
         raise UserError(f"WKV op 'cuda' needs CUDA tensors, got a tensor on {r.device}; use op 'torch' on the CPU")
-    compute = torch.bfloat16 if r.dtype == torch.bfloat16 else torch.float32
-    y, state = WKV7Function.apply(*(x.to(compute).contiguous() for x in (r, w, k, v, a, b)),
-                                  s0.float().contiguous())
-    return y.to(r.dtype), state
+    return torch.bfloat16 if r.dtype == torch.bfloat16 else torch.float32
 
 
 class WKV7Function(torch.autograd.Function):
