@@ -119,8 +119,12 @@ def _quiet_library_logs() -> None:
     """One line per report, from rank 0 (ours): not Ray Train's per-worker checkpoint and report logs, nor the
     FutureWarning torch prints at each DeepSpeed call of a renamed collective."""
     import logging
+    import sys
     import warnings
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    report_module = sys.modules.get("ray.train.v2._internal.execution.context")  # its logger is named by file
+    if report_module is not None:
+        logging.getLogger(report_module.__file__).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
