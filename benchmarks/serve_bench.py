@@ -33,7 +33,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from rwkvray.atomic import write_bytes_atomically  # noqa: E402
+from rwkvray.files.atomic import write_bytes_atomically  # noqa: E402
 
 SHORT_PROMPT = "User: Tell me a long story about a lighthouse keeper.\n\nAssistant:"
 STATES = 8
@@ -63,8 +63,8 @@ def parse_args():
 
 def random_checkpoint(n_layer: int, n_embd: int, path: str) -> None:
     """Random weights of the real vocab size, so prompts tokenize and every path of the model does work."""
-    from rwkvray.checkpoint import save_checkpoint
-    from rwkvray.init_model import default_dims, init_weights
+    from rwkvray.model.checkpoint import save_checkpoint
+    from rwkvray.model.init import default_dims, init_weights
     generator = torch.Generator().manual_seed(0)
     weights = init_weights(default_dims(n_layer, n_embd), seed=0)
     for key, tensor in weights.items():
@@ -77,9 +77,9 @@ def start_local_app(args, folder: str) -> tuple[str, str, list[str]]:
     """(url, base name, state names) of a fresh local Ray Serve app."""
     import ray
     from ray import serve
-    from rwkvray.config import spec_from_dict
+    from rwkvray.spec.config import spec_from_dict
     from rwkvray.serve.app import APP_NAME, build_app
-    from rwkvray.state_file import save_state
+    from rwkvray.model.state_file import save_state
 
     model_path = os.path.join(folder, "bench-model.pth")
     random_checkpoint(args.n_layer, args.n_embd, model_path)
@@ -106,7 +106,7 @@ def start_local_app(args, folder: str) -> tuple[str, str, list[str]]:
 def model_step_ceiling(model_path: str, batches: list[int]) -> dict:
     """Tokens/s of bare `model.step` at each batch size, one torch thread (as a 1-CPU replica runs): the most
     the engine could reach on this machine."""
-    from rwkvray.model import RNNState, load_model
+    from rwkvray.model.rwkv7 import RNNState, load_model
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model, _ = load_model(model_path)
@@ -126,7 +126,7 @@ def model_step_ceiling(model_path: str, batches: list[int]) -> dict:
 
 def long_text(tokens: int, seed: int) -> str:
     """About `tokens` tokens of varied prose (different seeds give different texts from the first token)."""
-    from rwkvray.tokenizer import get_tokenizer
+    from rwkvray.text.tokenizer import get_tokenizer
     words = ["keeper", "lamp", "storm", "harbour", "gull", "rope", "tide", "night", "stone", "ship", "light",
              "wind", "salt", "bell", "rock", "wave"]
     generator = torch.Generator().manual_seed(seed)

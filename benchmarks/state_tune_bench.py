@@ -5,7 +5,7 @@ One step is what training does: forward (model.hidden) from the tuned state, chu
 tokens/s = B*T*steps / wall time; peak = torch.cuda.max_memory_allocated over the timed steps (no CUDA context).
 Each row is also given as a percentage of a ceiling measured in the same run on the same GPU: the frozen model's
 matmuls alone through cuBLAS (forward, activation backward, head), timed the same way. `--cuda-graph` adds the
-same step captured once in a CUDA graph and replayed (rwkvray/graph_step.py, `trainer.cuda_graph: true`).
+same step captured once in a CUDA graph and replayed (rwkvray/train/graphed_engine.py, `trainer.cuda_graph: true`).
 
     python benchmarks/state_tune_bench.py --json benchmarks/results/<date>-<gpu>.json     # the goal table's rows
     python benchmarks/state_tune_bench.py --sizes 1.5B --shapes 8x1024 --ops cuda,fla,torch --grad-cp both
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from rwkvray.dims import ModelDims
-from rwkvray.init_model import default_dims
+from rwkvray.model.dims import ModelDims
+from rwkvray.model.init import default_dims
 from rwkvray.errors import UserError
-from rwkvray.loss import masked_lm_loss
-from rwkvray.model import RNNState, RWKV7, TimeMix
+from rwkvray.model.loss import masked_lm_loss
+from rwkvray.model.rwkv7 import RNNState, RWKV7, TimeMix
 
 VOCAB = 65536
 HEAD_SIZE = 64
@@ -247,7 +247,7 @@ def measure(model: RWKV7, op: str, grad_cp: bool, batch: int, seq_len: int, warm
 
 def graphed_step(loss_fn, time_state, optimizer, tokens, mask):
     """The step captured once (with its own warm-up), as a function that replays it."""
-    from rwkvray.graph_step import GraphedStep
+    from rwkvray.train.graphed_engine import GraphedStep
     inputs = (tokens[:, :-1], tokens[:, 1:], mask)
     replay = GraphedStep(loss_fn, [time_state], optimizer, inputs)
     return lambda: replay(*inputs)

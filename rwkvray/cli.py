@@ -8,8 +8,8 @@ from rwkvray.errors import UserError
 
 def cmd_init_model(args) -> None:
     import torch
-    from rwkvray.checkpoint import save_checkpoint
-    from rwkvray.init_model import default_dims, default_dims_x060, init_weights
+    from rwkvray.model.checkpoint import save_checkpoint
+    from rwkvray.model.init import default_dims, default_dims_x060, init_weights
     make_dims = default_dims_x060 if args.version == "x060" else default_dims
     dims = make_dims(args.n_layer, args.n_embd, args.vocab_size, args.head_size)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -23,7 +23,7 @@ def cmd_init_model(args) -> None:
 
 
 def warn_on_foreign_base(state_path: str, model_path: str) -> None:
-    from rwkvray.state_card import base_mismatch, read_card
+    from rwkvray.model.state_card import base_mismatch, read_card
     try:
         mismatch = base_mismatch(read_card(state_path), model_path)
     except ValueError as err:
@@ -34,10 +34,10 @@ def warn_on_foreign_base(state_path: str, model_path: str) -> None:
 
 def cmd_generate(args) -> None:
     import torch
-    from rwkvray.generate import generate_tokens
-    from rwkvray.model import load_model, pick_device
-    from rwkvray.state_file import load_state
-    from rwkvray.tokenizer import StreamDecoder, get_tokenizer
+    from rwkvray.text.generate import generate_tokens
+    from rwkvray.model.rwkv7 import load_model, pick_device
+    from rwkvray.model.state_file import load_state
+    from rwkvray.text.tokenizer import StreamDecoder, get_tokenizer
     if not args.prompt:
         raise UserError("--prompt: must not be empty")
     device = pick_device(args.device)
@@ -54,60 +54,60 @@ def cmd_generate(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from rwkvray.peft_flags import spec_from_train_flags
+    from rwkvray.compat.rwkv_peft import spec_from_train_flags
     spec = spec_from_train_flags(args.flags)  # before importing torch: `train --help` answers at once
     from rwkvray.launch.train import run_on_ray
-    from rwkvray.prechecks import before_training
+    from rwkvray.launch.prechecks import before_training
     before_training(spec)
     run_on_ray(spec)  # --devices 1 too: one worker, the same engine and loop
 
 
 def cmd_validate(args) -> None:
-    from rwkvray.prechecks import validate_file
+    from rwkvray.launch.prechecks import validate_file
     print(validate_file(args.spec, check_files=args.check_files))
 
 
 def cmd_run(args) -> None:
-    from rwkvray.config import load_spec
+    from rwkvray.spec.config import load_spec
     from rwkvray.launch.train import run_on_ray
-    from rwkvray.prechecks import before_training
+    from rwkvray.launch.prechecks import before_training
     spec = load_spec(args.spec)
     before_training(spec, address=args.address)
     run_on_ray(spec, address=args.address, allow_changed_spec=args.allow_changed_spec)
 
 
 def cmd_tune(args) -> None:
-    from rwkvray.config import load_spec
+    from rwkvray.spec.config import load_spec
     from rwkvray.launch.tune import run_sweep
-    from rwkvray.prechecks import before_training
+    from rwkvray.launch.prechecks import before_training
     spec = load_spec(args.spec)
     before_training(spec, tune=True, address=args.address)
     run_sweep(spec, address=args.address)
 
 
 def cmd_serve(args) -> None:
-    from rwkvray.config import load_spec
+    from rwkvray.spec.config import load_spec
     spec = load_spec(args.spec)  # before importing Ray Serve, which takes seconds
-    from rwkvray.prechecks import before_serving
+    from rwkvray.launch.prechecks import before_serving
     from rwkvray.serve.app import run_server
     before_serving(spec, args.address)
     run_server(spec, address=args.address)
 
 
 def cmd_merge_state(args) -> None:
-    from rwkvray.state_file import merge_state
+    from rwkvray.model.state_file import merge_state
     merge_state(args.base, args.state, args.out)
     print(f"wrote {args.out}")
 
 
 def cmd_export_state(args) -> None:
-    from rwkvray.state_file import export_state
+    from rwkvray.model.state_file import export_state
     export_state(args.state, args.out, args.format)
     print(f"wrote {args.out}")
 
 
 def cmd_merge(args) -> None:
-    from rwkvray.merge import merge_adapter
+    from rwkvray.peft.merge import merge_adapter
     merged = merge_adapter(args.type, args.base, args.adapter, args.out, args.dtype, args.lora_alpha, args.init)
     print(f"wrote {args.out}: {len(merged)} weights merged")
 

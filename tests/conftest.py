@@ -1,7 +1,7 @@
 import pytest
 
-from rwkvray.checkpoint import save_checkpoint
-from rwkvray.init_model import default_dims, default_dims_x060, init_weights
+from rwkvray.model.checkpoint import save_checkpoint
+from rwkvray.model.init import default_dims, default_dims_x060, init_weights
 
 pytest_plugins = ["tests.triton_interp"]  # the Triton interpreter for FLA's kernels when there is no GPU
 

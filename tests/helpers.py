@@ -8,10 +8,10 @@ import sys
 
 import torch
 
-from rwkvray.checkpoint import save_checkpoint
-from rwkvray.dims import ModelDims, ModelDimsX060
-from rwkvray.model import RWKV7
-from rwkvray.model_x060 import RWKV6
+from rwkvray.model.checkpoint import save_checkpoint
+from rwkvray.model.dims import ModelDims, ModelDimsX060
+from rwkvray.model.rwkv7 import RWKV7
+from rwkvray.model.rwkv6 import RWKV6
 
 TINY = ModelDims(n_layer=2, n_embd=128, head_size=64, vocab_size=300, dim_w=8, dim_a=8, dim_v=4, dim_g=16)
 

@@ -5,11 +5,11 @@ import os
 import pytest
 import torch
 
-from rwkvray.checkpoint import load_checkpoint, save_checkpoint
-from rwkvray.config import PeftConfig, spec_from_dict
+from rwkvray.model.checkpoint import load_checkpoint, save_checkpoint
+from rwkvray.spec.config import PeftConfig, spec_from_dict
 from rwkvray.errors import UserError
-from rwkvray.merge import merge_adapter
-from rwkvray.model import load_model
+from rwkvray.peft.merge import merge_adapter
+from rwkvray.model.rwkv7 import load_model
 from rwkvray.peft import build_peft
 from rwkvray.peft.epoch_outputs import write_epoch_outputs
 from tests.helpers import PEFT_CONFIGS, TINY, random_model, saved_base, token_batch, train_steps

@@ -6,8 +6,8 @@ import stat
 import pytest
 import torch
 
-from rwkvray.atomic import atomic_path, write_atomically, write_bytes_atomically
-from rwkvray.state_file import export_state
+from rwkvray.files.atomic import atomic_path, write_atomically, write_bytes_atomically
+from rwkvray.model.state_file import export_state
 
 
 @contextlib.contextmanager
@@ -54,7 +54,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
 
 
 def test_exported_state_file_is_0644_under_umask_022(tmp_path):
-    from rwkvray.checkpoint import TIME_STATE_KEY
+    from rwkvray.model.checkpoint import TIME_STATE_KEY
     state = tmp_path / "s.pth"
     torch.save({TIME_STATE_KEY.format(0): torch.zeros(1, 64, 64)}, state)
     with umask(0o022):

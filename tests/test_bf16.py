@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from rwkvray.config import spec_from_dict
-from rwkvray.data import TokenBatcher, load_documents
+from rwkvray.spec.config import spec_from_dict
+from rwkvray.train.data import TokenBatcher, load_documents
 
 pytest.importorskip("deepspeed")
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
@@ -15,7 +15,7 @@ SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data",
 @pytest.fixture(scope="module")
 def world_of_one():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from rwkvray.train_loop import _join_single_process_group
+    from rwkvray.train.loop import _join_single_process_group
     _join_single_process_group(torch.device("cpu"))
 
 
@@ -32,7 +32,7 @@ def bf16_spec(model_path, stage, method):
 @pytest.mark.parametrize("method", ["state", "lora"])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_bf16_keeps_fp32_masters_and_lowers_loss(world_of_one, make_tiny_model, stage, method):
-    from rwkvray.train_loop import WorkerContext, _build_engine, _build_module
+    from rwkvray.train.loop import WorkerContext, _build_engine, _build_module
     spec = bf16_spec(make_tiny_model(1, 128), stage, method)
     spec.optim.lr_init = spec.optim.lr_final = 0.05 if method == "state" else 0.01
     quiet_rank = WorkerContext(session=None, rank=1, world_size=1, device=torch.device("cpu"))  # rank 1: no log line

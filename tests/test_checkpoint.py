@@ -4,10 +4,10 @@ import os
 import pytest
 import torch
 
-from rwkvray.checkpoint import load_checkpoint, save_checkpoint
-from rwkvray.dims import ModelDims
+from rwkvray.model.checkpoint import load_checkpoint, save_checkpoint
+from rwkvray.model.dims import ModelDims
 from rwkvray.errors import UserError
-from rwkvray.init_model import default_dims, init_weights
+from rwkvray.model.init import default_dims, init_weights
 
 # Distinct low-rank dims so that mixing up w/a/v/g when inferring them cannot go unnoticed.
 DIMS = ModelDims(n_layer=2, n_embd=128, head_size=64, vocab_size=1000, dim_w=32, dim_a=48, dim_v=16, dim_g=64)
@@ -20,7 +20,7 @@ def weights():
 
 
 def block_table(i, C, H, N, dw, da, dv, dg):
-    """The facts-file table for one block, written out independently of rwkvray.checkpoint."""
+    """The facts-file table for one block, written out independently of rwkvray.model.checkpoint."""
     b = f"blocks.{i}."
     table = {b + "ln1.weight": [C], b + "ln1.bias": [C], b + "ln2.weight": [C], b + "ln2.bias": [C],
              b + "att.w1": [C, dw], b + "att.w2": [dw, C], b + "att.a1": [C, da], b + "att.a2": [da, C],

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rwkvray.cli import main
-from rwkvray.state_file import load_state
+from rwkvray.model.state_file import load_state
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
 

@@ -8,7 +8,7 @@ import torch
 from rwkvray import __version__
 from rwkvray.cli import build_parser, main
 from rwkvray.errors import UserError
-from rwkvray.peft_flags import build_train_parser, spec_from_train_flags
+from rwkvray.compat.rwkv_peft import build_train_parser, spec_from_train_flags
 
 SAMPLE = "rwkvray/sample_data/persona.jsonl"  # also stands in for the model file: flags are only mapped here
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rwkvray.config import (
+from rwkvray.spec.config import (
     SpecLoader,
     check_model_expectations,
     deepspeed_config,
@@ -16,7 +16,7 @@ from rwkvray.config import (
     spec_from_dict,
     strategy_to_deepspeed,
 )
-from rwkvray.dims import ModelDims
+from rwkvray.model.dims import ModelDims
 from rwkvray.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent

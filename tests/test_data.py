@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rwkvray.data import (
+from rwkvray.train.data import (
     Document,
     TokenBatcher,
     eval_batches,
@@ -18,7 +18,7 @@ from rwkvray.data import (
     write_binidx,
 )
 from rwkvray.errors import UserError
-from rwkvray.tokenizer import get_tokenizer
+from rwkvray.text.tokenizer import get_tokenizer
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "rwkvray" / "sample_data"
 

@@ -38,8 +38,8 @@ def test_fla_op_matches_float64_loop_with_every_gradient(B, T):
 
 def test_model_forward_backward_agrees_with_torch_op():
     """A tiny fp32 model from a tuned state: loss and the state's gradient, op="fla" against op="torch"."""
-    from rwkvray.loss import masked_lm_loss
-    from rwkvray.model import RNNState
+    from rwkvray.model.loss import masked_lm_loss
+    from rwkvray.model.rwkv7 import RNNState
     from tests.helpers import TINY, random_model
 
     model = random_model().to(DEVICE).requires_grad_(False)

@@ -1,6 +1,6 @@
 """The GPU WKV-7 backends (cuda, fla) against the float64 reference loop.
 
-Without a GPU: the CUDA kernel source runs on the CPU through kernels/cuda/cpu_emulation.h (one host thread
+Without a GPU: the CUDA kernel source runs on the CPU through rwkvray/kernels/cuda/cpu_emulation.h (one host thread
 per CUDA thread), so its arithmetic, indexing, checkpointing and barriers are tested here too, and ptxas
 reports its registers when nvcc is present; the FLA wrapper's keyword call, version gate and self-check are
 tested against stand-ins (FLA itself runs under Triton's interpreter in tests/test_fla_interp.py).
@@ -45,7 +45,7 @@ def case(B, T, H, dtype, device="cpu", seed=0):
 # ---- the CUDA kernel's source, run on the CPU ---------------------------------------------------------------
 
 class EmulatedKernel:
-    """ctypes access to kernels/cuda/wkv7_emulate.cpp, with the buffers the torch binding would allocate."""
+    """ctypes access to rwkvray/kernels/cuda/wkv7_emulate.cpp, with the buffers the torch binding would allocate."""
 
     def __init__(self, library):
         self.lib = ctypes.CDLL(str(library))
@@ -342,8 +342,8 @@ def test_cuda_op_without_grad_gives_the_same_outputs():
 @needs_cuda
 def test_state_tuning_step_agrees_across_ops():
     """Loss and time_state gradient of a tiny bf16 model, as in training: torch's op is the reference."""
-    from rwkvray.loss import masked_lm_loss
-    from rwkvray.model import RNNState
+    from rwkvray.model.loss import masked_lm_loss
+    from rwkvray.model.rwkv7 import RNNState
     from tests.helpers import TINY, random_model
 
     model = random_model(dtype=torch.bfloat16).cuda().requires_grad_(False)

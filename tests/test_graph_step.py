@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from rwkvray.config import OptimConfig, PeftConfig
+from rwkvray.spec.config import OptimConfig, PeftConfig
 from rwkvray.errors import UserError
-from rwkvray.graph_step import GraphedEngine, static_batch
+from rwkvray.train.graphed_engine import GraphedEngine, static_batch
 from tests.test_config import GPU, MD, load_text, workdir  # noqa: F401  (workdir is a fixture)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

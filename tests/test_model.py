@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rwkvray.model import RNNState
+from rwkvray.model.rwkv7 import RNNState
 from tests.helpers import TINY, assert_parallel_equals_rnn, random_model
 
 
@@ -63,7 +63,7 @@ def test_grad_checkpointing_gives_the_same_state_gradient():
 
 
 def test_chunked_loss_equals_full_cross_entropy(monkeypatch):
-    import rwkvray.loss as loss_mod
+    import rwkvray.model.loss as loss_mod
     monkeypatch.setattr(loss_mod, "CHUNK_TOKENS", 7)
     model = random_model()
     idx = torch.randint(0, TINY.vocab_size, (2, 20))

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from rwkvray.checkpoint import load_checkpoint, save_checkpoint
+from rwkvray.model.checkpoint import load_checkpoint, save_checkpoint
 from rwkvray.cli import main
 from rwkvray.errors import UserError
-from rwkvray.init_model import default_dims_x060, init_weights
-from rwkvray.model import RNNState, load_model
-from rwkvray.model_x060 import RWKV6
+from rwkvray.model.init import default_dims_x060, init_weights
+from rwkvray.model.rwkv7 import RNNState, load_model
+from rwkvray.model.rwkv6 import RWKV6
 from tests.helpers import TINY_X060, assert_parallel_equals_rnn, random_model_x060
 
 

@@ -2,10 +2,10 @@ import shlex
 
 import pytest
 
-from rwkvray.config import check_model_expectations
-from rwkvray.dims import ModelDims
+from rwkvray.spec.config import check_model_expectations
+from rwkvray.model.dims import ModelDims
 from rwkvray.errors import UserError
-from rwkvray.peft_flags import build_train_parser, spec_from_train_flags
+from rwkvray.compat.rwkv_peft import build_train_parser, spec_from_train_flags
 
 # The appendix of the RWKV-PEFT state tuning tutorial (RWKV wiki), with its shell variables filled in.
 TUTORIAL_APPENDIX = """

@@ -5,12 +5,12 @@ import sys
 import pytest
 import torch
 
-from rwkvray.checkpoint import load_checkpoint, save_checkpoint
-from rwkvray.config import PeftConfig, spec_from_dict
+from rwkvray.model.checkpoint import load_checkpoint, save_checkpoint
+from rwkvray.spec.config import PeftConfig, spec_from_dict
 from rwkvray.errors import UserError
-from rwkvray.init_model import default_dims, init_weights
-from rwkvray.merge import merge_adapter
-from rwkvray.model import load_model
+from rwkvray.model.init import default_dims, init_weights
+from rwkvray.peft.merge import merge_adapter
+from rwkvray.model.rwkv7 import load_model
 from rwkvray.peft import build_peft
 from rwkvray.peft.base import METHODS, method_classes
 from tests.helpers import PEFT_CONFIGS, PEFT_TARGETS, TINY, random_model, saved_base, token_batch, train_steps

@@ -12,8 +12,8 @@ import httpx
 import pytest
 import torch
 
-from rwkvray.config import spec_from_dict
-from rwkvray.state_file import save_state
+from rwkvray.spec.config import spec_from_dict
+from rwkvray.model.state_file import save_state
 
 pytestmark = pytest.mark.ray
 
@@ -47,7 +47,7 @@ def random_state(seed: int, n_layer: int, n_head: int, head_size: int) -> torch.
 
 
 def write_card(path: Path, model_path: Path) -> None:
-    """A state card in the agreed format (see rwkvray/state_card.py once it exists), for the right base."""
+    """A state card in the agreed format (see rwkvray/model/state_card.py once it exists), for the right base."""
     base = {"sha256": hashlib.sha256(model_path.read_bytes()).hexdigest(), "file": model_path.name,
             "version": "x070", "n_layer": 2, "n_embd": 64, "head_size": 64, "vocab_size": 65536}
     card = {"base": base, "method": "state", "data": {"file": "train.jsonl", "size": 1234}, "steps": 40,

@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from rwkvray.config import PeftConfig
+from rwkvray.spec.config import PeftConfig
 from rwkvray.errors import UserError
 from rwkvray.peft import build_peft
-from rwkvray.quant import frozen_weight, quantize_frozen_linears
+from rwkvray.model.quant import frozen_weight, quantize_frozen_linears
 from tests.helpers import TINY, random_model, train_steps
 
 TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")

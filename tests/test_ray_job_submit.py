@@ -10,8 +10,8 @@ import pytest
 import requests
 import yaml
 
-from rwkvray.checkpoint import save_checkpoint
-from rwkvray.init_model import default_dims, init_weights
+from rwkvray.model.checkpoint import save_checkpoint
+from rwkvray.model.init import default_dims, init_weights
 from tests.helpers import free_port, running_ray_head
 
 pytest.importorskip("ray")

@@ -6,11 +6,11 @@ import shutil
 import pytest
 import torch
 
-from rwkvray.config import spec_from_dict
+from rwkvray.spec.config import spec_from_dict
 from rwkvray.errors import UserError
 from rwkvray.launch.outputs import export_outputs
 from rwkvray.launch.train import FAULT_MARKER_ENV, FAULT_STEP_ENV, run_on_ray
-from rwkvray.state_file import load_state
+from rwkvray.model.state_file import load_state
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -68,8 +68,8 @@ def test_two_worker_zero1_lowers_loss_and_keeps_replicas_identical(zero1_run):
 def test_sharded_evaluation_equals_the_whole_set_mean(zero1_run):
     """Each rank evaluates half the batches, then the sums are all-reduced: the same token-weighted mean as one
     process evaluating every piece with the final state."""
-    from rwkvray.data import eval_batches, load_documents
-    from rwkvray.model import load_model
+    from rwkvray.train.data import eval_batches, load_documents
+    from rwkvray.model.rwkv7 import load_model
     from rwkvray.peft.base import PeftModel
     from rwkvray.peft.state import StateTuning
     spec, result = zero1_run

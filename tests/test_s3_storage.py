@@ -13,9 +13,9 @@ import urllib.request
 import pytest
 import torch
 
-from rwkvray.config import spec_from_dict
+from rwkvray.spec.config import spec_from_dict
 from rwkvray.launch.train import FAULT_MARKER_ENV, FAULT_STEP_ENV, run_on_ray
-from rwkvray.state_file import load_state
+from rwkvray.model.state_file import load_state
 from tests.helpers import free_port
 
 ray = pytest.importorskip("ray")

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from rwkvray.schedule import learning_rate
+from rwkvray.train.schedule import learning_rate
 
 
 @pytest.mark.parametrize("schedule", ["cos_decay", "wsd"])

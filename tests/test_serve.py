@@ -11,11 +11,11 @@ import httpx
 import pytest
 import torch
 
-from rwkvray.checkpoint import save_checkpoint
+from rwkvray.model.checkpoint import save_checkpoint
 from rwkvray.cli import main as rwkvray_main
-from rwkvray.config import spec_from_dict
-from rwkvray.data import REPLY_END, render_chat
-from rwkvray.state_file import save_state
+from rwkvray.spec.config import spec_from_dict
+from rwkvray.train.data import REPLY_END, render_chat
+from rwkvray.model.state_file import save_state
 from tests.test_serve_units import PROMPTS, random_state, reference_text, serve_model, state_bytes
 
 pytestmark = pytest.mark.ray
@@ -318,7 +318,7 @@ def test_load_200_requests_mixed_states_with_mount_and_unmount(server):
 
 
 def test_a_state_card_naming_another_base_is_409_unless_forced(server):
-    from rwkvray.state_card import base_fingerprint
+    from rwkvray.model.state_card import base_fingerprint
     ours = base_fingerprint(server.model_path)
     theirs = {**ours, "sha256": "0" * 64, "file": "other-model.pth"}
     save_state(random_state(6), str(server.states_dir / "foreign.pth"))

@@ -7,14 +7,14 @@ import os
 import pytest
 import torch
 
-from rwkvray.dims import ModelDims
-from rwkvray.generate import generate_tokens
+from rwkvray.model.dims import ModelDims
+from rwkvray.text.generate import generate_tokens
 from rwkvray.serve.api import ApiError, CompletionRequest, multipart_fields, parse_request
-from rwkvray.serve.engine import BatchEngine, SamplingParams
+from rwkvray.serve.batch_engine import BatchEngine, SamplingParams
 from rwkvray.serve.rows import StopScanner
 from rwkvray.serve.states import StateStore, state_path
-from rwkvray.state_file import save_state
-from rwkvray.tokenizer import get_tokenizer
+from rwkvray.model.state_file import save_state
+from rwkvray.text.tokenizer import get_tokenizer
 from tests.helpers import random_model
 
 # The real tokenizer's ids reach 65535, so prompts need the full vocab; everything else is tiny.
@@ -72,7 +72,7 @@ def test_stop_scanner_releases_a_false_alarm():
 
 
 def test_nucleus_matches_a_full_sort_also_when_the_first_candidates_hold_too_little():
-    from rwkvray.generate import nucleus
+    from rwkvray.text.generate import nucleus
     generator = torch.Generator().manual_seed(0)
     peaked = torch.softmax(torch.randn(3, 65536, generator=generator) * 8, -1)
     flat = torch.softmax(torch.randn(2, 65536, generator=generator) * 0.1, -1)  # needs far more than 64 candidates
@@ -85,7 +85,7 @@ def test_nucleus_matches_a_full_sort_also_when_the_first_candidates_hold_too_lit
 
 
 def test_the_exponential_race_draws_tokens_with_their_probabilities():
-    from rwkvray.generate import sample
+    from rwkvray.text.generate import sample
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().expand(20000, 4)
     generator = torch.Generator().manual_seed(0)
@@ -261,7 +261,7 @@ def test_sampled_rows_do_not_change_greedy_rows(model):
 
 
 def test_a_seeded_row_samples_the_same_text_alone_and_in_a_batch(model):
-    from rwkvray.generate import generate_tokens
+    from rwkvray.text.generate import generate_tokens
     seeded = SamplingParams(10, temperature=1.0, top_p=0.95, seed=1234)
 
     async def run(batched: bool):
@@ -463,7 +463,7 @@ def test_multipart_fields_keep_binary_payloads_exactly():
 def serve_args(tmp_path):
     """The args of jobs/serve_config.yaml, pointed at a tiny model and a temp states folder."""
     import yaml
-    from rwkvray.checkpoint import save_checkpoint
+    from rwkvray.model.checkpoint import save_checkpoint
     save_checkpoint(random_model(SERVE_DIMS).state_dict(), str(tmp_path / "tiny.pth"))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(repo, "jobs", "serve_config.yaml")) as f:
@@ -511,7 +511,7 @@ def test_releasing_a_cached_state_twice_is_harmless():
     ({"prefill_chunk": 0}, "serve.prefill_chunk: must be ≥ 1"),
 ])
 def test_engine_settings_are_checked_in_the_spec(tmp_path, fields, message):
-    from rwkvray.config import spec_from_dict
+    from rwkvray.spec.config import spec_from_dict
     from rwkvray.errors import UserError
     model = tmp_path / "m.pth"
     model.write_bytes(b"x")

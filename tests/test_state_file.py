@@ -2,11 +2,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from rwkvray.checkpoint import load_checkpoint, save_checkpoint
-from rwkvray.dims import ModelDims
+from rwkvray.model.checkpoint import load_checkpoint, save_checkpoint
+from rwkvray.model.dims import ModelDims
 from rwkvray.errors import UserError
-from rwkvray.init_model import init_weights
-from rwkvray.state_file import export_state, load_state, merge_state, save_state
+from rwkvray.model.init import init_weights
+from rwkvray.model.state_file import export_state, load_state, merge_state, save_state
 
 DIMS = ModelDims(n_layer=2, n_embd=128, head_size=64, vocab_size=1000, dim_w=32, dim_a=32, dim_v=32, dim_g=32)
 KEYS = ["blocks.0.att.time_state", "blocks.1.att.time_state"]

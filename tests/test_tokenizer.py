@@ -3,7 +3,7 @@ import sys
 import pytest
 
 from rwkvray.errors import UserError
-from rwkvray.tokenizer import StreamDecoder, Tokenizer, default_vocab_path, get_tokenizer
+from rwkvray.text.tokenizer import StreamDecoder, Tokenizer, default_vocab_path, get_tokenizer
 
 CHAT = "User: hi\n\nAssistant:"
 CHAT_IDS = [24281, 59, 4571, 261, 5585, 41693, 59]

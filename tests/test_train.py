@@ -6,14 +6,14 @@ import shlex
 import pytest
 import torch
 
-from rwkvray.checkpoint import load_checkpoint
+from rwkvray.model.checkpoint import load_checkpoint
 from rwkvray.cli import main
-from rwkvray.config import spec_from_dict
+from rwkvray.spec.config import spec_from_dict
 from rwkvray.launch.train import run_on_ray
-from rwkvray.model import RNNState, load_model
-from rwkvray.loss import masked_lm_loss
-from rwkvray.state_card import file_sha256, read_card
-from rwkvray.state_file import load_state
+from rwkvray.model.rwkv7 import RNNState, load_model
+from rwkvray.model.loss import masked_lm_loss
+from rwkvray.model.state_card import file_sha256, read_card
+from rwkvray.model.state_file import load_state
 
 ray = pytest.importorskip("ray")
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
@@ -141,7 +141,7 @@ def test_init_from_state_file_is_where_training_starts(local_ray, tiny_model, tm
 
 
 def test_generate_warns_when_the_state_card_names_another_base(tiny_model, tmp_path, capsys):
-    from rwkvray.state_card import base_fingerprint, write_card
+    from rwkvray.model.state_card import base_fingerprint, write_card
     state = tmp_path / "other.pth"
     torch.save({f"blocks.{i}.att.time_state": torch.zeros(4, 64, 64) for i in range(2)}, state)
     card = {"base": {**base_fingerprint(tiny_model), "sha256": "0" * 64, "file": "rwkv7-g1-1.5b.pth"}, "method": "state"}

@@ -4,12 +4,12 @@ import os
 
 import pytest
 
-from rwkvray.checkpoint import save_checkpoint
+from rwkvray.model.checkpoint import save_checkpoint
 from rwkvray.cli import main
-from rwkvray.config import spec_from_dict
-from rwkvray.init_model import default_dims, init_weights
+from rwkvray.spec.config import spec_from_dict
+from rwkvray.model.init import default_dims, init_weights
 from rwkvray.launch.tune import run_sweep
-from rwkvray.state_file import load_state
+from rwkvray.model.state_file import load_state
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray

@@ -1,6 +1,6 @@
 """The WKV-6 CUDA kernel (s0 in, ds0 out) and FLA's chunk_rwkv6 against the float64 loop.
 
-Without a GPU the kernel source runs on the CPU through kernels/cuda/cpu_emulation.h (one host thread per CUDA
+Without a GPU the kernel source runs on the CPU through rwkvray/kernels/cuda/cpu_emulation.h (one host thread per CUDA
 thread). Error measure: max |got - ref| / max |ref|; bounds 1e-4 for fp32 on the CPU, 1e-3 on the GPU
 (fast-math exp), 2e-2 for bf16 inputs and outputs.
 """
@@ -32,7 +32,7 @@ def case(B, T, H, dtype, device="cpu", seed=0):
 
 
 class EmulatedKernel:
-    """ctypes access to kernels/cuda/wkv6_emulate.cpp, with the buffers the torch binding allocates."""
+    """ctypes access to rwkvray/kernels/cuda/wkv6_emulate.cpp, with the buffers the torch binding allocates."""
 
     def __init__(self, library):
         self.lib = ctypes.CDLL(str(library))

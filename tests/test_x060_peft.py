@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from rwkvray.checkpoint import load_checkpoint
-from rwkvray.config import PeftConfig
-from rwkvray.merge import merge_adapter
-from rwkvray.model import load_model
+from rwkvray.model.checkpoint import load_checkpoint
+from rwkvray.spec.config import PeftConfig
+from rwkvray.peft.merge import merge_adapter
+from rwkvray.model.rwkv7 import load_model
 from rwkvray.peft import build_peft
 from tests.helpers import (PEFT_CONFIGS, PEFT_TARGETS, TINY_X060, random_model_x060, saved_base, token_batch,
                            train_steps)

@@ -7,12 +7,12 @@ import socket
 import pytest
 import torch
 
-from rwkvray.config import spec_from_dict
-from rwkvray.dims import ModelDimsX060
-from rwkvray.generate import generate_tokens
-from rwkvray.serve.engine import BatchEngine, SamplingParams
-from rwkvray.state_file import load_state
-from rwkvray.tokenizer import get_tokenizer
+from rwkvray.spec.config import spec_from_dict
+from rwkvray.model.dims import ModelDimsX060
+from rwkvray.text.generate import generate_tokens
+from rwkvray.serve.batch_engine import BatchEngine, SamplingParams
+from rwkvray.model.state_file import load_state
+from rwkvray.text.tokenizer import get_tokenizer
 from tests.helpers import random_model_x060
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
@@ -66,9 +66,9 @@ def test_serve_over_http_answers_two_mounted_v6_states_at_once(tmp_path):
     ray = pytest.importorskip("ray")
     import httpx
     from ray import serve
-    from rwkvray.checkpoint import save_checkpoint
+    from rwkvray.model.checkpoint import save_checkpoint
     from rwkvray.serve.app import APP_NAME, build_app
-    from rwkvray.state_file import save_state
+    from rwkvray.model.state_file import save_state
 
     model = random_model_x060(SERVE_DIMS)
     save_checkpoint(model.state_dict(), str(tmp_path / "base6.pth"))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rwkvray.cli import main
-from rwkvray.state_file import load_state
-from rwkvray.tokenizer import get_tokenizer
+from rwkvray.model.state_file import load_state
+from rwkvray.text.tokenizer import get_tokenizer
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
 PROMPT = "User: hello\n\nAssistant:"

@@ -7,12 +7,12 @@ every user-facing file into `trainer.proj_dir` on its own disk.
 import os
 import re
 
-from rwkvray import storage
-from rwkvray.atomic import write_bytes_atomically
-from rwkvray.metrics import loss_plot_png, read_metrics, summarize
+from rwkvray.files import storage
+from rwkvray.files.atomic import write_bytes_atomically
+from rwkvray.train.metrics import loss_plot_png, read_metrics, summarize
 from rwkvray.peft.base import method_classes
 from rwkvray.peft.epoch_outputs import print_merge_commands
-from rwkvray.state_card import card_bytes
+from rwkvray.model.state_card import card_bytes
 
 USER_FILE = re.compile(r"[a-z]+-(\d+|final)\.(pth|json)|init_pissa\.pth|metrics\.jsonl|loss\.png")
 ADAPTER_FOLDER = "adapter"  # the peft folder of `peft.merge: false`; RWKV-PEFT keeps it as <proj_dir>-adapter/
@@ -21,7 +21,7 @@ ADAPTER_FOLDER = "adapter"  # the peft folder of `peft.merge: false`; RWKV-PEFT 
 def export_outputs(spec, checkpoint) -> str:
     """Write the final files and loss.png to run storage, keep a local copy, print where; returns the local
     path of the first method's final file (rwkv-final.pth for state tuning)."""
-    from rwkvray.train_loop import state_card
+    from rwkvray.train.loop import state_card
     run = storage.run_dir(spec)
     rows = read_metrics(storage.join(run, "metrics.jsonl"))
     last = {"step": rows[-1]["step"], "loss": rows[-1]["loss"]} if rows else {}

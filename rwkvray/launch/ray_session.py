@@ -25,7 +25,7 @@ def ray_session(address: str | None = None):
     target, named_by = resolve_address(address)
     if target != "local":
         check_reachable(target, named_by)
-    from rwkvray.storage import aws_env
+    from rwkvray.files.storage import aws_env
     aws = aws_env()  # an s3:// storage_path: Ray Train's controller and workers read the bucket too
     try:
         ray.init(address=target, configure_logging=False, runtime_env={"env_vars": aws} if aws else None)

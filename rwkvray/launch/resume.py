@@ -6,9 +6,9 @@ different spec is refused, naming the changed keys, unless the user allows it.
 import hashlib
 import json
 
-from rwkvray import storage
+from rwkvray.files import storage
 from rwkvray.errors import UserError
-from rwkvray.metrics import read_metrics
+from rwkvray.train.metrics import read_metrics
 
 # keys that may change between a run and its resumption: where things go, retries, logging, hardware
 FREE_KEYS = ("run.max_failures", "run.keep_checkpoints", "run.storage_path", "trainer.proj_dir", "logging.",

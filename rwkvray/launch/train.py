@@ -4,11 +4,11 @@ import sys
 
 import torch
 
-from rwkvray import storage
-from rwkvray.config import check_model_expectations, require_training_blocks
+from rwkvray.files import storage
+from rwkvray.spec.config import check_model_expectations, require_training_blocks
 from rwkvray.launch.outputs import copy_to_proj_dir, export_outputs
 from rwkvray.launch.resume import check_rerun
-from rwkvray.train_loop import WorkerContext, train
+from rwkvray.train.loop import WorkerContext, train
 
 FAULT_STEP_ENV = "RWKVRAY_FAULT_AT_STEP"     # chaos testing: the last worker exits after reporting this step
 FAULT_MARKER_ENV = "RWKVRAY_FAULT_MARKER"    # file that records the fault already happened (so it fires once)
@@ -55,7 +55,7 @@ def warn_if_cluster_too_small(spec) -> None:
 
 
 def check_model_file(model, source: str) -> None:
-    from rwkvray.checkpoint import infer_dims, read_tensor_dict
+    from rwkvray.model.checkpoint import infer_dims, read_tensor_dict
     check_model_expectations(model, infer_dims(read_tensor_dict(model.path)), source)
 
 

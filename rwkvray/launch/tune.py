@@ -11,11 +11,11 @@ import shutil
 
 import torch
 
-from rwkvray import storage
-from rwkvray.atomic import atomic_path
-from rwkvray.config import ray_search_space, require_tune_block, spec_for_trial
+from rwkvray.files import storage
+from rwkvray.files.atomic import atomic_path
+from rwkvray.spec.config import ray_search_space, require_tune_block, spec_for_trial
 from rwkvray.peft.base import method_classes
-from rwkvray.train_loop import WorkerContext, train
+from rwkvray.train.loop import WorkerContext, train
 
 METRIC_KEYS = {"val_loss": "val_loss", "train_loss": "loss"}  # spec metric -> key the training loop reports
 

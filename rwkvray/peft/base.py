@@ -9,9 +9,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from rwkvray.checkpoint import save_checkpoint
-from rwkvray.loss import masked_lm_loss
-from rwkvray.model import RNNState, RWKV7
+from rwkvray.model.checkpoint import save_checkpoint
+from rwkvray.model.loss import masked_lm_loss
+from rwkvray.model.rwkv7 import RNNState, RWKV7
 from rwkvray.peft.train_parts import NORM_PART, norm_tensors, train_norms
 
 METHODS: dict[str, type["PeftMethod"]] = {}
@@ -91,7 +91,7 @@ def build_peft(base: RWKV7, peft_spec) -> PeftModel:
     methods = [cls.from_spec(base, peft_spec) for cls in method_classes(peft_spec)]
     model = PeftModel(base, methods, peft_spec.train_parts)
     if peft_spec.quant != "none":  # after the methods: PiSSA must take its SVD of the full-precision weights
-        from rwkvray.quant import quantize_frozen_linears
+        from rwkvray.model.quant import quantize_frozen_linears
         quantize_frozen_linears(base, peft_spec.quant)
     return model
 

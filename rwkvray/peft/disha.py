@@ -15,9 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rwkvray.errors import UserError
-from rwkvray.model import RWKV7
+from rwkvray.model.rwkv7 import RWKV7
 from rwkvray.peft.base import PeftMethod, replace_module, target_linears
-from rwkvray.quant import frozen_weight
+from rwkvray.model.quant import frozen_weight
 
 
 def bone_delta(disha: torch.Tensor, in_features: int) -> torch.Tensor:

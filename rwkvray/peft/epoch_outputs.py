@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import torch
 
-from rwkvray.checkpoint import infer_dims, read_tensor_dict, save_checkpoint
-from rwkvray.merge import INIT_PREFIX, merged_weights
+from rwkvray.model.checkpoint import infer_dims, read_tensor_dict, save_checkpoint
+from rwkvray.peft.merge import INIT_PREFIX, merged_weights
 
 WEIGHT_METHODS = ("lora", "pissa", "disha")
 

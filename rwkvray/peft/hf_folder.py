@@ -30,7 +30,7 @@ def write_adapter_folder(folder: str, kind: str, adapter: dict[str, torch.Tensor
     """Write `adapter` (single-file key names) as a save_pretrained folder for a model of `dims`."""
     from peft import get_peft_model
 
-    from rwkvray.model import RWKV7
+    from rwkvray.model.rwkv7 import RWKV7
     config, tensors = _peft_form(kind, adapter, lora_dropout)
     with torch.device("meta"):
         skeleton = RWKV7(dims)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from rwkvray.errors import UserError
-from rwkvray.model import RWKV7
+from rwkvray.model.rwkv7 import RWKV7
 from rwkvray.peft.base import PeftMethod, target_linears
 
 ADAPTER = "default"  # peft's name for the one adapter each layer carries

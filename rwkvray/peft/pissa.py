@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from rwkvray.errors import UserError
-from rwkvray.model import RWKV7
+from rwkvray.model.rwkv7 import RWKV7
 from rwkvray.peft.base import PeftMethod, target_linears
 from rwkvray.peft.lora import inject_lora, lora_tensors
 

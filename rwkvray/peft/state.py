@@ -2,10 +2,10 @@
 import torch
 import torch.nn as nn
 
-from rwkvray.checkpoint import TIME_STATE_KEY
-from rwkvray.model import RNNState, RWKV7
+from rwkvray.model.checkpoint import TIME_STATE_KEY
+from rwkvray.model.rwkv7 import RNNState, RWKV7
 from rwkvray.peft.base import PeftMethod
-from rwkvray.state_file import load_state, save_state
+from rwkvray.model.state_file import load_state, save_state
 
 
 class StateTuning(PeftMethod):

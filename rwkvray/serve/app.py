@@ -28,22 +28,22 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rwkvray.checkpoint import load_checkpoint
-from rwkvray.config import ServeConfig, require_serve_block, spec_from_dict, load_spec
-from rwkvray.data import REPLY_END, render_chat
-from rwkvray.dims import ModelDims
+from rwkvray.model.checkpoint import load_checkpoint
+from rwkvray.spec.config import ServeConfig, require_serve_block, spec_from_dict, load_spec
+from rwkvray.train.data import REPLY_END, render_chat
+from rwkvray.model.dims import ModelDims
 from rwkvray.errors import UserError
-from rwkvray.model import load_model, pick_device
+from rwkvray.model.rwkv7 import load_model, pick_device
 from rwkvray.serve.api import (ApiError, ChatCompletionRequest, CompletionRequest, OpenAIRequest, bad_request,
                                chat_body, completion_body, decode_base64, json_object, model_card, multipart_fields,
                                new_id, parse_request, read_body, read_json, sse_events, strip_reply_space, usage)
 from rwkvray.serve.bodies import check_mount_options, multipart_payload, refuse_unknown_keys
-from rwkvray.serve.engine import BatchEngine, Chunk, SamplingParams
+from rwkvray.serve.batch_engine import BatchEngine, Chunk, SamplingParams
 from rwkvray.serve.metrics import EngineMetrics, mounted_states_gauge
 from rwkvray.serve.page import add_playground
 from rwkvray.serve.states import StateStore, check_name, upload_too_large
-from rwkvray.state_card import base_fingerprint
-from rwkvray.tokenizer import get_tokenizer
+from rwkvray.model.state_card import base_fingerprint
+from rwkvray.text.tokenizer import get_tokenizer
 
 APP_NAME = "rwkvray"
 BASE64_OVERHEAD = 4 / 3

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from rwkvray.tokenizer import StreamDecoder, Tokenizer
+from rwkvray.text.tokenizer import StreamDecoder, Tokenizer
 
 EOS_ID = 0
 

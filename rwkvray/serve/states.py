@@ -8,7 +8,7 @@ Semantics:
   until it is mounted again by POST. Mounting again re-reads the file (the way to pick up a retrained state).
 - Uploads and blends are checked fully, then written atomically into states_dir (with their card, if any),
   so a restart or a second replica sees them: they become known states like any dropped-in file.
-- A state whose card (NAME.json, see rwkvray/state_card.py) names another base model than the loaded one is
+- A state whose card (NAME.json, see rwkvray/model/state_card.py) names another base model than the loaded one is
   refused with 409 unless the mount asks for `force`; a state without a card is served with a warning.
 
 Each mount gets a new version; replicas cache states under the id `NAME@VERSION`, so a replaced or re-mounted
@@ -26,12 +26,12 @@ from typing import Optional
 import torch
 
 from rwkvray import __version__
-from rwkvray.atomic import write_atomically
-from rwkvray.dims import ModelDims
+from rwkvray.files.atomic import write_atomically
+from rwkvray.model.dims import ModelDims
 from rwkvray.errors import UserError
 from rwkvray.serve.api import ApiError, bad_request, not_found
-from rwkvray.state_card import card_path, read_card, write_card
-from rwkvray.state_file import load_state, save_state
+from rwkvray.model.state_card import card_path, read_card, write_card
+from rwkvray.model.state_file import load_state, save_state
 
 STATE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # no leading dot: no "..", no hidden files
 STATE_SUFFIX = ".pth"

@@ -1,9 +1,9 @@
 """The layout of a BlinkDL RWKV-6 (x060) checkpoint: its dims read from the tensors and every key's shape.
 
-rwkvray/checkpoint.py tells the versions apart by their keys (an `att.time_maa` key means x060, as the rwkv
+rwkvray/model/checkpoint.py tells the versions apart by their keys (an `att.time_maa` key means x060, as the rwkv
 package decides) and does the loading and checking for both.
 """
-from rwkvray.dims import ModelDimsX060
+from rwkvray.model.dims import ModelDimsX060
 from rwkvray.errors import UserError
 
 VERSION_KEY = "att.time_maa"

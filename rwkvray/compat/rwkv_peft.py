@@ -16,7 +16,7 @@ import json
 import os
 from typing import Any
 
-from rwkvray.config import TARGETS, JobSpec, nested_model, spec_from_dict, strategy_to_deepspeed
+from rwkvray.spec.config import TARGETS, JobSpec, nested_model, spec_from_dict, strategy_to_deepspeed
 from rwkvray.errors import UserError
 
 SOURCE = "train flags"

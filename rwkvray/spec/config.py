@@ -33,7 +33,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from rwkvray.dims import ModelDims
+from rwkvray.model.dims import ModelDims
 from rwkvray.errors import RayServeConfigFile, UserError
 
 TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
@@ -321,7 +321,7 @@ class TrainerConfig(StrictModel):
     precision: Literal["bf16", "fp16", "fp32", "tf32"] = "bf16"
     grad_cp: bool = False
     op: Literal["auto", "torch", "cuda", "fla"] = "auto"
-    cuda_graph: bool = False  # capture the training step once and replay it (rwkvray/graph_step.py)
+    cuda_graph: bool = False  # capture the training step once and replay it (rwkvray/train/graphed_engine.py)
     seed: NonNegativeInt = 42
     proj_dir: str | None = None  # local copy of the outputs; default: <storage_path>/<name>, or ./runs/<name>
 

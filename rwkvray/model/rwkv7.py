@@ -1,6 +1,6 @@
 """RWKV-7 "x070" in PyTorch, in the order and with the names of BlinkDL's rwkv_v7_demo.py, and the parts every
 RWKV version shares: the RNN state, the Block skeleton and the model's hidden/forward/step API (`RWKV`).
-RWKV-6 ("x060") plugs its own time-mix and channel-mix into them (rwkvray/model_x060.py).
+RWKV-6 ("x060") plugs its own time-mix and channel-mix into them (rwkvray/model/rwkv6.py).
 
 One forward serves both modes: a whole sequence (training, prompt prefill) and one token at a time
 (generation). Both take and return an RNNState, so a sequence can start from any state.
@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from rwkvray.dims import ModelDims
+from rwkvray.model.dims import ModelDims
 from rwkvray.kernels import wkv7
 
 
@@ -178,7 +178,7 @@ class RWKV7(RWKV):
 
 def model_class(version: str) -> type[RWKV]:
     if version == "x060":
-        from rwkvray.model_x060 import RWKV6
+        from rwkvray.model.rwkv6 import RWKV6
         return RWKV6
     return RWKV7
 
@@ -186,7 +186,7 @@ def model_class(version: str) -> type[RWKV]:
 def load_model(path: str, device="cpu", dtype=torch.float32) -> tuple[RWKV, torch.Tensor | None]:
     """A BlinkDL checkpoint (x070 or x060, told apart by its keys) as a frozen-ready model, plus the state merged
     into the file (if any)."""
-    from rwkvray.checkpoint import load_checkpoint
+    from rwkvray.model.checkpoint import load_checkpoint
     ckpt = load_checkpoint(path)
     with torch.device("meta"):  # no throwaway init: the weights come straight from the file
         model = model_class(ckpt.dims.version)(ckpt.dims)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rwkvray.atomic import write_atomically
-from rwkvray.checkpoint_x060 import block_shapes_x060, infer_dims_x060, is_x060
-from rwkvray.dims import ModelDims, ModelDimsX060
+from rwkvray.files.atomic import write_atomically
+from rwkvray.model.checkpoint_x060 import block_shapes_x060, infer_dims_x060, is_x060
+from rwkvray.model.dims import ModelDims, ModelDimsX060
 from rwkvray.errors import UserError
 
 TIME_STATE_KEY = "blocks.{}.att.time_state"

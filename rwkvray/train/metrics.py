@@ -4,7 +4,7 @@ import json
 import sys
 import time
 
-from rwkvray import storage
+from rwkvray.files import storage
 
 PROGRESS_EVERY_S = 30.0  # without a terminal: one progress line this often (a tqdm bar would be blank lines)
 

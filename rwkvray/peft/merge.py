@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from rwkvray.checkpoint import parse_checkpoint, read_tensor_dict, save_checkpoint
+from rwkvray.model.checkpoint import parse_checkpoint, read_tensor_dict, save_checkpoint
 from rwkvray.errors import UserError
 from rwkvray.peft.disha import bat_delta, bone_delta
 

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from rwkvray.atomic import write_bytes_atomically
+from rwkvray.files.atomic import write_bytes_atomically
 from rwkvray.errors import UserError
 
 DATA_TYPES = ("jsonl", "binidx")
@@ -135,7 +135,7 @@ def load_documents(path: str, data_type: str = "jsonl", loss_mask: str = "none",
             raise UserError(f"loss_mask {loss_mask!r} needs jsonl data; binidx holds tokens only ({path})")
         return read_binidx(path)
     if tokenizer is None:
-        from rwkvray.tokenizer import get_tokenizer
+        from rwkvray.text.tokenizer import get_tokenizer
 
         tokenizer = get_tokenizer()
     return read_jsonl(path, loss_mask, tokenizer)

@@ -25,12 +25,12 @@ from typing import AsyncIterator, Optional
 
 import torch
 
-from rwkvray.generate import sample
-from rwkvray.model import RNNState, RWKV7
+from rwkvray.text.generate import sample
+from rwkvray.model.rwkv7 import RNNState, RWKV7
 from rwkvray.serve.metrics import EngineMetrics
 from rwkvray.serve.prefix_cache import CachedPrefix, PrefixCache, prefix_digests
 from rwkvray.serve.rows import Chunk, Row, SamplingParams
-from rwkvray.tokenizer import Tokenizer
+from rwkvray.text.tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 256
 

@@ -7,9 +7,9 @@ import re
 
 import torch
 
-from rwkvray.atomic import write_atomically
-from rwkvray.checkpoint import TIME_STATE_KEY, parse_checkpoint, read_tensor_dict, save_checkpoint
-from rwkvray.dims import ModelDims
+from rwkvray.files.atomic import write_atomically
+from rwkvray.model.checkpoint import TIME_STATE_KEY, parse_checkpoint, read_tensor_dict, save_checkpoint
+from rwkvray.model.dims import ModelDims
 from rwkvray.errors import UserError
 
 _STATE_KEY = re.compile(r"^blocks\.(\d+)\.att\.time_state$")

@@ -11,11 +11,11 @@ import socket
 
 import yaml
 
-from rwkvray.config import (ServeConfig, check_model_expectations, load_spec, require_serve_block,
+from rwkvray.spec.config import (ServeConfig, check_model_expectations, load_spec, require_serve_block,
                             require_training_blocks, require_tune_block, spec_from_dict)
-from rwkvray.dims import ModelDims
+from rwkvray.model.dims import ModelDims
 from rwkvray.errors import RayServeConfigFile, UserError
-from rwkvray.peft_flags import SOURCE as TRAIN_FLAGS
+from rwkvray.compat.rwkv_peft import SOURCE as TRAIN_FLAGS
 
 SERVE_APP_PREFIX = "rwkvray.serve.app:"
 TRAIN_FLAG_NAMES = {"run.storage_path": "--storage_path", "trainer.proj_dir": "--proj_dir"}
@@ -23,7 +23,7 @@ TRAIN_FLAG_NAMES = {"run.storage_path": "--storage_path", "trainer.proj_dir": "-
 
 def checked_model_dims(spec) -> ModelDims:
     """The checkpoint's shape, after comparing it with the spec's model expectations."""
-    from rwkvray.checkpoint import load_checkpoint
+    from rwkvray.model.checkpoint import load_checkpoint
     dims = load_checkpoint(spec.model.path).dims  # memory-mapped: cheap for a model of any size
     check_model_expectations(spec.model, dims, spec.source)
     return dims
@@ -78,7 +78,7 @@ def check_writable_folder(path: str, where: str) -> None:
 
 
 def check_serve_model(config: ServeConfig) -> None:
-    from rwkvray.checkpoint import load_checkpoint
+    from rwkvray.model.checkpoint import load_checkpoint
     load_checkpoint(config.model)  # an RWKV-7 checkpoint, not just a file
 
 

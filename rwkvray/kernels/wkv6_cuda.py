@@ -1,4 +1,4 @@
-"""WKV-6 on our own CUDA kernels (kernels/cuda/wkv6*), built with ninja on first use and cached like WKV-7's.
+"""WKV-6 on our own CUDA kernels (rwkvray/kernels/cuda/wkv6*), built with ninja on first use and cached like WKV-7's.
 
 The initial state s0 is an input with a gradient (ds0), as in RWKV-PEFT's wkv6state design; u gets its
 gradient summed over the batch.

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
-from rwkvray.model import RNNState, RWKV7
+from rwkvray.model.rwkv7 import RNNState, RWKV7
 
 PREFILL_CHUNK = 1024  # long prompts go through the parallel path in pieces, bounding memory
 

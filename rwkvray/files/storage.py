@@ -6,8 +6,8 @@ own disk. S3 endpoint and credentials come from the standard AWS_* environment v
 import os
 import posixpath
 
-from rwkvray.atomic import write_bytes_atomically
-from rwkvray.config import is_uri
+from rwkvray.files.atomic import write_bytes_atomically
+from rwkvray.spec.config import is_uri
 
 AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
            "AWS_SESSION_TOKEN", "AWS_REGION")

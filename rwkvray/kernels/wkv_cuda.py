@@ -1,4 +1,4 @@
-"""WKV-7 on our own CUDA kernels (kernels/cuda/), built with ninja on first use and cached.
+"""WKV-7 on our own CUDA kernels (rwkvray/kernels/cuda/), built with ninja on first use and cached.
 
 The extension's name carries a hash of the sources and the GPU architecture, so an edited kernel or another
 GPU gets a fresh build while an unchanged one is loaded from torch's extension cache in about a second.

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 
-from rwkvray.atomic import write_bytes_atomically
+from rwkvray.files.atomic import write_bytes_atomically
 
 
 def card_path(state_path: str) -> str:
@@ -35,7 +35,7 @@ def file_sha256(path: str) -> str:
 def base_fingerprint(model_path: str, dims=None) -> dict:
     """The card's "base" entry for a model file; dims are read from the file when not given."""
     if dims is None:
-        from rwkvray.checkpoint import infer_dims, read_tensor_dict
+        from rwkvray.model.checkpoint import infer_dims, read_tensor_dict
         dims = infer_dims(read_tensor_dict(model_path))
     return {"sha256": file_sha256(model_path), "file": os.path.basename(model_path), "version": dims.version,
             "n_layer": dims.n_layer, "n_embd": dims.n_embd, "head_size": dims.head_size,

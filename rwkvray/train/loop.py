@@ -12,15 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
-from rwkvray import storage
-from rwkvray.config import check_model_expectations
-from rwkvray.data import TokenBatcher, eval_batches, load_documents, split_holdout
-from rwkvray.metrics import RunLogger
-from rwkvray.model import load_model
+from rwkvray.files import storage
+from rwkvray.spec.config import check_model_expectations
+from rwkvray.train.data import TokenBatcher, eval_batches, load_documents, split_holdout
+from rwkvray.train.metrics import RunLogger
+from rwkvray.model.rwkv7 import load_model
 from rwkvray.peft import build_peft
 from rwkvray.peft.epoch_outputs import write_epoch_outputs
-from rwkvray.schedule import learning_rate
-from rwkvray.state_card import base_fingerprint, card_bytes
+from rwkvray.train.schedule import learning_rate
+from rwkvray.model.state_card import base_fingerprint, card_bytes
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
 
@@ -150,10 +150,10 @@ def _build_engine(spec, module, ctx):
     """Every world size, one worker included, runs the spec's DeepSpeed config: no setting is dropped. The one
     exception is trainer.cuda_graph (one GPU worker, checked in the spec): DeepSpeed's step cannot be captured."""
     if spec.trainer.cuda_graph:
-        from rwkvray.graph_step import GraphedEngine
+        from rwkvray.train.graphed_engine import GraphedEngine
         return GraphedEngine(module, spec.optim, spec.trainer.micro_bsz, spec.data.ctx_len, ctx.device)
-    from rwkvray.config import deepspeed_config
-    from rwkvray.engine import DeepSpeedEngine
+    from rwkvray.spec.config import deepspeed_config
+    from rwkvray.train.deepspeed_engine import DeepSpeedEngine
     if ctx.rank == 0:
         where = "" if spec.scaling.use_gpu else (" (a machine's first CPU run builds DeepSpeed's communication op: "
                                                  "about a minute, needs a C++ compiler)")

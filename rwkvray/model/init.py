@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from rwkvray.checkpoint import expected_shapes
-from rwkvray.dims import ModelDims, ModelDimsX060
+from rwkvray.model.checkpoint import expected_shapes
+from rwkvray.model.dims import ModelDims, ModelDimsX060
 from rwkvray.errors import UserError
 
 _MIX_EXPONENTS = {"x_r": 0.2, "x_w": 0.9, "x_k": 0.7, "x_v": 0.7, "x_a": 0.9, "x_g": 0.2}
