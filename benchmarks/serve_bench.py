@@ -77,7 +77,7 @@ def start_local_app(args, folder: str) -> tuple[str, str, list[str]]:
     """(url, base name, state names) of a fresh local Ray Serve app."""
     import ray
     from ray import serve
-    from rwkvray.spec.config import spec_from_dict
+    from rwkvray.spec import spec_from_dict
     from rwkvray.serve.app import APP_NAME, build_app
     from rwkvray.model.state_file import save_state
 

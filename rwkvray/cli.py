@@ -68,26 +68,26 @@ def cmd_validate(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from rwkvray.spec.config import load_spec
+    from rwkvray.spec import TrainSpec, load_spec
     from rwkvray.launch.train import run_on_ray
     from rwkvray.launch.prechecks import before_training
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, kind=TrainSpec)  # a tune spec trains too, with its own values
     before_training(spec, address=args.address)
     run_on_ray(spec, address=args.address, allow_changed_spec=args.allow_changed_spec)
 
 
 def cmd_tune(args) -> None:
-    from rwkvray.spec.config import load_spec
+    from rwkvray.spec import TuneSpec, load_spec
     from rwkvray.launch.tune import run_sweep
     from rwkvray.launch.prechecks import before_training
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, kind=TuneSpec)
     before_training(spec, tune=True, address=args.address)
     run_sweep(spec, address=args.address)
 
 
 def cmd_serve(args) -> None:
-    from rwkvray.spec.config import load_spec
-    spec = load_spec(args.spec)  # before importing Ray Serve, which takes seconds
+    from rwkvray.spec import ServeSpec, load_spec
+    spec = load_spec(args.spec, kind=ServeSpec)  # before importing Ray Serve, which takes seconds
     from rwkvray.launch.prechecks import before_serving
     from rwkvray.serve.app import run_server
     before_serving(spec, args.address)

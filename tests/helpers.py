@@ -143,3 +143,8 @@ def assert_parallel_equals_rnn(model, idx, state):
     torch.testing.assert_close(torch.stack(rnn_logits, 1), logits, rtol=1e-9, atol=1e-9)
     for field in ("att_shift", "wkv", "ffn_shift"):
         torch.testing.assert_close(getattr(rnn_state, field), getattr(final, field), rtol=1e-9, atol=1e-9)
+
+
+def spec_with(spec, **blocks: dict):
+    """A copy of a frozen spec with some fields of some blocks changed: spec_with(spec, trainer={"seed": 8})."""
+    return spec.model_copy(update={name: getattr(spec, name).model_copy(update=fields) for name, fields in blocks.items()})

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from rwkvray.spec.config import spec_from_dict
+from rwkvray.spec import spec_from_dict
 from rwkvray.train.data import TokenBatcher, load_documents
 
 pytest.importorskip("deepspeed")
@@ -19,11 +19,12 @@ def world_of_one():
     _join_single_process_group(torch.device("cpu"))
 
 
-def bf16_spec(model_path, stage, method):
+def bf16_spec(model_path, stage, method, lr):
     return spec_from_dict({
         "model": {"path": model_path},
         "data": {"file": SAMPLE, "ctx_len": 32, "loss_mask": "qa"},
         "peft": {"method": method},
+        "optim": {"lr_init": lr, "lr_final": lr},
         "trainer": {"precision": "bf16", "op": "torch", "micro_bsz": 2},
         "deepspeed": {"stage": stage},
     }, "test")
@@ -33,8 +34,7 @@ def bf16_spec(model_path, stage, method):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_bf16_keeps_fp32_masters_and_lowers_loss(world_of_one, make_tiny_model, stage, method):
     from rwkvray.train.loop import WorkerContext, _build_engine, _build_module
-    spec = bf16_spec(make_tiny_model(1, 128), stage, method)
-    spec.optim.lr_init = spec.optim.lr_final = 0.05 if method == "state" else 0.01
+    spec = bf16_spec(make_tiny_model(1, 128), stage, method, lr=0.05 if method == "state" else 0.01)
     quiet_rank = WorkerContext(session=None, rank=1, world_size=1, device=torch.device("cpu"))  # rank 1: no log line
     engine = _build_engine(spec, _build_module(spec, quiet_rank.device), quiet_rank)
     base = engine.module.base

@@ -4,18 +4,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rwkvray.spec.config import (
+from pydantic import ValidationError
+
+from rwkvray.launch.tune_space import ray_search_space, spec_for_trial
+from rwkvray.spec import (
+    ServeSpec,
     SpecLoader,
+    TrainSpec,
+    TuneSpec,
     check_model_expectations,
-    deepspeed_config,
+    expect_kind,
     load_spec,
-    ray_search_space,
-    require_serve_block,
-    require_training_blocks,
-    spec_for_trial,
+    TUNABLE_KEYS,
     spec_from_dict,
     strategy_to_deepspeed,
 )
+from rwkvray.train.deepspeed_config import deepspeed_config
 from rwkvray.model.dims import ModelDims
 from rwkvray.errors import UserError
 
@@ -63,7 +67,8 @@ MALFORMED = [
     ("missing-eval-file", M + "data: {file: d.jsonl, eval_file: e.jsonl}\n", "data.eval_file: file not found: {tmp}/e.jsonl"),
     ("qa-on-binidx", M + "data: {file: p, type: binidx, loss_mask: qa}\n", "data.loss_mask: qa needs jsonl data (binidx holds tokens only)"),
     ("short-ctx", M + "data: {file: d.jsonl, ctx_len: 1}\n", "data.ctx_len: must be ≥ 2"),
-    ("data-without-model", D, "model: required (model and data go together)"),
+    ("data-without-model", D, "model: required"),
+    ("nothing-to-train", "trainer: {seed: 1}\n", "model: required; data: required"),
     ("num-workers-zero", MD + "scaling: {num_workers: 0}\n", "scaling.num_workers: must be ≥ 1"),
     ("bad-precision", MD + "trainer: {precision: fp8}\n", "trainer.precision: must be one of bf16, fp16, fp32, tf32 (got 'fp8')"),
     ("bad-op", MD + "trainer: {op: triton}\n", "trainer.op: must be one of auto, torch, cuda, fla (got 'triton')"),
@@ -118,6 +123,8 @@ MALFORMED = [
     ("serve-port", "serve: {model: m.pth, port: 70000}\n", "serve.port: must be ≤ 65535"),
     ("serve-no-model", "serve: {port: 8080}\n", "serve.model: required"),
     ("serve-use-gpu", "serve: {model: m.pth, use_gpu: 1}\n", "serve.use_gpu: must be one of auto, true, false (got 1)"),
+    ("serve-with-training-blocks", "serve: {model: m.pth}\n" + MD,
+     "serve: a serve spec holds the serve block alone (this one also has model, data): train or tune from a spec of its own"),
     ("serve-env-name", "serve: {model: m.pth, api_key_env: 'my key'}\n",
      "serve.api_key_env: must be an environment variable name like RWKVRAY_API_KEY (got 'my key')"),
     ("several-problems", MD + "optim: {lr_init: 0}\nscaling: {num_workers: 0}\n", "optim.lr_init: must be > 0; scaling.num_workers: must be ≥ 1"),
@@ -166,7 +173,7 @@ def test_minimal_spec_gets_documented_defaults(workdir):
     assert spec.run.storage_path == str(workdir / "runs")
     assert spec.trainer.proj_dir == str(workdir / "runs" / "rwkvray")
     assert (spec.scaling.num_workers, spec.scaling.use_gpu) == (1, False)
-    assert spec.tune is None and spec.serve is None
+    assert type(spec) is TrainSpec
 
 
 def test_yaml_reads_exponents_without_a_dot_as_floats(workdir):
@@ -187,15 +194,53 @@ def test_uri_storage_path_is_kept_and_proj_dir_resolved(workdir):
     assert spec.trainer.proj_dir == str(workdir / "runs" / "job")  # the driver's local copy
 
 
-def test_serve_only_spec_and_block_requirements(workdir):
+def test_serve_only_spec_gets_documented_defaults(workdir):
     spec = load_text("serve: {model: m.pth}\n", workdir)
-    serve = require_serve_block(spec)
+    assert type(spec) is ServeSpec and list(ServeSpec.model_fields) == ["serve"]
+    serve = spec.serve
     assert (serve.model_name, serve.states_dir, serve.port, serve.use_gpu) == ("m", str(workdir / "states"), 8000, "auto")
+    assert load_text("serve: {model: m.pth, model_name: tiny-chat}\n", workdir).serve.model_name == "tiny-chat"
+
+
+def test_the_blocks_decide_the_kind_of_spec(workdir):
+    assert type(load_text(MD, workdir)) is TrainSpec
+    assert type(load_text(M + TUNE_DATA + "tune: {space: {lr_init: {choice: [0.01]}}}\n", workdir)) is TuneSpec
+    assert type(load_text("serve: {model: m.pth}\n", workdir)) is ServeSpec
+    assert type(load_text(MD + "tune:\nserve:\n", workdir)) is TrainSpec  # empty blocks are left out
+
+
+KIND_ERRORS = [  # (spec text, kind wanted, the message after "<spec path>: ")
+    (MD, TuneSpec, "tune: required for rwkvray tune (this is a train spec, for rwkvray run)"),
+    (MD, ServeSpec, "serve: required for rwkvray serve (this is a train spec, for rwkvray run)"),
+    ("serve: {model: m.pth}\n", TrainSpec, "model: required for rwkvray run (this is a serve spec, for rwkvray serve)"),
+    ("serve: {model: m.pth}\n", TuneSpec, "model: required for rwkvray tune (this is a serve spec, for rwkvray serve)"),
+    (M + TUNE_DATA + "tune: {space: {lr_init: {choice: [0.01]}}}\n", ServeSpec,
+     "serve: required for rwkvray serve (this is a tune spec, for rwkvray tune)"),
+]
+
+
+@pytest.mark.parametrize("text,kind,expected", KIND_ERRORS)
+def test_a_command_given_another_kind_of_spec_says_so_in_one_line(workdir, text, kind, expected):
+    (workdir / "job.yaml").write_text(text)
     with pytest.raises(UserError) as caught:
-        require_training_blocks(spec)
-    assert str(caught.value) == f"{workdir / 'job.yaml'}: model: required to train or tune (this spec has only a serve block)"
-    with pytest.raises(UserError, match=r"job\.yaml: serve: required for rwkvray serve$"):
-        require_serve_block(load_text(MD, workdir))
+        load_spec(str(workdir / "job.yaml"), kind=kind)
+    assert str(caught.value) == f"{workdir / 'job.yaml'}: {expected}"
+
+
+def test_a_tune_spec_is_a_train_spec(workdir):
+    spec = load_text(M + TUNE_DATA + "tune: {space: {lr_init: {choice: [0.01]}}}\n", workdir)
+    assert expect_kind(spec, TrainSpec) is spec  # `rwkvray run` trains it with its own values
+
+
+def test_specs_and_their_blocks_are_frozen(workdir):
+    spec = load_text(MD, workdir)
+    with pytest.raises(ValidationError, match="frozen"):
+        spec.trainer.seed = 7
+    with pytest.raises(ValidationError, match="frozen"):
+        spec.optim = spec.optim
+    with pytest.raises(ValidationError, match="frozen"):
+        load_text("serve: {model: m.pth}\n", workdir).serve.port = 9000
+    assert spec.trainer.seed == 42
 
 
 def test_model_expectations_are_checked_against_real_dims(workdir):
@@ -272,13 +317,30 @@ TUNE = M + TUNE_DATA + """tune:
 """
 
 
-def test_trial_spec_takes_sampled_values_and_is_validated_again(workdir):
+def test_trial_spec_is_a_copy_with_the_sampled_values(workdir):
     spec = load_text(TUNE, workdir)
-    trial = spec_for_trial(spec, {"lr_init": 0.05, "warmup_steps": 3, "ctx_len": 64})
+    before = spec.model_dump()
+    trial = spec_for_trial(spec, {"lr_init": 0.05, "warmup_steps": 3, "ctx_len": 64}, "trial_1")
     assert (trial.optim.lr_init, trial.optim.warmup_steps, trial.data.ctx_len) == (0.05, 3, 64)
-    assert trial.data.holdout_fraction == 0.1 and trial.tune == spec.tune
-    with pytest.raises(UserError, match=r"job\.yaml: data\.ctx_len: must be ≥ 2$"):
-        spec_for_trial(spec, {"ctx_len": 1})
+    assert (trial.run.name, trial.run.storage_path) == ("trial_1", str(workdir / "runs" / "rwkvray" / "trials"))
+    assert trial.data.holdout_fraction == 0.1 and trial.tune == spec.tune and trial.source == spec.source
+    assert trial.trainer.proj_dir == spec.trainer.proj_dir
+    assert spec.model_dump() == before and (spec.optim.lr_init, spec.run.name) == (0.01, "rwkvray")
+    with pytest.raises(UserError, match=r"job\.yaml: tune trial config has unknown key 'micro_bsz'$"):
+        spec_for_trial(spec, {"micro_bsz": 2}, "trial_2")
+
+
+def test_every_sampled_value_is_valid_where_the_trial_puts_it(workdir):
+    """Trial specs are copies that are not validated again: the space itself admits only valid values."""
+    spec = load_text(TUNE, workdir)
+    for key, (kind, args) in ((k, *d.items()) for k, d in spec.tune.space.items()):
+        block, field = TUNABLE_KEYS[key]
+        for value in args:
+            blocks = {**spec.model_dump(mode="json", exclude_unset=True)}
+            blocks[block] = {**blocks.get(block, {}), field: value}
+            assert getattr(getattr(spec_from_dict(blocks, "trial"), block), field) == value
+    with pytest.raises(UserError, match=r"job\.yaml: tune\.space\.ctx_len: values must be ≥ 2 \(got \[1, 64\]\)$"):
+        load_text(TUNE.replace("choice: [64, 128]", "choice: [1, 64]"), workdir)
 
 
 def test_ray_search_space_bounds(workdir):

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from rwkvray.spec.config import spec_from_dict
+from rwkvray.spec import spec_from_dict
 from rwkvray.errors import UserError
 
 

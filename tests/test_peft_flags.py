@@ -2,7 +2,7 @@ import shlex
 
 import pytest
 
-from rwkvray.spec.config import check_model_expectations
+from rwkvray.spec import check_model_expectations
 from rwkvray.model.dims import ModelDims
 from rwkvray.errors import UserError
 from rwkvray.compat.rwkv_peft import build_train_parser, spec_from_train_flags

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 
-from rwkvray.spec.config import spec_from_dict
+from rwkvray.spec import spec_from_dict
 from rwkvray.model.state_file import save_state
 
 pytestmark = pytest.mark.ray

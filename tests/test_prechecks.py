@@ -49,7 +49,7 @@ def refused_port() -> int:
 
 def test_validate_checks_the_checkpoint_shape(capsys, write_spec, tiny_model):
     spec = write_spec({"model": {"path": tiny_model, "n_layer": 2, "n_embd": 64}, "data": {"file": SAMPLE}})
-    assert cli(capsys, "validate", spec) == (0, f"{spec}: ok ({TRAINING_BLOCKS}); model n_layer 2, n_embd 64\n", "")
+    assert cli(capsys, "validate", spec) == (0, f"{spec}: ok, a train spec ({TRAINING_BLOCKS}); model n_layer 2, n_embd 64\n", "")
 
     spec = write_spec({"model": {"path": tiny_model, "n_layer": 3, "n_embd": 128}, "data": {"file": SAMPLE}})
     expected = f"error: {spec}: model {tiny_model} has n_layer=2 but the spec expects 3; n_embd=64 but the spec expects 128\n"
@@ -59,7 +59,7 @@ def test_validate_checks_the_checkpoint_shape(capsys, write_spec, tiny_model):
 def test_validate_no_check_files_accepts_files_that_live_on_the_cluster(capsys, write_spec, tmp_path):
     spec = write_spec({"model": {"path": "/models/rwkv7-1.5b.pth", "n_layer": 24},
                        "data": {"file": "/data/chats.jsonl"}, "peft": {"state": {"init_from": "/data/s.pth"}}})
-    assert cli(capsys, "validate", "--no-check-files", spec) == (0, f"{spec}: ok ({TRAINING_BLOCKS}); files not checked\n", "")
+    assert cli(capsys, "validate", "--no-check-files", spec) == (0, f"{spec}: ok, a train spec ({TRAINING_BLOCKS}); files not checked\n", "")
     assert cli(capsys, "validate", spec) == (2, "", f"error: {spec}: model.path: file not found: /models/rwkv7-1.5b.pth; "
                                                     "data.file: file not found: /data/chats.jsonl; "
                                                     "peft.state.init_from: file not found: /data/s.pth\n")
@@ -138,7 +138,32 @@ def test_a_shape_mismatch_fails_before_ray_starts(capsys, write_spec, tiny_model
 
 def test_tune_without_a_tune_block_fails_before_ray_starts(capsys, write_spec, tiny_model):
     spec = write_spec({"model": {"path": tiny_model}, "data": {"file": SAMPLE}})
-    assert cli(capsys, "tune", spec) == (2, "", f"error: {spec}: tune: required for rwkvray tune\n")
+    assert cli(capsys, "tune", spec) == (
+        2, "", f"error: {spec}: tune: required for rwkvray tune (this is a train spec, for rwkvray run)\n")
+    assert not ray_started()
+
+
+def test_validate_names_the_kind_of_spec(capsys, write_spec, tiny_model, tmp_path):
+    tune = write_spec({"model": {"path": tiny_model}, "data": {"file": SAMPLE, "holdout_fraction": 0.2},
+                       "tune": {"space": {"lr_init": {"loguniform": [1e-3, 1e-1]}}}}, "tune.yaml")
+    assert cli(capsys, "validate", tune) == (
+        0, f"{tune}: ok, a tune spec ({TRAINING_BLOCKS}, tune); model n_layer 2, n_embd 64\n", "")
+    serve = write_spec({"serve": {"model": tiny_model, "states_dir": str(tmp_path / "states")}}, "serve.yaml")
+    assert cli(capsys, "validate", serve) == (0, f"{serve}: ok, a serve spec (serve)\n", "")
+    assert cli(capsys, "validate", "--no-check-files", serve) == (0, f"{serve}: ok, a serve spec (serve); files not checked\n", "")
+
+
+@pytest.mark.parametrize("command", ["run", "tune"])
+def test_a_serve_spec_given_to_a_training_command_fails_in_one_line(capsys, write_spec, tiny_model, tmp_path, command):
+    spec = write_spec({"serve": {"model": tiny_model, "states_dir": str(tmp_path / "states")}})
+    assert cli(capsys, command, spec) == (
+        2, "", f"error: {spec}: model: required for rwkvray {command} (this is a serve spec, for rwkvray serve)\n")
+    assert not ray_started()
+
+
+def test_a_train_spec_given_to_serve_fails_in_one_line(capsys, good_spec):
+    assert cli(capsys, "serve", good_spec) == (
+        2, "", f"error: {good_spec}: serve: required for rwkvray serve (this is a train spec, for rwkvray run)\n")
     assert not ray_started()
 
 

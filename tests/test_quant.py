@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from rwkvray.spec.config import PeftConfig
+from rwkvray.spec import PeftConfig
 from rwkvray.errors import UserError
 from rwkvray.peft import build_peft
 from rwkvray.model.quant import frozen_weight, quantize_frozen_linears

@@ -5,6 +5,7 @@ import pytest
 
 from rwkvray.launch.train import run_on_ray
 from rwkvray.model.state_file import load_state
+from tests.helpers import spec_with
 from tests.test_ray_train import tiny_model, two_worker_spec  # noqa: F401  (tiny_model is a fixture)
 
 ray = pytest.importorskip("ray")
@@ -24,9 +25,8 @@ def two_node_cluster():
 
 def test_two_workers_spread_over_two_nodes(two_node_cluster, tiny_model, tmp_path):  # noqa: F811 (a fixture)
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-    spec = two_worker_spec(tiny_model, tmp_path, "two-nodes")
-    spec.scaling.placement_strategy = "STRICT_SPREAD"
-    spec.trainer.epoch_count = 1
+    spec = spec_with(two_worker_spec(tiny_model, tmp_path, "two-nodes"),
+                     scaling={"placement_strategy": "STRICT_SPREAD"}, trainer={"epoch_count": 1})
     result = run_on_ray(spec)
     assert result.error is None
     assert result.metrics["replica_divergence"] == 0.0

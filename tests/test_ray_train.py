@@ -6,11 +6,12 @@ import shutil
 import pytest
 import torch
 
-from rwkvray.spec.config import spec_from_dict
+from rwkvray.spec import spec_from_dict
 from rwkvray.errors import UserError
 from rwkvray.launch.outputs import export_outputs
 from rwkvray.launch.train import FAULT_MARKER_ENV, FAULT_STEP_ENV, run_on_ray
 from rwkvray.model.state_file import load_state
+from tests.helpers import spec_with
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -49,7 +50,7 @@ def losses(spec):
 @pytest.fixture(scope="module")
 def zero1_run(local_ray, tiny_model, tmp_path_factory):
     spec = two_worker_spec(tiny_model, tmp_path_factory.mktemp("runs"), "zero1")
-    spec.trainer.proj_dir = str(tmp_path_factory.mktemp("driver") / "zero1")  # the driver's own disk
+    spec = spec_with(spec, trainer={"proj_dir": str(tmp_path_factory.mktemp("driver") / "zero1")})  # the driver's own disk
     return spec, run_on_ray(spec)
 
 
@@ -103,8 +104,7 @@ def test_rerun_says_complete_and_refuses_a_changed_spec(zero1_run, capsys):
     spec, _ = zero1_run
     assert run_on_ray(spec) is None
     assert "run 'zero1' already complete at step 12/12" in capsys.readouterr().out
-    changed = spec.model_copy(deep=True)
-    changed.optim.lr_init, changed.trainer.seed = 0.3, 8
+    changed = spec_with(spec, optim={"lr_init": 0.3}, trainer={"seed": 8})
     with pytest.raises(UserError, match=r"started with a different spec \(changed: optim.lr_init, trainer.seed\); "
                                         "use a new run.name, or --allow-changed-spec"):
         run_on_ray(changed)
@@ -129,8 +129,7 @@ def test_killed_worker_resumes_to_the_same_final_state(zero1_run, tiny_model, tm
     reference_spec, _ = zero1_run
     monkeypatch.setenv(FAULT_STEP_ENV, "6")
     monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "fault-happened"))
-    spec = two_worker_spec(tiny_model, tmp_path, "faulty")
-    spec.run.max_failures = 1
+    spec = spec_with(two_worker_spec(tiny_model, tmp_path, "faulty"), run={"max_failures": 1})
     result = run_on_ray(spec)
     assert (tmp_path / "fault-happened").exists()
     assert result.error is None
@@ -143,10 +142,9 @@ def test_killed_worker_resumes_to_the_same_final_state(zero1_run, tiny_model, tm
 @pytest.mark.parametrize("stage, lora", [(2, True), (3, False)])
 def test_zero2_and_zero3_complete(local_ray, tiny_model, tmp_path, stage, lora):
     """ZeRO-2 trains LoRA plus the state (a weight method through Ray Train); ZeRO-3 the state alone."""
-    spec = two_worker_spec(tiny_model, tmp_path, f"zero{stage}", stage)
-    spec.trainer.epoch_count = 1
+    spec = spec_with(two_worker_spec(tiny_model, tmp_path, f"zero{stage}", stage), trainer={"epoch_count": 1})
     if lora:
-        spec.peft.method, spec.peft.combine_state = "lora", True
+        spec = spec_with(spec, peft={"method": "lora", "combine_state": True})
     result = run_on_ray(spec)
     assert result.error is None
     assert result.metrics["replica_divergence"] == 0.0

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from rwkvray.spec.config import spec_from_dict
+from rwkvray.spec import spec_from_dict
 from rwkvray.errors import UserError
 from rwkvray.launch.resume import check_rerun
 

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 import torch
 
-from rwkvray.spec.config import spec_from_dict
+from rwkvray.spec import spec_from_dict
 from rwkvray.launch.train import FAULT_MARKER_ENV, FAULT_STEP_ENV, run_on_ray
 from rwkvray.model.state_file import load_state
 from tests.helpers import free_port

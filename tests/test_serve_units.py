@@ -511,7 +511,7 @@ def test_releasing_a_cached_state_twice_is_harmless():
     ({"prefill_chunk": 0}, "serve.prefill_chunk: must be ≥ 1"),
 ])
 def test_engine_settings_are_checked_in_the_spec(tmp_path, fields, message):
-    from rwkvray.spec.config import spec_from_dict
+    from rwkvray.spec import spec_from_dict
     from rwkvray.errors import UserError
     model = tmp_path / "m.pth"
     model.write_bytes(b"x")

@@ -8,7 +8,7 @@ import torch
 
 from rwkvray.model.checkpoint import load_checkpoint
 from rwkvray.cli import main
-from rwkvray.spec.config import spec_from_dict
+from rwkvray.spec import spec_from_dict
 from rwkvray.launch.train import run_on_ray
 from rwkvray.model.rwkv7 import RNNState, load_model
 from rwkvray.model.loss import masked_lm_loss

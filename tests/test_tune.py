@@ -6,7 +6,7 @@ import pytest
 
 from rwkvray.model.checkpoint import save_checkpoint
 from rwkvray.cli import main
-from rwkvray.spec.config import spec_from_dict
+from rwkvray.spec import spec_from_dict
 from rwkvray.model.init import default_dims, init_weights
 from rwkvray.launch.tune import run_sweep
 from rwkvray.model.state_file import load_state

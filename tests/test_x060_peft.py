@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from rwkvray.model.checkpoint import load_checkpoint
-from rwkvray.spec.config import PeftConfig
+from rwkvray.spec import PeftConfig
 from rwkvray.peft.merge import merge_adapter
 from rwkvray.model.rwkv7 import load_model
 from rwkvray.peft import build_peft

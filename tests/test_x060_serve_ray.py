@@ -7,7 +7,7 @@ import socket
 import pytest
 import torch
 
-from rwkvray.spec.config import spec_from_dict
+from rwkvray.spec import spec_from_dict
 from rwkvray.model.dims import ModelDimsX060
 from rwkvray.text.generate import generate_tokens
 from rwkvray.serve.batch_engine import BatchEngine, SamplingParams

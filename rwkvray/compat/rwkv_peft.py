@@ -16,7 +16,7 @@ import json
 import os
 from typing import Any
 
-from rwkvray.spec.config import TARGETS, JobSpec, nested_model, spec_from_dict, strategy_to_deepspeed
+from rwkvray.spec import TARGETS, TrainSpec, nested_model, spec_from_dict, strategy_to_deepspeed
 from rwkvray.errors import UserError
 
 SOURCE = "train flags"
@@ -104,7 +104,7 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 def spec_default(path: str) -> str:
     """' (default: X)' with X the job spec's default for the dotted key `path`."""
-    model: Any = JobSpec
+    model: Any = TrainSpec
     *blocks, key = path.split(".")
     for block in blocks:
         model = nested_model(model.model_fields[block].annotation)
@@ -258,8 +258,8 @@ def flag_error(flag: str, message: str) -> UserError:
     return UserError(f"{SOURCE}: --{flag}: {message}")
 
 
-def spec_from_train_flags(argv: list[str]) -> JobSpec:
-    """The JobSpec for an RWKV-PEFT style command line; bad flags raise a one-line UserError."""
+def spec_from_train_flags(argv: list[str]) -> TrainSpec:
+    """The TrainSpec for an RWKV-PEFT style command line; bad flags raise a one-line UserError."""
     args = build_train_parser().parse_args(argv)
     check_compat_flags(args)
     spec = SpecBuilder()

@@ -7,10 +7,13 @@ import os
 import posixpath
 
 from rwkvray.files.atomic import write_bytes_atomically
-from rwkvray.spec.config import is_uri
 
 AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
            "AWS_SESSION_TOKEN", "AWS_REGION")
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
 
 
 def run_dir(spec) -> str:

@@ -1,7 +1,7 @@
 """What each command checks before Ray starts, and what `rwkvray validate` checks without starting anything.
 
-The spec loader already checks keys, values and that files exist. Here: that the blocks a command needs are
-there, that the model file is an RWKV-7 checkpoint whose shape matches the spec's model.n_layer/n_embd/...
+The spec loader already checks keys, values, that files exist and that the spec is the kind the command takes.
+Here: that the model file is an RWKV-7 checkpoint whose shape matches the spec's model.n_layer/n_embd/...
 expectations, that output folders can be written, and (serve) that the API-key variable is set and the port is
 free. Ray starts only after all of these pass.
 """
@@ -11,8 +11,7 @@ import socket
 
 import yaml
 
-from rwkvray.spec.config import (ServeConfig, check_model_expectations, load_spec, require_serve_block,
-                            require_training_blocks, require_tune_block, spec_from_dict)
+from rwkvray.spec import ServeConfig, ServeSpec, check_model_expectations, load_spec, spec_from_dict
 from rwkvray.model.dims import ModelDims
 from rwkvray.errors import RayServeConfigFile, UserError
 from rwkvray.compat.rwkv_peft import SOURCE as TRAIN_FLAGS
@@ -31,9 +30,6 @@ def checked_model_dims(spec) -> ModelDims:
 
 def before_training(spec, tune: bool = False, address: str | None = None) -> None:
     """`run`, `tune` and `train`: everything checkable on this machine."""
-    require_training_blocks(spec)
-    if tune:
-        require_tune_block(spec)
     checked_model_dims(spec)
     check_output_folders(spec)
     check_local_gpus(spec, tune, address)
@@ -85,7 +81,7 @@ def check_serve_model(config: ServeConfig) -> None:
 def before_serving(spec, address: str | None = None) -> ServeConfig:
     from rwkvray.launch.ray_session import resolve_address
     from rwkvray.serve.app import read_api_key
-    config = require_serve_block(spec)
+    config = spec.serve
     read_api_key(config)
     check_serve_model(config)
     check_writable_folder(config.states_dir, f"{spec.source}: serve.states_dir")
@@ -116,16 +112,14 @@ def validate_file(path: str, check_files: bool = True) -> str:
         spec = load_spec(path, check_files=check_files)
     except RayServeConfigFile:
         return validate_ray_serve_config(path, check_files)
-    blocks = ", ".join(name for name in type(spec).model_fields if getattr(spec, name) is not None)
+    summary = f"{path}: ok, a {spec.kind} spec ({', '.join(type(spec).model_fields)})"
     if not check_files:
-        return f"{path}: ok ({blocks}); files not checked"
-    found = []
-    if spec.model is not None:
-        dims = checked_model_dims(spec)
-        found.append(f"model n_layer {dims.n_layer}, n_embd {dims.n_embd}")
-    if spec.serve is not None:
+        return f"{summary}; files not checked"
+    if isinstance(spec, ServeSpec):
         check_serve_model(spec.serve)
-    return f"{path}: ok ({blocks})" + "".join(f"; {text}" for text in found)
+        return summary
+    dims = checked_model_dims(spec)
+    return f"{summary}; model n_layer {dims.n_layer}, n_embd {dims.n_embd}"
 
 
 def validate_ray_serve_config(path: str, check_files: bool) -> str:
@@ -145,7 +139,7 @@ def validate_ray_serve_config(path: str, check_files: bool) -> str:
         if not isinstance(args, dict):
             raise UserError(f"{where}: must be a mapping of serve fields, or spec: PATH")
         if set(args) == {"spec"}:
-            config = require_serve_block(load_spec(args["spec"], check_files=check_files))
+            config = load_spec(args["spec"], check_files=check_files, kind=ServeSpec).serve
         else:
             names = {f"serve.{name}": name for name in (*ServeConfig.model_fields, *args)}  # args are serve fields
             config = spec_from_dict({"serve": args}, where, names, check_files=check_files).serve

@@ -5,7 +5,7 @@ import sys
 import torch
 
 from rwkvray.files import storage
-from rwkvray.spec.config import check_model_expectations, require_training_blocks
+from rwkvray.spec import check_model_expectations
 from rwkvray.launch.outputs import copy_to_proj_dir, export_outputs
 from rwkvray.launch.resume import check_rerun
 from rwkvray.train.loop import WorkerContext, train
@@ -63,8 +63,7 @@ def run_on_ray(spec, address: str | None = None, allow_changed_spec: bool = Fals
     """Fit the spec on the cluster, export its outputs from run storage; returns the Ray Train result, or None
     when the run was already complete (its outputs are copied to proj_dir again)."""
     from rwkvray.launch.ray_session import ray_session
-    model, _ = require_training_blocks(spec)
-    check_model_file(model, spec.source)  # a wrong n_layer fails here, not after Ray has started
+    check_model_file(spec.model, spec.source)  # a wrong n_layer fails here, not after Ray has started
     step = check_rerun(spec, allow_changed_spec)
     if step is not None and step >= spec.trainer.epoch_count * spec.trainer.epoch_steps:
         print(f"outputs in {copy_to_proj_dir(spec, storage.run_dir(spec))}")

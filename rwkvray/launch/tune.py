@@ -11,9 +11,8 @@ import shutil
 
 import torch
 
-from rwkvray.files import storage
 from rwkvray.files.atomic import atomic_path
-from rwkvray.spec.config import ray_search_space, require_tune_block, spec_for_trial
+from rwkvray.launch.tune_space import ray_search_space, spec_for_trial
 from rwkvray.peft.base import method_classes
 from rwkvray.train.loop import WorkerContext, train
 
@@ -22,10 +21,7 @@ METRIC_KEYS = {"val_loss": "val_loss", "train_loss": "loss"}  # spec metric -> k
 
 def run_trial(config: dict, spec) -> None:
     import ray.tune
-    trial_spec = spec_for_trial(spec, config)
-    trial_id = ray.tune.get_context().get_trial_id()
-    trial_spec.run.storage_path = storage.join(spec.run.storage_path, spec.run.name, "trials")
-    trial_spec.run.name = trial_id  # its epoch files and metrics land in <sweep storage>/trials/<trial id>
+    trial_spec = spec_for_trial(spec, config, ray.tune.get_context().get_trial_id())
     if spec.scaling.num_workers == 1:
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -40,7 +36,7 @@ def run_trial(config: dict, spec) -> None:
 def run_sweep(spec, address: str | None = None):
     """Run (or resume) the sweep; print the trial table; write best_state.pth and best.json."""
     from rwkvray.launch.ray_session import ray_session
-    sweep = require_tune_block(spec)
+    sweep = spec.tune
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # one kept checkpoint is the point
     with ray_session(address):
         results = _fit_sweep(spec, sweep)

@@ -29,7 +29,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rwkvray.model.checkpoint import load_checkpoint
-from rwkvray.spec.config import ServeConfig, require_serve_block, spec_from_dict, load_spec
+from rwkvray.spec import ServeConfig, ServeSpec, load_spec, spec_from_dict
 from rwkvray.train.data import REPLY_END, render_chat
 from rwkvray.model.dims import ModelDims
 from rwkvray.errors import UserError
@@ -368,9 +368,9 @@ def app_builder(args: dict):
     """Import path for `serve run` / `serve deploy`: args are the fields of a serve block, or {"spec": PATH}
     naming a job spec with a serve block."""
     if set(args) == {"spec"}:
-        config = require_serve_block(load_spec(args["spec"]))
+        config = load_spec(args["spec"], kind=ServeSpec).serve
     else:
-        config = require_serve_block(spec_from_dict({"serve": dict(args)}, "serve app args"))
+        config = spec_from_dict({"serve": dict(args)}, "serve app args").serve
     return build_app(config)
 
 
@@ -378,7 +378,7 @@ def run_server(spec, address: Optional[str] = None) -> None:
     """`rwkvray serve SPEC.yaml`: deploy on the cluster at `address` (or a local Ray), print the URL, and
     serve until Ctrl-C, which removes the application."""
     from rwkvray.launch.ray_session import ray_session
-    config = require_serve_block(spec)
+    config = spec.serve
     with ray_session(address):
         app = build_app(config)  # after connecting: use_gpu "auto" asks the cluster
         serve.start(http_options={"host": config.host, "port": config.port})

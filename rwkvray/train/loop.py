@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rwkvray.files import storage
-from rwkvray.spec.config import check_model_expectations
+from rwkvray.spec import check_model_expectations
 from rwkvray.train.data import TokenBatcher, eval_batches, load_documents, split_holdout
 from rwkvray.train.metrics import RunLogger
 from rwkvray.model.rwkv7 import load_model
@@ -152,7 +152,7 @@ def _build_engine(spec, module, ctx):
     if spec.trainer.cuda_graph:
         from rwkvray.train.graphed_engine import GraphedEngine
         return GraphedEngine(module, spec.optim, spec.trainer.micro_bsz, spec.data.ctx_len, ctx.device)
-    from rwkvray.spec.config import deepspeed_config
+    from rwkvray.train.deepspeed_config import deepspeed_config
     from rwkvray.train.deepspeed_engine import DeepSpeedEngine
     if ctx.rank == 0:
         where = "" if spec.scaling.use_gpu else (" (a machine's first CPU run builds DeepSpeed's communication op: "

@@ -1,0 +1,205 @@
+"""The blocks of a training spec: run, model, data, peft, optim, trainer, scaling and logging.
+
+Each block is the input of one part: the run's storage and checkpoints (run), the checkpoint (model), the
+data loader (data), the PEFT method (peft), the optimizer and schedule (optim), the training loop (trainer), the
+Ray workers (scaling) and wandb (logging). The deepspeed, tune and serve blocks have modules of their own.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field, field_validator, model_validator
+
+from rwkvray.errors import UserError
+from rwkvray.files.storage import is_uri
+from rwkvray.spec.fields import (TARGETS, ExistingFile, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                                 StrictModel, Targets)
+from rwkvray.spec.paths import data_path, durable_folder
+from rwkvray.spec.wording import SpecProblem
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class RunConfig(StrictModel):
+    name: str = "rwkvray"
+    storage_path: Annotated[str, AfterValidator(durable_folder)] = "./runs"
+    checkpoint_every_steps: PositiveInt | None = None  # None: checkpoint every trainer.epoch_save epochs
+    keep_checkpoints: PositiveInt = 2
+    max_failures: int = 0  # -1: retry forever
+
+    @field_validator("name")
+    @classmethod
+    def folder_name(cls, name: str) -> str:
+        if not RUN_NAME.fullmatch(name):
+            raise ValueError("must start with a letter or digit and hold only letters, digits, '.', '_' and '-'")
+        return name
+
+    @field_validator("max_failures")
+    @classmethod
+    def failures(cls, value: int) -> int:
+        if value < -1:
+            raise ValueError("must be ≥ 0, or -1 to retry forever")
+        return value
+
+
+class ModelConfig(StrictModel):
+    """The checkpoint, plus optional expectations checked against its weights (see check_model_expectations)."""
+
+    path: ExistingFile
+    version: Literal["x070", "x060"] | None = None  # RWKV-7 or RWKV-6; the checkpoint's keys decide, this checks
+    n_layer: PositiveInt | None = None
+    n_embd: PositiveInt | None = None
+    head_size: PositiveInt | None = None
+    vocab_size: PositiveInt | None = None
+
+
+def check_model_expectations(model: ModelConfig, dims, source: str) -> None:
+    """Compare the spec's optional version/n_layer/n_embd/head_size/vocab_size with the checkpoint's real ones."""
+    mismatches = [
+        f"{name}={getattr(dims, name)} but the spec expects {getattr(model, name)}"
+        for name in ("version", "n_layer", "n_embd", "head_size", "vocab_size")
+        if getattr(model, name) is not None and getattr(model, name) != getattr(dims, name)
+    ]
+    if mismatches:
+        raise UserError(f"{source}: model {model.path} has {'; '.join(mismatches)}")
+
+
+class DataConfig(StrictModel):
+    type: Literal["jsonl", "binidx"] = "jsonl"
+    file: str
+    ctx_len: Annotated[int, Field(ge=2)] = 512
+    loss_mask: Literal["none", "qa"] = "none"
+    eval_file: str | None = None
+    holdout_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+    @field_validator("file", "eval_file")
+    @classmethod
+    def existing_data(cls, path: str | None, info) -> str | None:
+        if path is None or "type" not in info.data:  # a bad type is reported on its own
+            return path
+        return data_path(path, info.data["type"])
+
+    @model_validator(mode="after")
+    def consistent(self) -> DataConfig:
+        if self.loss_mask == "qa" and self.type == "binidx":
+            raise SpecProblem("loss_mask", "qa needs jsonl data (binidx holds tokens only)")
+        if self.eval_file and self.holdout_fraction > 0:
+            raise SpecProblem("holdout_fraction", "set either eval_file or holdout_fraction, not both")
+        return self
+
+
+class StateConfig(StrictModel):
+    init_from: ExistingFile | None = None  # a state file to start from instead of zeros
+
+
+class LoraConfig(StrictModel):
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 32.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    targets: Targets = Field(default_factory=lambda: list(TARGETS))
+
+
+class PissaConfig(StrictModel):
+    r: PositiveInt = 8
+    svd_niter: PositiveInt = 4
+    targets: Targets = Field(default_factory=lambda: list(TARGETS))
+
+
+class DishaConfig(StrictModel):
+    mode: Literal["bone", "bat"] = "bone"
+    r: PositiveInt = 64
+    targets: Targets = Field(default_factory=lambda: list(TARGETS))
+
+
+class PeftConfig(StrictModel):
+    method: Literal["state", "lora", "pissa", "disha"] = "state"
+    combine_state: bool = False  # train the state together with the weight method
+    state: StateConfig = Field(default_factory=StateConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    pissa: PissaConfig = Field(default_factory=PissaConfig)
+    disha: DishaConfig = Field(default_factory=DishaConfig)
+    quant: Literal["none", "int8", "nf4"] = "none"
+    # each saved epoch, beside the adapter file: true, the merged model rwkv-<n>.pth; false, the Hugging Face
+    # peft folder <proj_dir>-adapter/ (RWKV-PEFT's --merge 1 / 0). A state-only run writes its state file only.
+    merge: bool = True
+    train_parts: list[Literal["ln"]] = Field(default_factory=list)  # also train the LayerNorms (RWKV-PEFT's "ln")
+
+    @model_validator(mode="after")
+    def used_blocks(self) -> PeftConfig:
+        if self.combine_state and self.method == "state":
+            raise SpecProblem("combine_state", "needs a weight method (method: lora, pissa or disha)")
+        for block in ("lora", "pissa", "disha"):
+            if block in self.model_fields_set and block != self.method:
+                raise SpecProblem(block, f"given, but peft.method is {self.method}")
+        if "state" in self.model_fields_set and self.method != "state" and not self.combine_state:
+            raise SpecProblem("state", f"given, but peft.method is {self.method} and combine_state is false")
+        if self.train_parts and self.method == "state":
+            raise SpecProblem("train_parts", "needs a weight method (method: lora, pissa or disha)")
+        if not self.merge and self.method == "disha" and self.disha.mode == "bat":
+            raise SpecProblem("merge", "false writes a Hugging Face peft folder, and peft has no form of DiSHA bat "
+                                       "(its MiSS bat cuts the weight differently): use merge: true, or mode: bone")
+        return self
+
+
+class OptimConfig(StrictModel):
+    lr_init: PositiveFloat = 1e-2
+    lr_final: PositiveFloat = 1e-4
+    schedule: Literal["cos_decay", "wsd"] = "cos_decay"
+    warmup_steps: NonNegativeInt = 0
+    betas: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: [0.9, 0.99]
+    )
+    eps: PositiveFloat = 1e-8
+    weight_decay: NonNegativeFloat = 0.0
+    grad_clip: NonNegativeFloat = 1.0  # 0 turns clipping off
+
+    @model_validator(mode="after")
+    def decreasing(self) -> OptimConfig:
+        if self.lr_final > self.lr_init:
+            raise SpecProblem("lr_final", f"must be ≤ lr_init ({self.lr_init:g})")
+        return self
+
+
+class TrainerConfig(StrictModel):
+    epoch_count: PositiveInt = 1
+    epoch_steps: PositiveInt = 1000
+    epoch_save: PositiveInt = 1
+    micro_bsz: PositiveInt = 1
+    grad_accum: PositiveInt = 1
+    precision: Literal["bf16", "fp16", "fp32", "tf32"] = "bf16"
+    grad_cp: bool = False
+    op: Literal["auto", "torch", "cuda", "fla"] = "auto"
+    cuda_graph: bool = False  # capture the training step once and replay it (rwkvray/train/graphed_engine.py)
+    seed: NonNegativeInt = 42
+    proj_dir: str | None = None  # local copy of the outputs; default: <storage_path>/<name>, or ./runs/<name>
+
+    @field_validator("proj_dir")
+    @classmethod
+    def local_folder(cls, path: str | None) -> str | None:
+        if path is not None and is_uri(path):
+            raise ValueError("must be a local or shared folder, not a URI")
+        return None if path is None else durable_folder(path)
+
+
+class ScalingConfig(StrictModel):
+    num_workers: PositiveInt = 1
+    use_gpu: bool = False
+    resources_per_worker: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    @model_validator(mode="after")
+    def resources(self) -> ScalingConfig:
+        for name, amount in self.resources_per_worker.items():
+            if name.upper() in ("CPU", "GPU") and name != name.upper():
+                message = f"write {name.upper()} (Ray resource names are case-sensitive)"
+                raise SpecProblem(f"resources_per_worker.{name}", message)
+            if name == "GPU" and amount > 0 and not self.use_gpu:
+                raise SpecProblem("resources_per_worker.GPU", "needs use_gpu: true")
+        return self
+
+
+class LoggingConfig(StrictModel):
+    wandb_project: str | None = None
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"

@@ -1,0 +1,93 @@
+"""Paths in a spec: resolved against the working directory when the spec is loaded, checked to exist.
+
+`ray job submit --working-dir . -- rwkvray run jobs/x.yaml` runs the entrypoint inside the uploaded copy of `.`,
+so paths relative to the repository root work there too; output folders are kept out of that copy, which Ray
+deletes with the job. A URI (`s3://...`) is kept as written.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import fnmatch
+import os
+import re
+
+from rwkvray.files.storage import is_uri
+
+RAY_PACKAGE = re.compile(r"/runtime_resources/working_dir_files/[^/]+")
+# off while `rwkvray validate --no-check-files` loads a spec whose files live on a cluster's disk
+CHECK_FILES = contextvars.ContextVar("CHECK_FILES", default=True)
+
+
+def absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def ray_job_package() -> str | None:
+    """The uploaded working dir, when this process is a `ray job submit --working-dir` entrypoint (Ray unpacks
+    it under runtime_resources/working_dir_files/ and deletes it with the job)."""
+    match = RAY_PACKAGE.search(os.getcwd())
+    return os.getcwd()[: match.end()] if match else None
+
+
+def gitignore_rule(path: str, package: str) -> str | None:
+    """The .gitignore line of the uploaded working dir that names `path`: Ray's upload leaves those files out."""
+    try:
+        with open(os.path.join(package, ".gitignore")) as f:
+            rules = [line.strip() for line in f if line.strip() and not line.startswith(("#", "!"))]
+    except OSError:
+        return None
+    parts = os.path.relpath(path, package).split(os.sep)
+    for rule in rules:
+        pattern = rule.strip("/")
+        if rule.startswith("/"):
+            candidates = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        else:
+            candidates = parts
+        if any(fnmatch.fnmatch(candidate, pattern) for candidate in candidates):
+            return rule
+    return None
+
+
+def existing_file(path: str) -> str:
+    resolved = absolute(path)
+    if not CHECK_FILES.get():
+        return resolved
+    if os.path.isdir(resolved):
+        raise ValueError(f"is a folder, not a file: {resolved}")
+    if not os.path.isfile(resolved):
+        package = ray_job_package()
+        rule = package and resolved.startswith(package + os.sep) and gitignore_rule(resolved, package)
+        if rule:
+            raise ValueError(f"file not found: {resolved} (Ray's --working-dir upload skips what .gitignore names, "
+                             f"and {rule!r} names this file: put it on storage every node reads and give its "
+                             "absolute path)")
+        raise ValueError(f"file not found: {resolved}")
+    return resolved
+
+
+def data_path(path: str, data_type: str | None) -> str:
+    """A jsonl file must exist; a binidx prefix (with or without .bin/.idx) needs both its .bin and .idx."""
+    if data_type != "binidx":
+        resolved = absolute(path)
+        binidx_instead = not os.path.exists(resolved) and os.path.isfile(resolved + ".bin")
+        if data_type == "jsonl" and CHECK_FILES.get() and binidx_instead:
+            raise ValueError(f"file not found: {resolved} ({resolved}.bin exists: set data.type: binidx)")
+        return existing_file(path)
+    prefix = absolute(path)
+    for extension in (".bin", ".idx"):
+        prefix = prefix.removesuffix(extension)
+    for needed in (prefix + ".bin", prefix + ".idx"):
+        if CHECK_FILES.get() and not os.path.isfile(needed):
+            raise ValueError(f"binidx file not found: {needed}")
+    return prefix
+
+
+def durable_folder(path: str) -> str:
+    """An output folder. Inside a Ray job's uploaded working dir, a relative one would vanish with the job: it is
+    resolved against ~/rwkvray instead (./runs -> ~/rwkvray/runs)."""
+    if is_uri(path):
+        return path
+    if ray_job_package() and not os.path.isabs(os.path.expanduser(path)):
+        return absolute(os.path.join("~", "rwkvray", path))
+    return absolute(path)

@@ -1,0 +1,147 @@
+"""A spec per command: TrainSpec (`rwkvray run` and `train`), TuneSpec (`tune`) and ServeSpec (`serve`).
+
+Each holds only the blocks its command reads, all required or defaulted. A validated spec is frozen: a changed
+one (a Tune trial's) is made with model_copy(update=...).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+from pydantic import Field, PrivateAttr, model_validator
+
+from rwkvray.errors import UserError
+from rwkvray.files.storage import is_uri
+from rwkvray.spec.blocks import (DataConfig, LoggingConfig, ModelConfig, OptimConfig, PeftConfig, RunConfig,
+                                 ScalingConfig, TrainerConfig)
+from rwkvray.spec.deepspeed_block import DeepSpeedBlock
+from rwkvray.spec.fields import GPU_OPS, StrictModel
+from rwkvray.spec.serve_block import ServeConfig
+from rwkvray.spec.tune_block import TuneConfig, sampled_range
+from rwkvray.spec.wording import SpecProblem
+
+
+class Spec(StrictModel):
+    """What every spec knows besides its blocks: where it came from, for error messages."""
+
+    kind: ClassVar[str]
+    command: ClassVar[str]  # the command that takes this kind of spec
+    _source: str = PrivateAttr(default="<spec>")
+
+    def model_post_init(self, context: Any) -> None:
+        if context and "source" in context:
+            self._source = context["source"]
+
+    @property
+    def source(self) -> str:
+        """A file path, or 'train flags'."""
+        return self._source
+
+
+class TrainSpec(Spec):
+    kind: ClassVar[str] = "train"
+    command: ClassVar[str] = "rwkvray run"
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig
+    data: DataConfig
+    peft: PeftConfig = Field(default_factory=PeftConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    deepspeed: DeepSpeedBlock = Field(default_factory=DeepSpeedBlock)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def default_proj_dir(cls, data: Any) -> Any:
+        """trainer.proj_dir, the driver's local copy of the outputs, defaults to <storage_path>/<name> (or
+        ./runs/<name> when storage_path is a URI). Filled in before validation, which resolves it."""
+        run = data.get("run", {}) if isinstance(data, dict) else None
+        trainer = data.get("trainer", {}) if isinstance(data, dict) else None
+        if not isinstance(run, dict) or not isinstance(trainer, dict) or trainer.get("proj_dir") is not None:
+            return data  # a malformed block is reported by its own validation
+        storage = run.get("storage_path", RunConfig.model_fields["storage_path"].default)
+        name = run.get("name", RunConfig.model_fields["name"].default)
+        if not isinstance(storage, str) or not isinstance(name, str):
+            return data
+        local_root = "./runs" if is_uri(storage) else storage
+        return {**data, "trainer": {**trainer, "proj_dir": os.path.join(local_root, name)}}
+
+    @model_validator(mode="after")
+    def fits_the_hardware(self) -> TrainSpec:
+        if self.scaling.use_gpu:
+            return self
+        if self.trainer.op in GPU_OPS:
+            raise SpecProblem("trainer.op", f"{self.trainer.op} needs a GPU (set scaling.use_gpu: true, or op: torch)")
+        if self.trainer.precision == "fp16":
+            raise SpecProblem("trainer.precision", "fp16 needs a GPU (set scaling.use_gpu: true, or use bf16/fp32)")
+        if self.deepspeed.offload:
+            raise SpecProblem(
+                "deepspeed.offload", "needs scaling.use_gpu: true (on CPU the optimizer already lives in host memory)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def capturable_step(self) -> TrainSpec:
+        """A captured step has one shape, one micro-batch per optimizer step and no DeepSpeed around it."""
+        if not self.trainer.cuda_graph:
+            return self
+        if not self.scaling.use_gpu:
+            raise SpecProblem("trainer.cuda_graph", "needs a GPU (set scaling.use_gpu: true, or cuda_graph: false)")
+        if self.trainer.grad_accum > 1:
+            raise SpecProblem("trainer.cuda_graph", "captures one optimizer step per micro-batch: needs "
+                              f"trainer.grad_accum: 1 (got {self.trainer.grad_accum}); raise micro_bsz instead")
+        if self.scaling.num_workers > 1:
+            raise SpecProblem("trainer.cuda_graph", "needs scaling.num_workers: 1 (DeepSpeed's step across "
+                              f"{self.scaling.num_workers} workers cannot be captured)")
+        if self.deepspeed.offload or self.deepspeed.stage > 1:
+            raise SpecProblem("trainer.cuda_graph", "runs its own captured AdamW step, which one worker's ZeRO "
+                              "stage 0/1 equals; it cannot honour deepspeed stage 2/3 or offload (got stage "
+                              f"{self.deepspeed.stage}{', offload' if self.deepspeed.offload else ''})")
+        return self
+
+
+class TuneSpec(TrainSpec):
+    """A TrainSpec whose tune block sweeps some of its values; each trial trains a copy with sampled ones."""
+
+    kind: ClassVar[str] = "tune"
+    command: ClassVar[str] = "rwkvray tune"
+
+    tune: TuneConfig
+
+    @model_validator(mode="after")
+    def every_trial_valid(self) -> TuneSpec:
+        if self.tune.gpus_per_trial > 0 and not self.scaling.use_gpu:
+            raise SpecProblem("tune.gpus_per_trial", "needs scaling.use_gpu: true")
+        if self.tune.metric == "val_loss" and not (self.data.eval_file or self.data.holdout_fraction > 0):
+            raise SpecProblem(
+                "tune.metric", "val_loss needs evaluation data: set data.eval_file or data.holdout_fraction"
+            )
+        lowest_init = sampled_range(self.tune.space.get("lr_init"), self.optim.lr_init)[0]
+        highest_final = sampled_range(self.tune.space.get("lr_final"), self.optim.lr_final)[1]
+        if highest_final > lowest_init:
+            raise SpecProblem(
+                "tune.space",
+                f"lr_final can reach {highest_final:g} but lr_init can be as low as {lowest_init:g}; "
+                "every trial needs lr_final ≤ lr_init",
+            )
+        return self
+
+
+class ServeSpec(Spec):
+    kind: ClassVar[str] = "serve"
+    command: ClassVar[str] = "rwkvray serve"
+
+    serve: ServeConfig
+
+
+def expect_kind(spec: Spec, wanted: type[Spec]) -> Spec:
+    """The spec, when it is the kind `wanted.command` needs (a TuneSpec trains too); else one line saying so."""
+    if isinstance(spec, wanted):
+        return spec
+    missing = next(name for name, field in wanted.model_fields.items()
+                   if field.is_required() and name not in type(spec).model_fields)
+    raise UserError(f"{spec.source}: {missing}: required for {wanted.command} "
+                    f"(this is a {spec.kind} spec, for {spec.command})")
