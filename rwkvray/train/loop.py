@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rwkvray.files import storage
-from rwkvray.spec import check_model_expectations
+from rwkvray.spec import TuneSpec, check_model_expectations
 from rwkvray.train.data import TokenBatcher, eval_batches, load_documents, split_holdout
 from rwkvray.train.metrics import RunLogger
 from rwkvray.model.rwkv7 import load_model
@@ -188,7 +188,8 @@ def _sum_over_ranks(values: list[float], ctx) -> list[float]:
 def _report_due(spec, step: int) -> bool:
     """Evaluate, checkpoint and report at every epoch end, every run.checkpoint_every_steps and every
     tune.eval_every_steps. Every rank reports at the same steps: under Ray Train a report is a barrier."""
-    periods = [spec.trainer.epoch_steps, spec.run.checkpoint_every_steps, spec.tune.eval_every_steps if spec.tune else None]
+    sweep_every = spec.tune.eval_every_steps if isinstance(spec, TuneSpec) else None
+    periods = [spec.trainer.epoch_steps, spec.run.checkpoint_every_steps, sweep_every]
     return any(p and step % p == 0 for p in periods)
 
 
