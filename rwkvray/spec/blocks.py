@@ -79,7 +79,7 @@ class DataConfig(StrictModel):
     def existing_data(cls, path: str | None, info) -> str | None:
         if path is None or "type" not in info.data:  # a bad type is reported on its own
             return path
-        return data_path(path, info.data["type"])
+        return data_path(path, info.data["type"], info)
 
     @model_validator(mode="after")
     def consistent(self) -> DataConfig:
@@ -173,7 +173,7 @@ class TrainerConfig(StrictModel):
     op: Literal["auto", "torch", "cuda", "fla"] = "auto"
     cuda_graph: bool = False  # capture the training step once and replay it (rwkvray/train/graphed_engine.py)
     seed: NonNegativeInt = 42
-    proj_dir: str | None = None  # local copy of the outputs; default: <storage_path>/<name>, or ./runs/<name>
+    proj_dir: str | None = None  # local copy of the outputs; TrainSpec.default_proj_dir fills in the default
 
     @field_validator("proj_dir")
     @classmethod

@@ -13,7 +13,6 @@ import yaml
 from pydantic import ValidationError
 
 from rwkvray.errors import RayServeConfigFile, UserError
-from rwkvray.spec.paths import CHECK_FILES
 from rwkvray.spec.specs import ServeSpec, Spec, TrainSpec, TuneSpec, expect_kind
 from rwkvray.spec.wording import format_validation_error, yaml_type
 
@@ -103,10 +102,7 @@ def spec_from_dict(data: dict, source: str, key_names: dict[str, str] | None = N
         raise UserError(f"{source}: the spec must be a mapping (got {yaml_type(data)})")
     blocks = {key: value for key, value in data.items() if value is not None}  # `optim:` alone means defaults
     kind = spec_kind(blocks, source)
-    token = CHECK_FILES.set(check_files)
     try:
-        return kind.model_validate(blocks, context={"source": source})
+        return kind.model_validate(blocks, context={"source": source, "check_files": check_files})
     except ValidationError as err:
         raise UserError(format_validation_error(err, source, kind, key_names)) from None
-    finally:
-        CHECK_FILES.reset(token)

@@ -7,16 +7,21 @@ deletes with the job. A URI (`s3://...`) is kept as written.
 
 from __future__ import annotations
 
-import contextvars
 import fnmatch
 import os
 import re
 
+from pydantic import ValidationInfo
+
 from rwkvray.files.storage import is_uri
 
 RAY_PACKAGE = re.compile(r"/runtime_resources/working_dir_files/[^/]+")
-# off while `rwkvray validate --no-check-files` loads a spec whose files live on a cluster's disk
-CHECK_FILES = contextvars.ContextVar("CHECK_FILES", default=True)
+
+
+def checking_files(info: ValidationInfo) -> bool:
+    """False while `rwkvray validate --no-check-files` loads a spec whose files live on a cluster's disk (the
+    loader's validation context says so)."""
+    return (info.context or {}).get("check_files", True)
 
 
 def absolute(path: str) -> str:
@@ -49,9 +54,9 @@ def gitignore_rule(path: str, package: str) -> str | None:
     return None
 
 
-def existing_file(path: str) -> str:
+def existing_file(path: str, info: ValidationInfo) -> str:
     resolved = absolute(path)
-    if not CHECK_FILES.get():
+    if not checking_files(info):
         return resolved
     if os.path.isdir(resolved):
         raise ValueError(f"is a folder, not a file: {resolved}")
@@ -66,19 +71,19 @@ def existing_file(path: str) -> str:
     return resolved
 
 
-def data_path(path: str, data_type: str | None) -> str:
+def data_path(path: str, data_type: str | None, info: ValidationInfo) -> str:
     """A jsonl file must exist; a binidx prefix (with or without .bin/.idx) needs both its .bin and .idx."""
     if data_type != "binidx":
         resolved = absolute(path)
         binidx_instead = not os.path.exists(resolved) and os.path.isfile(resolved + ".bin")
-        if data_type == "jsonl" and CHECK_FILES.get() and binidx_instead:
+        if data_type == "jsonl" and checking_files(info) and binidx_instead:
             raise ValueError(f"file not found: {resolved} ({resolved}.bin exists: set data.type: binidx)")
-        return existing_file(path)
+        return existing_file(path, info)
     prefix = absolute(path)
     for extension in (".bin", ".idx"):
         prefix = prefix.removesuffix(extension)
     for needed in (prefix + ".bin", prefix + ".idx"):
-        if CHECK_FILES.get() and not os.path.isfile(needed):
+        if checking_files(info) and not os.path.isfile(needed):
             raise ValueError(f"binidx file not found: {needed}")
     return prefix
 
