@@ -333,10 +333,11 @@ def test_trial_spec_is_a_copy_with_the_sampled_values(workdir):
 def test_every_sampled_value_is_valid_where_the_trial_puts_it(workdir):
     """Trial specs are copies that are not validated again: the space itself admits only valid values."""
     spec = load_text(TUNE, workdir)
-    for key, (kind, args) in ((k, *d.items()) for k, d in spec.tune.space.items()):
+    for key, distribution in spec.tune.space.items():
         block, field = TUNABLE_KEYS[key]
-        for value in args:
-            blocks = {**spec.model_dump(mode="json", exclude_unset=True)}
+        (values,) = distribution.values()  # [low, high] or the choices: the extremes of each
+        for value in values:
+            blocks = spec.model_dump(mode="json", exclude_unset=True)
             blocks[block] = {**blocks.get(block, {}), field: value}
             assert getattr(getattr(spec_from_dict(blocks, "trial"), block), field) == value
     with pytest.raises(UserError, match=r"job\.yaml: tune\.space\.ctx_len: values must be ≥ 2 \(got \[1, 64\]\)$"):
