@@ -8,11 +8,11 @@ import sys
 
 import torch
 
+from rwkvray.spec.config import spec_from_dict
 from rwkvray.model.checkpoint import save_checkpoint
 from rwkvray.model.dims import ModelDims, ModelDimsX060
 from rwkvray.model.rwkv7 import RWKV7
 from rwkvray.model.rwkv6 import RWKV6
-from rwkvray.spec.config import spec_from_dict
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
 TINY = ModelDims(n_layer=2, n_embd=128, head_size=64, vocab_size=300, dim_w=8, dim_a=8, dim_v=4, dim_g=16)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rwkvray.model.checkpoint import load_checkpoint, save_checkpoint
-from rwkvray.spec.config import PeftConfig
+from rwkvray.spec.config import PeftConfig, spec_from_dict
 from rwkvray.errors import UserError
 from rwkvray.peft.merge import merge_adapter
 from rwkvray.model.rwkv7 import load_model
