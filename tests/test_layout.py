@@ -14,8 +14,8 @@ def rwkvray(*parts: str) -> tuple[str, ...]:
     return tuple(f"rwkvray.{part}" for part in parts)
 
 
-# Folder (or top-level module) of rwkvray/ → what its code may not import, as module prefixes. The same table,
-# in words, is in ARCHITECTURE.md; keep the two together.
+# Folder (or top-level module) of rwkvray/ → what its code may not import, as module prefixes. ARCHITECTURE.md's
+# table says the same from the other side (what each folder may import); keep the two together.
 FORBIDDEN = {
     "errors": rwkvray("files", "spec", "kernels", "model", "text", "peft", "train", "launch", "serve", "compat", "cli"),
     "files": rwkvray("spec", "kernels", "model", "text", "peft", "train", "launch", "serve", "compat", "cli"),
