@@ -10,25 +10,25 @@ PACKAGE = REPO / "rwkvray"
 MAX_LINES = 400
 
 
-def rwkvray(*parts: str) -> tuple[str, ...]:
+def ours(*parts: str) -> tuple[str, ...]:
     return tuple(f"rwkvray.{part}" for part in parts)
 
 
 # Folder (or top-level module) of rwkvray/ → what its code may not import, as module prefixes. ARCHITECTURE.md's
 # table says the same from the other side (what each folder may import); keep the two together.
 FORBIDDEN = {
-    "errors": rwkvray("files", "spec", "kernels", "model", "text", "peft", "train", "launch", "serve", "compat", "cli"),
-    "files": rwkvray("spec", "kernels", "model", "text", "peft", "train", "launch", "serve", "compat", "cli"),
-    "spec": rwkvray("kernels", "model", "text", "peft", "train", "launch", "serve", "compat", "cli")
+    "errors": ours("files", "spec", "kernels", "model", "text", "peft", "train", "launch", "serve", "compat", "cli"),
+    "files": ours("spec", "kernels", "model", "text", "peft", "train", "launch", "serve", "compat", "cli"),
+    "spec": ours("kernels", "model", "text", "peft", "train", "launch", "serve", "compat", "cli")
     + ("ray", "deepspeed", "torch.cuda"),
-    "kernels": rwkvray("files", "spec", "model", "text", "peft", "train", "launch", "serve", "compat", "cli"),
-    "model": rwkvray("text", "peft", "train", "launch", "serve", "compat", "cli"),
-    "text": rwkvray("peft", "train", "launch", "serve", "compat", "cli"),
-    "peft": rwkvray("train", "launch", "serve", "compat", "cli"),
-    "train": rwkvray("launch", "serve", "compat", "cli"),
-    "launch": rwkvray("compat", "cli"),
-    "serve": rwkvray("train", "launch", "compat", "cli"),
-    "compat": rwkvray("kernels", "model", "text", "peft", "train", "launch", "serve", "cli"),
+    "kernels": ours("files", "spec", "model", "text", "peft", "train", "launch", "serve", "compat", "cli"),
+    "model": ours("text", "peft", "train", "launch", "serve", "compat", "cli"),
+    "text": ours("peft", "train", "launch", "serve", "compat", "cli"),
+    "peft": ours("train", "launch", "serve", "compat", "cli"),
+    "train": ours("launch", "serve", "compat", "cli"),
+    "launch": ours("compat", "cli"),
+    "serve": ours("train", "launch", "compat", "cli"),
+    "compat": ours("kernels", "model", "text", "peft", "train", "launch", "serve", "cli"),
     "cli": (),  # the command line: the one place that puts the layers together
 }
 # Narrow exceptions to the table, each with its reason.
