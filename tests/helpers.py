@@ -8,11 +8,13 @@ import sys
 
 import torch
 
+from rwkvray.spec.config import spec_from_dict
 from rwkvray.model.checkpoint import save_checkpoint
 from rwkvray.model.dims import ModelDims, ModelDimsX060
 from rwkvray.model.rwkv7 import RWKV7
 from rwkvray.model.rwkv6 import RWKV6
 
+SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
 TINY = ModelDims(n_layer=2, n_embd=128, head_size=64, vocab_size=300, dim_w=8, dim_a=8, dim_v=4, dim_g=16)
 
 
@@ -77,6 +79,19 @@ def token_batch(vocab_size: int):
     """One fixed batch of 2 sequences of 32 tokens: inputs, targets, mask."""
     ids = torch.randint(0, vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
     return ids[:, :-1], ids[:, 1:], torch.ones(2, 32)
+
+
+def two_step_run_spec(model_path: str, peft: dict, storage_path, **data):
+    """The smallest real job: 2 fp32 steps of micro-batch 2 over the bundled persona chats, on the torch kernel,
+    written to `storage_path/run`."""
+    return spec_from_dict({
+        "model": {"path": model_path},
+        "data": {"file": SAMPLE, "ctx_len": 32, **data},
+        "peft": peft,
+        "optim": {"lr_init": 0.01, "lr_final": 0.01},
+        "trainer": {"epoch_count": 1, "epoch_steps": 2, "micro_bsz": 2, "precision": "fp32", "op": "torch"},
+        "run": {"storage_path": str(storage_path), "name": "run"},
+    }, "test")
 
 
 def free_port() -> int:
