@@ -94,3 +94,12 @@ def test_readme_command_trains_the_same_state_through_convert_flags_and_run(loca
     for key, tensor in from_flags.items():
         assert torch.equal(tensor, from_spec[key]), key
     assert not torch.equal(from_flags["blocks.0.att.time_state"], torch.zeros_like(from_flags["blocks.0.att.time_state"]))
+
+
+def test_convert_flags_help_names_the_command(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["convert-flags", "--help"])
+    out = capsys.readouterr().out
+    assert exited.value.code == 0
+    assert out.startswith("usage: rwkvray convert-flags --load_model PTH --data_file PATH")
+    assert "Print the job spec (YAML, for `rwkvray run`)" in out

@@ -32,11 +32,17 @@ class FlagParser(argparse.ArgumentParser):
         raise UserError(f"{SOURCE}: {message}")
 
 
+DESCRIPTIONS = {
+    "rwkvray train": "Train with RWKV-PEFT's train.py flags (same names, same meanings), on Ray.",
+    "rwkvray convert-flags": "Print the job spec (YAML, for `rwkvray run`) that RWKV-PEFT's train.py flags describe.",
+}
+
+
 def build_train_parser(prog: str = "rwkvray train") -> argparse.ArgumentParser:
     parser = FlagParser(
         prog=prog,
         usage=f"{prog} --load_model PTH --data_file PATH [--proj_dir DIR] [FLAG VALUE ...]",
-        description="Train with RWKV-PEFT's train.py flags (same names, same meanings), on Ray.",
+        description=DESCRIPTIONS[prog],
         allow_abbrev=False,
     )
     for title, rows in GROUPS.items():
