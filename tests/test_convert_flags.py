@@ -103,3 +103,16 @@ def test_convert_flags_help_names_the_command(capsys):
     assert exited.value.code == 0
     assert out.startswith("usage: rwkvray convert-flags --load_model PTH --data_file PATH")
     assert "Print the job spec (YAML, for `rwkvray run`)" in out
+
+
+def test_every_row_of_the_table_names_a_spec_key_or_a_reason():
+    from rwkvray.compat.flag_table import ROWS
+    from rwkvray.compat.spec_api import TrainSpec, nested_model
+    for row in ROWS:
+        keys = row.key if isinstance(row.key, tuple) else (row.key,) if row.key else ()
+        assert keys or row.ignored or row.name == "action", row.name
+        for key in keys:
+            model = TrainSpec
+            for part in key.split("[")[0].split("."):
+                assert model is not None and part in model.model_fields, (row.name, key)
+                model = nested_model(model.model_fields[part].annotation)

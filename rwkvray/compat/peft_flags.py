@@ -60,9 +60,7 @@ def peft_method(value: Any, flags: Namespace, name: str) -> tuple[str, Any]:
 def adapter_settings(value: Any, flags: Namespace, name: str) -> Entries:
     """The method's block (peft.lora, peft.pissa or peft.disha) from its JSON config and the old flags."""
     method = peft_method(None, flags, name)[0]
-    if name in ALL_CONFIG_FLAGS and name not in CONFIG_FLAGS.get(method, ()):
-        raise flag_error(name, f"given, but the method is {method}")
-    if method not in CONFIG_KEYS:
+    if method not in CONFIG_KEYS or (name in ALL_CONFIG_FLAGS and name not in CONFIG_FLAGS[method]):
         raise flag_error(name, f"given, but the method is {method}")
     entries = Entries()
     for where, key, setting in given_settings(flags, method):

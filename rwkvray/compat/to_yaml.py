@@ -17,7 +17,7 @@ from rwkvray.compat.spec_api import TrainSpec, nested_model
 
 def spec_yaml(flags: TrainFlags, argv: list[str]) -> str:
     lines = ["# rwkvray job spec converted from RWKV-PEFT flags; run it with `rwkvray run FILE`", "# flags:"]
-    lines += [f"#   {line}" for line in wrapped(shlex.join(argv))]
+    lines += [f"#   {line}" for line in wrapped(shlex.join(argv).replace("\n", "\\n"))]  # comments end at newlines
     lines += [f"# {line}" for line in flags.no_effect]
     body = yaml.safe_dump(in_schema_order(flags.data, TrainSpec), sort_keys=False, allow_unicode=True)
     return "\n".join(lines) + "\n" + body
