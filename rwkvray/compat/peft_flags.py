@@ -40,8 +40,15 @@ class Entries(list):
     """A conversion's answer that sets several keys below its row's key: [(key, value, name for messages)]."""
 
 
-def peft_method(value: Any, flags: Namespace, name: str) -> tuple[str, Any]:
-    """(peft.method, peft.combine_state) from --peft, --train_type and the old --lora/--PISSA/--state_tune."""
+def peft_method(value: Any, flags: Namespace, name: str) -> tuple[Any, Any]:
+    """(peft.method, peft.combine_state) from --peft, --train_type and the old --lora/--PISSA/--state_tune; set by
+    the --peft row when --peft is given, so that the schema's messages about them name --peft."""
+    if name != "peft" and flags.peft is not None:
+        return SKIP, SKIP
+    return chosen_method(flags)
+
+
+def chosen_method(flags: Namespace) -> tuple[str, Any]:
     peft = (flags.peft or "none").lower()
     if peft in UNSUPPORTED_PEFT:
         raise flag_error("peft", f"{flags.peft!r} is not supported: {UNSUPPORTED_PEFT[peft]}")
@@ -59,7 +66,7 @@ def peft_method(value: Any, flags: Namespace, name: str) -> tuple[str, Any]:
 
 def adapter_settings(value: Any, flags: Namespace, name: str) -> Entries:
     """The method's block (peft.lora, peft.pissa or peft.disha) from its JSON config and the old flags."""
-    method = peft_method(None, flags, name)[0]
+    method = chosen_method(flags)[0]
     if method not in CONFIG_KEYS or (name in ALL_CONFIG_FLAGS and name not in CONFIG_FLAGS[method]):
         raise flag_error(name, f"given, but the method is {method}")
     entries = Entries()
