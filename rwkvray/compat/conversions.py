@@ -2,8 +2,9 @@
 
 Each conversion is called as `convert(value, flags, name)`: the flag's value, every flag (argparse's namespace,
 for the few whose meaning depends on another flag) and the flag's name without dashes. It returns the spec
-value (a tuple when the row sets several keys), SKIP to set nothing, or raises a one-line UserError naming the
-flag. Values the schema checks (ranges, choices) are passed through for the schema to judge.
+value (a tuple when the row sets several keys; Entries for keys below the row's key), SKIP to set nothing, or
+raises a one-line UserError naming the flag. Values the schema checks (ranges, choices) pass through for the
+schema to judge.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from rwkvray.errors import UserError
 
 SOURCE = "train flags"
 SKIP = object()  # a conversion's answer for "this value sets nothing in the spec"
+
+
+class Entries(list):
+    """A conversion's answer that sets several keys below its row's key: [(key, value, name for messages)]."""
 
 
 def flag_error(name: str, message: str) -> UserError:

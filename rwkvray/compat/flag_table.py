@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from rwkvray.compat import conversions as to_spec
 from rwkvray.compat import peft_flags as peft_to_spec
-from rwkvray.compat.spec_api import TrainSpec, nested_model
+from rwkvray.compat.spec_api import default_of
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,7 @@ class Flag:
 
 def spec_default(path: str) -> str:
     """' (default: X)' with X the spec's default for the dotted key `path`."""
-    model: Any = TrainSpec
-    *blocks, key = path.split(".")
-    for block in blocks:
-        model = nested_model(model.model_fields[block].annotation)
-    value = model.model_fields[key].get_default(call_default_factory=True)
+    value = default_of(path)
     return f" (default: {value:g})" if isinstance(value, float) else f" (default: {value})"
 
 

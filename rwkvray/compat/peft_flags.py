@@ -7,7 +7,7 @@ from __future__ import annotations
 from argparse import Namespace
 from typing import Any
 
-from rwkvray.compat.conversions import SKIP, flag_error
+from rwkvray.compat.conversions import SKIP, Entries, flag_error
 from rwkvray.compat.spec_api import TARGETS
 
 WEIGHT_METHODS = {"lora": "lora", "pissa": "pissa", "disha": "disha", "miss": "disha", "bone": "disha"}
@@ -34,10 +34,6 @@ TRAIN_PARTS_REFUSED = {  # --train_parts value -> why not
     "emb": "training the embedding is full fine-tuning of it (use ln)",
     "head": "training the head is full fine-tuning of it (use ln)",
 }
-
-
-class Entries(list):
-    """A conversion's answer that sets several keys below its row's key: [(key, value, name for messages)]."""
 
 
 def peft_method(value: Any, flags: Namespace, name: str) -> tuple[Any, Any]:

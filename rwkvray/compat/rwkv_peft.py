@@ -15,10 +15,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from rwkvray.compat.conversions import SKIP, SOURCE
+from rwkvray.compat.conversions import SKIP, SOURCE, Entries
 from rwkvray.compat.flag_table import GROUPS, ROWS, Flag
-from rwkvray.compat.peft_flags import Entries
-from rwkvray.compat.spec_api import TrainSpec, nested_model, spec_from_dict
+from rwkvray.compat.spec_api import TrainSpec, default_of, spec_from_dict
 from rwkvray.errors import UserError
 
 __all__ = ["SOURCE", "TrainFlags", "build_train_parser", "read_train_flags", "spec_from_train_flags"]
@@ -93,16 +92,8 @@ class TrainFlags:
         if index is None:
             node[key] = value
         else:  # one item of a list: the others keep what they hold, else the spec's defaults
-            node.setdefault(key, spec_default_value(path.split("[")[0]))[index] = value
+            node.setdefault(key, default_of(path.split("[")[0]))[index] = value
         self.names[path] = flag
-
-
-def spec_default_value(path: str) -> Any:
-    model: Any = TrainSpec
-    *blocks, key = path.split(".")
-    for block in blocks:
-        model = nested_model(model.model_fields[block].annotation)
-    return model.model_fields[key].get_default(call_default_factory=True)
 
 
 def read_train_flags(argv: list[str], prog: str = "rwkvray train") -> TrainFlags:
