@@ -88,11 +88,11 @@ class TrainFlags:
         node = self.data
         for block in blocks:
             node = node.setdefault(block, {})
-        key, index = (key.split("[")[0], int(key.split("[")[1].rstrip("]"))) if "[" in key else (key, None)
-        if index is None:
+        key, _, index = key.partition("[")
+        if index:  # one item of a list ("betas[1]"): the others keep what they hold, else the spec's defaults
+            node.setdefault(key, default_of(path.partition("[")[0]))[int(index.rstrip("]"))] = value
+        else:
             node[key] = value
-        else:  # one item of a list: the others keep what they hold, else the spec's defaults
-            node.setdefault(key, default_of(path.split("[")[0]))[index] = value
         self.names[path] = flag
 
 
