@@ -16,10 +16,12 @@ from rwkvray.model.rwkv6 import RWKV6
 TINY = ModelDims(n_layer=2, n_embd=128, head_size=64, vocab_size=300, dim_w=8, dim_a=8, dim_v=4, dim_g=16)
 
 
-def random_model(dims: ModelDims = TINY, seed: int = 0, dtype=torch.float32) -> RWKV7:
-    """Every parameter random, so every path (decay, value residual, gates, bonus) is exercised."""
+def random_model(dims: ModelDims = TINY, seed: int = 0, dtype=torch.float32, op: str = "torch",
+                 grad_cp: bool = False) -> RWKV7:
+    """Every parameter random, so every path (decay, value residual, gates, bonus) is exercised; the same seed
+    gives the same weights whatever the backend and recompute."""
     torch.manual_seed(seed)
-    return randomized(RWKV7(dims), dtype)
+    return randomized(RWKV7(dims, op, grad_cp), dtype)
 
 
 def train_steps(model, batch, steps: int) -> list[float]:
@@ -38,10 +40,11 @@ def train_steps(model, batch, steps: int) -> list[float]:
 TINY_X060 = ModelDimsX060(n_layer=2, n_embd=128, head_size=64, vocab_size=300, dim_ffn=448, dim_mix=8, dim_decay=16)
 
 
-def random_model_x060(dims: ModelDimsX060 = TINY_X060, seed: int = 0, dtype=torch.float32) -> RWKV6:
+def random_model_x060(dims: ModelDimsX060 = TINY_X060, seed: int = 0, dtype=torch.float32,
+                      grad_cp: bool = False) -> RWKV6:
     """Every parameter random; the decay spans from almost 1 to almost 0, as in trained RWKV-6 models."""
     torch.manual_seed(seed)
-    return randomized(RWKV6(dims), dtype)
+    return randomized(RWKV6(dims, grad_cp=grad_cp), dtype)
 
 
 def randomized(model, dtype):

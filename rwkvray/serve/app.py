@@ -124,8 +124,8 @@ class StateModel:
     def __init__(self, config: ServeConfig, registry):
         self.device = pick_device("auto")
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model, self.base_state = load_model(config.model, self.device, dtype)  # once per replica
-        self.model.op = config.op  # as train_loop does; "auto" picks the GPU kernels on a GPU
+        # once per replica; op "auto" picks the GPU kernels on a GPU
+        self.model, self.base_state = load_model(config.model, self.device, dtype, op=config.op)
         self.registry = registry
         self.engine = BatchEngine(self.model, get_tokenizer(), config.max_batch_size, config.batch_wait_ms / 1000,
                                   prefill_chunk=config.prefill_chunk,

@@ -59,11 +59,12 @@ def nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def start_state(model: RWKV7, time_state: torch.Tensor | None, batch: int = 1) -> RNNState:
-    device, dtype = model.emb.weight.device, model.emb.weight.dtype
-    if time_state is None:
-        return RNNState.zeros(model.dims, batch, device, dtype)
-    return RNNState.from_time_state(time_state.to(device), batch, model.dims.n_embd, dtype)
+def start_state(model: RWKV7, time_state: torch.Tensor | None) -> RNNState:
+    """Zeros, or the tuned WKV state; shift states start at zero."""
+    state = RNNState.zeros(model.dims, 1, model.emb.weight.device, model.emb.weight.dtype)
+    if time_state is not None:
+        state.wkv[:, 0] = time_state
+    return state
 
 
 @torch.no_grad()
