@@ -3,15 +3,18 @@ import contextlib
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 
+import numpy as np
 import torch
 
 from rwkvray.model.checkpoint import save_checkpoint
 from rwkvray.model.dims import ModelDims, ModelDimsX060
 from rwkvray.model.rwkv7 import RWKV7
 from rwkvray.model.rwkv6 import RWKV6
+from rwkvray.train.data import BINIDX_MAGIC, BINIDX_VERSION
 
 TINY = ModelDims(n_layer=2, n_embd=128, head_size=64, vocab_size=300, dim_w=8, dim_a=8, dim_v=4, dim_g=16)
 
@@ -146,3 +149,17 @@ def assert_parallel_equals_rnn(model, idx, state):
     torch.testing.assert_close(torch.stack(rnn_logits, 1), logits, rtol=1e-9, atol=1e-9)
     for field in ("att_shift", "wkv", "ffn_shift"):
         torch.testing.assert_close(getattr(rnn_state, field), getattr(final, field), rtol=1e-9, atol=1e-9)
+
+
+def write_binidx(prefix: str, docs: list[list[int]]) -> None:
+    """A Megatron binidx pair `prefix.bin` + `prefix.idx` of uint16 tokens, one sequence per document."""
+    arrays = [np.asarray(doc, dtype=np.uint16) for doc in docs]
+    sizes = np.array([a.size for a in arrays], dtype=np.int32)
+    pointers = (np.cumsum(sizes, dtype=np.int64) - sizes) * 2
+    uint16_code = 8
+    header = struct.pack("<9sQBQQ", BINIDX_MAGIC, BINIDX_VERSION, uint16_code, len(arrays), len(arrays) + 1)
+    doc_idx = np.arange(len(arrays) + 1, dtype=np.int64)
+    with open(prefix + ".bin", "wb") as f:
+        f.write(b"".join(a.tobytes() for a in arrays))
+    with open(prefix + ".idx", "wb") as f:
+        f.write(header + sizes.tobytes() + pointers.tobytes() + doc_idx.tobytes())

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import torch
 
 from rwkvray.model.rwkv7 import RNNState, RWKV7
+from rwkvray.text.tokenizer import EOS_ID
 
 PREFILL_CHUNK = 1024  # long prompts go through the parallel path in pieces, bounding memory
 
@@ -70,13 +71,13 @@ def start_state(model: RWKV7, time_state: torch.Tensor | None) -> RNNState:
 @torch.no_grad()
 def generate_tokens(model: RWKV7, prompt: list[int], time_state: torch.Tensor | None = None, max_tokens: int = 100,
                     temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> Iterator[int]:
-    """Yields generated token ids; stops at end-of-text (id 0) or after max_tokens."""
+    """Yields generated token ids; stops at end of text (EOS_ID) or after max_tokens."""
     generator = torch.Generator(device=model.emb.weight.device).manual_seed(seed)
     logits, state = prefill(model, prompt, start_state(model, time_state))
     temp, nucleus = torch.tensor([temperature]), torch.tensor([top_p])
     for _ in range(max_tokens):
         token = sample(logits.unsqueeze(0), temp, nucleus, generator)
-        if token.item() == 0:
+        if token.item() == EOS_ID:
             return
         yield token.item()
         logits, state = model.step(token, state)
