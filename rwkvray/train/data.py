@@ -224,10 +224,6 @@ class TokenBatcher:
         if len(self.spans) == 0:
             raise UserError("no training pieces: every document is shorter than 2 tokens or has no counted target")
 
-    @property
-    def num_pieces(self) -> int:
-        return len(self.spans)
-
     def batch(self, step: int, rank: int, world_size: int, micro_bsz: int) -> Batch:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
