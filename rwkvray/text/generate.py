@@ -1,6 +1,6 @@
 """RNN-mode generation: prefill the prompt from a (tuned) state, then sample one token at a time.
 
-The Serve endpoint reuses `prefill` and `sample` for its batched decode loop.
+The Serve engine reuses `sample` for its batched decode loop.
 """
 from collections.abc import Iterator
 
