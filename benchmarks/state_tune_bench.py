@@ -1,6 +1,6 @@
 """State-tuning speed and memory on one GPU, compared with the goals of docs/perf-targets.md.
 
-One step is what training does: forward (model.hidden) from the tuned state, chunked cross-entropy over the
+One step is what training does: forward (model.features) from the tuned state, chunked cross-entropy over the
 65536-way head, backward, and AdamW on the state only; every weight is frozen. 3 warm-up steps, then 10 timed.
 tokens/s = B*T*steps / wall time; peak = torch.cuda.max_memory_allocated over the timed steps (no CUDA context).
 Each row is also given as a percentage of a ceiling measured in the same run on the same GPU: the frozen model's
@@ -28,7 +28,8 @@ from rwkvray.model.dims import ModelDims
 from rwkvray.model.init import default_dims
 from rwkvray.errors import UserError
 from rwkvray.model.loss import masked_lm_loss
-from rwkvray.model.rwkv7 import RNNState, RWKV7, TimeMix
+from rwkvray.model.rwkv7 import RWKV7, TimeMix
+from rwkvray.peft.state import from_time_state
 
 VOCAB = 65536
 HEAD_SIZE = 64
@@ -190,12 +191,20 @@ def build_model(dims: ModelDims, device: torch.device, dtype: torch.dtype) -> RW
     return model.requires_grad_(False)
 
 
+def with_backend(model: RWKV7, op: str, grad_cp: bool) -> RWKV7:
+    """The same weights (shared, not copied) on another WKV backend and recompute setting."""
+    with torch.device("meta"):
+        twin = RWKV7(model.dims, op, grad_cp)
+    twin.load_state_dict(model.state_dict(), assign=True)
+    return twin.requires_grad_(False)
+
+
 def measure(model: RWKV7, op: str, grad_cp: bool, batch: int, seq_len: int, warmup: int, steps: int,
             graph: bool = False) -> dict:
     """One row: eager steps, or (graph) the same step captured once and replayed."""
     dims = model.dims
     device = model.head.weight.device
-    model.op, model.grad_cp = op, grad_cp
+    model = with_backend(model, op, grad_cp)
     time_state = torch.nn.Parameter(torch.zeros(dims.n_layer, *dims.state_shape, device=device))
     lr = torch.tensor(1e-3, device=device) if graph else 1e-3  # a captured step reads lr from a tensor
     optimizer = torch.optim.AdamW([time_state], lr=lr, capturable=graph)
@@ -204,8 +213,8 @@ def measure(model: RWKV7, op: str, grad_cp: bool, batch: int, seq_len: int, warm
     mask = torch.ones(batch, seq_len, device=device)
 
     def loss_fn(input_ids, targets, mask):
-        state = RNNState.from_time_state(time_state, batch, dims.n_embd, dtype=model.head.weight.dtype)
-        hidden, _ = model.hidden(input_ids, state)
+        state = from_time_state(time_state, batch, dims.n_embd, dtype=model.head.weight.dtype)
+        hidden = model.features(input_ids, state)
         return masked_lm_loss(hidden, model.head, targets, mask)
 
     def eager_step():

@@ -54,12 +54,23 @@ def cmd_generate(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from rwkvray.compat.rwkv_peft import spec_from_train_flags
-    spec = spec_from_train_flags(args.flags)  # before importing torch: `train --help` answers at once
+    from rwkvray.compat.rwkv_peft import read_train_flags
+    flags = read_train_flags(args.flags)  # before importing torch: `train --help` answers at once
+    spec = flags.spec()
+    flags.warn()
     from rwkvray.launch.train import run_on_ray
     from rwkvray.launch.prechecks import before_training
     before_training(spec)
     run_on_ray(spec)  # --devices 1 too: one worker, the same engine and loop
+
+
+def cmd_convert_flags(args) -> None:
+    from rwkvray.compat.rwkv_peft import read_train_flags
+    from rwkvray.compat.to_yaml import spec_yaml
+    flags = read_train_flags(args.flags, prog="rwkvray convert-flags")
+    flags.spec()  # refuse what `rwkvray run` would refuse
+    flags.warn()
+    print(spec_yaml(flags, args.flags), end="")
 
 
 def cmd_validate(args) -> None:
@@ -159,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when there is one)")
 
     sub.add_parser("train", add_help=False, help="train with RWKV-PEFT's train.py flags (rwkvray train --help)")
+    sub.add_parser("convert-flags", add_help=False,
+                   help="print the YAML job spec for RWKV-PEFT's train.py flags (the flags of rwkvray train)")
 
     p = add_command(sub, "validate", cmd_validate,
                     "check a job spec (or a Ray Serve config file) without starting anything")
@@ -201,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:  # RWKV-PEFT's flags go to their own parser untouched (argparse's REMAINDER can't)
-        args = argparse.Namespace(func=cmd_train, flags=argv[1:])
+    flag_commands = {"train": cmd_train, "convert-flags": cmd_convert_flags}
+    if argv[:1] and argv[0] in flag_commands:  # RWKV-PEFT's flags go to their own parser (argparse's REMAINDER can't)
+        args = argparse.Namespace(func=flag_commands[argv[0]], flags=argv[1:])
     else:
         args = build_parser().parse_args(argv)
     try:

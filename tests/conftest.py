@@ -2,6 +2,7 @@ import pytest
 
 from rwkvray.model.checkpoint import save_checkpoint
 from rwkvray.model.init import default_dims, default_dims_x060, init_weights
+from tests.helpers import TINY, random_model, saved_base, token_batch
 
 pytest_plugins = ["tests.triton_interp"]  # the Triton interpreter for FLA's kernels when there is no GPU
 
@@ -21,3 +22,15 @@ def make_tiny_model(tmp_path_factory):
         return made[n_layer, n_embd, version]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def base_path(tmp_path_factory):
+    """A checkpoint file of `helpers.random_model()` (TINY dims, every parameter random), for the PEFT tests."""
+    return saved_base(tmp_path_factory, random_model())
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """`helpers.token_batch` for TINY's vocabulary: one fixed batch of inputs, targets and mask."""
+    return token_batch(TINY.vocab_size)

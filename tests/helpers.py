@@ -3,23 +3,30 @@ import contextlib
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 
+import numpy as np
 import torch
 
+from rwkvray.spec import spec_from_dict
 from rwkvray.model.checkpoint import save_checkpoint
 from rwkvray.model.dims import ModelDims, ModelDimsX060
 from rwkvray.model.rwkv7 import RWKV7
 from rwkvray.model.rwkv6 import RWKV6
+from rwkvray.train.data import BINIDX_MAGIC, BINIDX_VERSION
 
+SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
 TINY = ModelDims(n_layer=2, n_embd=128, head_size=64, vocab_size=300, dim_w=8, dim_a=8, dim_v=4, dim_g=16)
 
 
-def random_model(dims: ModelDims = TINY, seed: int = 0, dtype=torch.float32) -> RWKV7:
-    """Every parameter random, so every path (decay, value residual, gates, bonus) is exercised."""
+def random_model(dims: ModelDims = TINY, seed: int = 0, dtype=torch.float32, op: str = "torch",
+                 grad_cp: bool = False) -> RWKV7:
+    """Every parameter random, so every path (decay, value residual, gates, bonus) is exercised; the same seed
+    gives the same weights whatever the backend and recompute."""
     torch.manual_seed(seed)
-    return randomized(RWKV7(dims), dtype)
+    return randomized(RWKV7(dims, op, grad_cp), dtype)
 
 
 def train_steps(model, batch, steps: int) -> list[float]:
@@ -38,10 +45,11 @@ def train_steps(model, batch, steps: int) -> list[float]:
 TINY_X060 = ModelDimsX060(n_layer=2, n_embd=128, head_size=64, vocab_size=300, dim_ffn=448, dim_mix=8, dim_decay=16)
 
 
-def random_model_x060(dims: ModelDimsX060 = TINY_X060, seed: int = 0, dtype=torch.float32) -> RWKV6:
+def random_model_x060(dims: ModelDimsX060 = TINY_X060, seed: int = 0, dtype=torch.float32,
+                      grad_cp: bool = False) -> RWKV6:
     """Every parameter random; the decay spans from almost 1 to almost 0, as in trained RWKV-6 models."""
     torch.manual_seed(seed)
-    return randomized(RWKV6(dims), dtype)
+    return randomized(RWKV6(dims, grad_cp=grad_cp), dtype)
 
 
 def randomized(model, dtype):
@@ -77,6 +85,19 @@ def token_batch(vocab_size: int):
     """One fixed batch of 2 sequences of 32 tokens: inputs, targets, mask."""
     ids = torch.randint(0, vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
     return ids[:, :-1], ids[:, 1:], torch.ones(2, 32)
+
+
+def two_step_run_spec(model_path: str, peft: dict, storage_path, **data):
+    """The smallest real job: 2 fp32 steps of micro-batch 2 over the bundled persona chats, on the torch kernel,
+    written to `storage_path/run`."""
+    return spec_from_dict({
+        "model": {"path": model_path},
+        "data": {"file": SAMPLE, "ctx_len": 32, **data},
+        "peft": peft,
+        "optim": {"lr_init": 0.01, "lr_final": 0.01},
+        "trainer": {"epoch_count": 1, "epoch_steps": 2, "micro_bsz": 2, "precision": "fp32", "op": "torch"},
+        "run": {"storage_path": str(storage_path), "name": "run"},
+    }, "test")
 
 
 def free_port() -> int:
@@ -143,6 +164,20 @@ def assert_parallel_equals_rnn(model, idx, state):
     torch.testing.assert_close(torch.stack(rnn_logits, 1), logits, rtol=1e-9, atol=1e-9)
     for field in ("att_shift", "wkv", "ffn_shift"):
         torch.testing.assert_close(getattr(rnn_state, field), getattr(final, field), rtol=1e-9, atol=1e-9)
+
+
+def write_binidx(prefix: str, docs: list[list[int]]) -> None:
+    """A Megatron binidx pair `prefix.bin` + `prefix.idx` of uint16 tokens, one sequence per document."""
+    arrays = [np.asarray(doc, dtype=np.uint16) for doc in docs]
+    sizes = np.array([a.size for a in arrays], dtype=np.int32)
+    pointers = (np.cumsum(sizes, dtype=np.int64) - sizes) * 2
+    uint16_code = 8
+    header = struct.pack("<9sQBQQ", BINIDX_MAGIC, BINIDX_VERSION, uint16_code, len(arrays), len(arrays) + 1)
+    doc_idx = np.arange(len(arrays) + 1, dtype=np.int64)
+    with open(prefix + ".bin", "wb") as f:
+        f.write(b"".join(a.tobytes() for a in arrays))
+    with open(prefix + ".idx", "wb") as f:
+        f.write(header + sizes.tobytes() + pointers.tobytes() + doc_idx.tobytes())
 
 
 def spec_with(spec, **blocks: dict):

@@ -12,22 +12,11 @@ from rwkvray.peft.merge import merge_adapter
 from rwkvray.model.rwkv7 import load_model
 from rwkvray.peft import build_peft
 from rwkvray.peft.epoch_outputs import write_epoch_outputs
-from tests.helpers import PEFT_CONFIGS, TINY, random_model, saved_base, token_batch, train_steps
+from tests.helpers import PEFT_CONFIGS, TINY, train_steps, two_step_run_spec
 
-SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
 CONFIGS = {name: PEFT_CONFIGS[name] for name in ("lora", "pissa", "bone")}
 NORMS = ["blocks.0.ln0", "ln_out"] + [f"blocks.{i}.{n}" for i in range(TINY.n_layer)
                                      for n in ("ln1", "ln2", "att.ln_x")]
-
-
-@pytest.fixture(scope="module")
-def base_path(tmp_path_factory):
-    return saved_base(tmp_path_factory, random_model())
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return token_batch(TINY.vocab_size)
 
 
 def trained(name, base_path, batch, dtype=torch.float32, **extra):
@@ -84,14 +73,7 @@ def test_merge_0_folder_loads_in_peft_and_merges_to_merge_1s_file(name, base_pat
 def test_train_loop_merge_1_writes_rwkv_0_equal_to_rwkvray_merge(make_tiny_model, tmp_path, capsys):
     from rwkvray.launch.train import run_on_ray
     base_path = make_tiny_model(1, 64)  # the sample data needs the full vocabulary
-    spec = spec_from_dict({
-        "model": {"path": base_path},
-        "data": {"file": SAMPLE, "ctx_len": 32},
-        "peft": CONFIGS["lora"],
-        "optim": {"lr_init": 0.01, "lr_final": 0.01},
-        "trainer": {"epoch_count": 1, "epoch_steps": 2, "micro_bsz": 2, "precision": "fp32", "op": "torch"},
-        "run": {"storage_path": str(tmp_path), "name": "run"},
-    }, "test")
+    spec = two_step_run_spec(base_path, CONFIGS["lora"], tmp_path)
     assert spec.peft.merge
     run_on_ray(spec)
     run = tmp_path / "run"

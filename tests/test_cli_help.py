@@ -15,7 +15,7 @@ SAMPLE = "rwkvray/sample_data/persona.jsonl"  # also stands in for the model fil
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return {name: parser for name, parser in sub.choices.items() if name != "train"}
+    return {name: parser for name, parser in sub.choices.items() if name not in ("train", "convert-flags")}
 
 
 def options(parser: argparse.ArgumentParser) -> list[argparse.Action]:

@@ -232,6 +232,13 @@ def test_a_tune_spec_is_a_train_spec(workdir):
     assert expect_kind(spec, TrainSpec) is spec  # `rwkvray run` trains it with its own values
 
 
+def test_a_spec_made_from_flags_names_its_keys_as_flags(workdir):
+    spec = spec_from_dict({"model": {"path": "m.pth"}, "data": {"file": "d.jsonl"}}, "train flags",
+                          {"model.path": "--load_model"})
+    assert (spec.key_name("model.path"), spec.key_name("data.file")) == ("--load_model", "data.file")
+    assert spec_for_trial(load_text(TUNE, workdir), {}, "t").key_name("model.path") == "model.path"
+
+
 def test_specs_and_their_blocks_are_frozen(workdir):
     spec = load_text(MD, workdir)
     with pytest.raises(ValidationError, match="frozen"):

@@ -13,12 +13,12 @@ from rwkvray.train.data import (
     eval_batches,
     load_documents,
     piece_spans,
-    render_chat,
     split_holdout,
-    write_binidx,
 )
 from rwkvray.errors import UserError
+from rwkvray.text.chat import render_chat
 from rwkvray.text.tokenizer import get_tokenizer
+from tests.helpers import write_binidx
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "rwkvray" / "sample_data"
 

@@ -39,10 +39,9 @@ def test_fla_op_matches_float64_loop_with_every_gradient(B, T):
 def test_model_forward_backward_agrees_with_torch_op():
     """A tiny fp32 model from a tuned state: loss and the state's gradient, op="fla" against op="torch"."""
     from rwkvray.model.loss import masked_lm_loss
-    from rwkvray.model.rwkv7 import RNNState
+    from rwkvray.peft.state import from_time_state
     from tests.helpers import TINY, random_model
 
-    model = random_model().to(DEVICE).requires_grad_(False)
     g = torch.Generator().manual_seed(3)
     B, T = 2, 20
     idx = torch.randint(0, TINY.vocab_size, (B, T + 1), generator=g).to(DEVICE)
@@ -50,9 +49,9 @@ def test_model_forward_backward_agrees_with_torch_op():
     time_state = (torch.randn(TINY.n_layer, *TINY.state_shape, generator=g) * 0.1).to(DEVICE).requires_grad_()
     results = {}
     for op in ("torch", "fla"):
-        model.op = op
-        state = RNNState.from_time_state(time_state, B, TINY.n_embd)
-        hidden, _ = model.hidden(idx[:, :-1], state)
+        model = random_model(op=op).to(DEVICE).requires_grad_(False)
+        state = from_time_state(time_state, B, TINY.n_embd)
+        hidden = model.features(idx[:, :-1], state)
         loss = masked_lm_loss(hidden, model.head, idx[:, 1:], mask)
         results[op] = (loss.item(), torch.autograd.grad(loss, time_state)[0])
     (loss_ref, grad_ref), (loss, grad) = results["torch"], results["fla"]

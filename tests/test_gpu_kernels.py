@@ -343,10 +343,9 @@ def test_cuda_op_without_grad_gives_the_same_outputs():
 def test_state_tuning_step_agrees_across_ops():
     """Loss and time_state gradient of a tiny bf16 model, as in training: torch's op is the reference."""
     from rwkvray.model.loss import masked_lm_loss
-    from rwkvray.model.rwkv7 import RNNState
+    from rwkvray.peft.state import from_time_state
     from tests.helpers import TINY, random_model
 
-    model = random_model(dtype=torch.bfloat16).cuda().requires_grad_(False)
     g = torch.Generator().manual_seed(3)
     B, T = 2, 40
     idx = torch.randint(0, TINY.vocab_size, (B, T + 1), generator=g).cuda()
@@ -356,9 +355,9 @@ def test_state_tuning_step_agrees_across_ops():
     results = {}
     ops = ["torch", "cuda"] + (["fla"] if importlib.util.find_spec("fla") else [])
     for op in ops:
-        model.op = op
-        state = RNNState.from_time_state(time_state, B, TINY.n_embd, dtype=torch.bfloat16)
-        hidden, _ = model.hidden(idx[:, :-1], state)
+        model = random_model(dtype=torch.bfloat16, op=op).cuda().requires_grad_(False)
+        state = from_time_state(time_state, B, TINY.n_embd, dtype=torch.bfloat16)
+        hidden = model.features(idx[:, :-1], state)
         loss = masked_lm_loss(hidden, model.head, idx[:, 1:], mask)
         results[op] = (loss.item(), torch.autograd.grad(loss, time_state)[0])
 

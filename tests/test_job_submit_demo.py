@@ -28,8 +28,8 @@ def test_submitted_demo_writes_its_outputs_under_home(head_with_home, tmp_path):
     rwkvray = os.path.join(os.path.dirname(sys.executable), "rwkvray")
     entrypoint = (f"{rwkvray} init-model --n-layer 2 --n-embd 256 --perturb 0.2 --out out/tiny.pth && "
                   f"{rwkvray} run jobs/demo_state_cpu.yaml")
-    deadline = time.time() + 120
-    while True:  # the dashboard and its job agent come up some seconds after the head
+    deadline = time.time() + 300
+    while True:  # the dashboard and its job agent come up some seconds (minutes, on a loaded machine) after the head
         try:
             client = JobSubmissionClient(head_with_home)
             job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": REPO})

@@ -8,6 +8,7 @@ from rwkvray.errors import UserError
 from rwkvray.model.init import default_dims_x060, init_weights
 from rwkvray.model.rwkv7 import RNNState, load_model
 from rwkvray.model.rwkv6 import RWKV6
+from rwkvray.peft.state import from_time_state
 from tests.helpers import TINY_X060, assert_parallel_equals_rnn, random_model_x060
 
 
@@ -60,7 +61,7 @@ def test_a_merged_state_is_read_as_the_rwkv_package_reads_it(tmp_path, rwkv_pack
     model, merged = load_model(path)
     torch.testing.assert_close(merged, time_state)
     with torch.no_grad():
-        ours, _ = model(torch.tensor([tokens]), RNNState.from_time_state(merged, 1, TINY_X060.n_embd))
+        ours, _ = model(torch.tensor([tokens]), from_time_state(merged, 1, TINY_X060.n_embd))
         untuned, _ = model(torch.tensor([tokens]))
     theirs, _ = rwkv_package(path.removesuffix(".pth"), strategy="cpu fp32").forward(tokens, None, full_output=True)
     assert relative_error(ours[0], theirs) < 1e-4
@@ -80,13 +81,12 @@ def test_parallel_mode_equals_rnn_mode(T):
 
 
 def test_grad_checkpointing_gives_the_same_state_gradient():
-    model = random_model_x060()
     idx = torch.randint(0, TINY_X060.vocab_size, (2, 33))
     grads = []
     for grad_cp in (False, True):
-        model.grad_cp = grad_cp
+        model = random_model_x060(grad_cp=grad_cp)
         s0 = torch.zeros(TINY_X060.n_layer, *TINY_X060.state_shape, requires_grad=True)
-        logits, _ = model(idx, RNNState.from_time_state(s0, 2, TINY_X060.n_embd))
+        logits, _ = model(idx, from_time_state(s0, 2, TINY_X060.n_embd))
         logits.logsumexp(-1).mean().backward()
         grads.append(s0.grad)
     assert grads[0].abs().max() > 0

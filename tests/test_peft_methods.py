@@ -8,27 +8,16 @@ import torch
 from rwkvray.model.checkpoint import load_checkpoint, save_checkpoint
 from rwkvray.spec import PeftConfig, spec_from_dict
 from rwkvray.errors import UserError
-from rwkvray.model.init import default_dims, init_weights
+from rwkvray.model.init import default_dims
 from rwkvray.peft.merge import merge_adapter
 from rwkvray.model.rwkv7 import load_model
 from rwkvray.peft import build_peft
 from rwkvray.peft.base import METHODS, method_classes
-from tests.helpers import PEFT_CONFIGS, PEFT_TARGETS, TINY, random_model, saved_base, token_batch, train_steps
+from tests.helpers import PEFT_CONFIGS, PEFT_TARGETS, SAMPLE, TINY, random_model, train_steps, two_step_run_spec
 
-SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
 C = TINY.n_embd
 SHAPES = {"att.receptance": (C, C), "att.key": (C, C), "att.value": (C, C), "att.output": (C, C),
           "ffn.key": (4 * C, C), "ffn.value": (C, 4 * C)}  # [out, in]
-
-
-@pytest.fixture(scope="module")
-def base_path(tmp_path_factory):
-    return saved_base(tmp_path_factory, random_model())
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return token_batch(TINY.vocab_size)
 
 
 def peft_spec(name, **extra):
@@ -171,18 +160,10 @@ def test_state_combined_with_lora_trains_both_and_merges(base_path, batch, tmp_p
 
 
 @pytest.mark.ray
-def test_train_loop_writes_each_methods_file(tmp_path):
+def test_train_loop_writes_each_methods_file(make_tiny_model, tmp_path):
     from rwkvray.launch.train import run_on_ray
-    model_path = str(tmp_path / "tiny.pth")
-    save_checkpoint(init_weights(default_dims(1, 128), seed=0, perturb=0.2), model_path)
-    spec = spec_from_dict({
-        "model": {"path": model_path},
-        "data": {"file": SAMPLE, "ctx_len": 32, "loss_mask": "qa"},
-        "peft": {"method": "disha", "combine_state": True, "disha": {"mode": "bone", "r": 32}, "merge": False},
-        "optim": {"lr_init": 0.01, "lr_final": 0.01},
-        "trainer": {"epoch_count": 1, "epoch_steps": 2, "micro_bsz": 2, "precision": "fp32", "op": "torch"},
-        "run": {"storage_path": str(tmp_path), "name": "run"},
-    }, "test")
+    peft = {"method": "disha", "combine_state": True, "disha": {"mode": "bone", "r": 32}, "merge": False}
+    spec = two_step_run_spec(make_tiny_model(1, 128), peft, tmp_path, loss_mask="qa")
     run_on_ray(spec)
     disha = torch.load(tmp_path / "run" / "disha-0.pth", weights_only=True)
     assert sorted(disha) == [f"blocks.0.{t}.disha" for t in sorted(PEFT_TARGETS)]

@@ -14,7 +14,7 @@ import torch
 from rwkvray.model.checkpoint import save_checkpoint
 from rwkvray.cli import main as rwkvray_main
 from rwkvray.spec import spec_from_dict
-from rwkvray.train.data import REPLY_END, render_chat
+from rwkvray.text.chat import REPLY_END, render_chat
 from rwkvray.model.state_file import save_state
 from tests.test_serve_units import PROMPTS, random_state, reference_text, serve_model, state_bytes
 

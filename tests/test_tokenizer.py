@@ -3,7 +3,7 @@ import sys
 import pytest
 
 from rwkvray.errors import UserError
-from rwkvray.text.tokenizer import StreamDecoder, Tokenizer, default_vocab_path, get_tokenizer
+from rwkvray.text.tokenizer import EOS_ID, StreamDecoder, Tokenizer, default_vocab_path, get_tokenizer
 
 CHAT = "User: hi\n\nAssistant:"
 CHAT_IDS = [24281, 59, 4571, 261, 5585, 41693, 59]
@@ -59,7 +59,7 @@ def test_decoding_a_partial_character_does_not_raise(rust):
 
 
 def test_eos_decodes_to_nothing_and_bad_ids_raise(rust):
-    assert rust.decode([rust.eos_id]) == ""
+    assert rust.decode([EOS_ID]) == ""
     with pytest.raises(ValueError, match="token id 65536 is outside the vocab"):
         rust.decode([65536])
     with pytest.raises(ValueError, match="token id -1 is outside the vocab"):

@@ -10,7 +10,8 @@ from rwkvray.model.checkpoint import load_checkpoint
 from rwkvray.cli import main
 from rwkvray.spec import spec_from_dict
 from rwkvray.launch.train import run_on_ray
-from rwkvray.model.rwkv7 import RNNState, load_model
+from rwkvray.model.rwkv7 import load_model
+from rwkvray.peft.state import from_time_state
 from rwkvray.model.loss import masked_lm_loss
 from rwkvray.model.state_card import file_sha256, read_card
 from rwkvray.model.state_file import load_state
@@ -119,7 +120,7 @@ def test_batch_of_two_gives_the_sum_of_two_single_gradients(tiny_model):
 
     def summed_loss_grad(rows):
         s0 = torch.zeros(2, 4, 64, 64, requires_grad=True)
-        hidden, _ = model.hidden(idx[rows], RNNState.from_time_state(s0, len(idx[rows]), 256))
+        hidden, _ = model.hidden(idx[rows], from_time_state(s0, len(idx[rows]), 256))
         loss = masked_lm_loss(hidden, model.head, targets[rows], mask[rows]) * mask[rows].sum()
         return torch.autograd.grad(loss, s0)[0]
 

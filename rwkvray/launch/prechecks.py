@@ -14,10 +14,9 @@ import yaml
 from rwkvray.spec import ServeConfig, ServeSpec, check_model_expectations, load_spec, spec_from_dict
 from rwkvray.model.dims import ModelDims
 from rwkvray.errors import RayServeConfigFile, UserError
-from rwkvray.compat.rwkv_peft import SOURCE as TRAIN_FLAGS
+from rwkvray.files.storage import is_uri
 
 SERVE_APP_PREFIX = "rwkvray.serve.app:"
-TRAIN_FLAG_NAMES = {"run.storage_path": "--storage_path", "trainer.proj_dir": "--proj_dir"}
 
 
 def checked_model_dims(spec) -> ModelDims:
@@ -47,20 +46,18 @@ def check_local_gpus(spec, tune: bool, address: str | None) -> None:
         scaling.num_workers * scaling.resources_per_worker.get("GPU", 1))
     available = torch.cuda.device_count()
     if needed > available:
-        flags = spec.source == TRAIN_FLAGS
-        key, cluster = ("--accelerator gpu", "RAY_ADDRESS") if flags else ("scaling.use_gpu", "--address or RAY_ADDRESS")
+        key, cluster = "scaling.use_gpu", "--address or RAY_ADDRESS"
+        if spec.key_name(key) != key:  # `rwkvray train --accelerator gpu`: that command has no --address
+            key, cluster = f"{spec.key_name(key)} gpu", "RAY_ADDRESS"
         raise UserError(f"{spec.source}: {key}: the run needs {needed:g} GPU(s) and this machine has {available}, "
                         f"with no {cluster} naming a cluster that has them")
 
 
 def check_output_folders(spec) -> None:
     """The run's folders can be made and written here (a shared or URI storage_path is checked by Ray)."""
-    named = dict(TRAIN_FLAG_NAMES) if spec.source == TRAIN_FLAGS else {}
-    if named and spec.run.storage_path == spec.trainer.proj_dir:  # --proj_dir alone names both (peft_flags)
-        named["run.storage_path"] = "--proj_dir"
     for key, path in (("run.storage_path", spec.run.storage_path), ("trainer.proj_dir", spec.trainer.proj_dir)):
-        if path and "://" not in path:
-            check_writable_folder(path, f"{spec.source}: {named.get(key, key)}")
+        if not is_uri(path):
+            check_writable_folder(path, f"{spec.source}: {spec.key_name(key)}")
 
 
 def check_writable_folder(path: str, where: str) -> None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from rwkvray.errors import UserError
-from rwkvray.peft.base import replace_module
+from rwkvray.model.modules import replace_module
 
 QUANT_KINDS = ("int8", "nf4")
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold, as transformers uses it

@@ -2,8 +2,9 @@
 RWKV version shares: the RNN state, the Block skeleton and the model's hidden/forward/step API (`RWKV`).
 RWKV-6 ("x060") plugs its own time-mix and channel-mix into them (rwkvray/model/rwkv6.py).
 
-One forward serves both modes: a whole sequence (training, prompt prefill) and one token at a time
-(generation). Both take and return an RNNState, so a sequence can start from any state.
+The same blocks run a whole sequence (training, prompt prefill) and one token at a time (generation), from any
+RNNState. Training takes only the features (`features`); prefill and generation also get the state after the
+last token (`hidden`, `forward`, `step`). The WKV backend and recompute are constructor arguments.
 """
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from rwkvray.kernels import wkv7
 
 @dataclass
 class RNNState:
-    """Per-layer recurrent state, stacked over layers so rows of a batch can be gathered and mixed."""
+    """Per-layer recurrent state, stacked over layers: [L, batch, ...]."""
     att_shift: torch.Tensor  # [L,B,C]  previous token's ln1 output
     wkv: torch.Tensor        # [L,B,H,N,N] fp32, [value, key] layout
     ffn_shift: torch.Tensor  # [L,B,C]  previous token's ln2 output
@@ -29,21 +30,6 @@ class RNNState:
         shift = torch.zeros(L, batch, C, device=device, dtype=dtype)
         wkv = torch.zeros(L, batch, *dims.state_shape, device=device, dtype=torch.float32)
         return cls(shift, wkv, shift.clone())
-
-    @classmethod
-    def from_time_state(cls, time_state: torch.Tensor, batch: int, n_embd: int, dtype=torch.float32) -> "RNNState":
-        """A tuned initial state [L,H,N,N] for every row; shift states start at zero, as RWKV-Runner does."""
-        L = time_state.shape[0]
-        shift = torch.zeros(L, batch, n_embd, device=time_state.device, dtype=dtype)
-        wkv = time_state.float().unsqueeze(1).expand(L, batch, *time_state.shape[1:])
-        return cls(shift, wkv, shift.clone())
-
-    def rows(self, index) -> "RNNState":
-        return RNNState(self.att_shift[:, index], self.wkv[:, index], self.ffn_shift[:, index])
-
-    @staticmethod
-    def cat(states: list["RNNState"]) -> "RNNState":
-        return RNNState(*(torch.cat([getattr(s, f) for s in states], 1) for f in ("att_shift", "wkv", "ffn_shift")))
 
 
 def token_shift(x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -133,33 +119,45 @@ class RWKV(nn.Module):
     time_mix: type[nn.Module]
     channel_mix: type[nn.Module]
 
-    def __init__(self, dims):
+    def __init__(self, dims, op: str = "torch", grad_cp: bool = False):
+        """op: the WKV backend (auto, torch, cuda or fla); grad_cp: recompute each block in backward instead of
+        keeping its activations."""
         super().__init__()
-        self.dims = dims
+        self.dims, self.op, self.grad_cp = dims, op, grad_cp
         self.emb = nn.Embedding(dims.vocab_size, dims.n_embd)
         self.blocks = nn.ModuleList(Block(dims.n_embd, i, self.time_mix(dims, i), self.channel_mix(dims, i))
                                     for i in range(dims.n_layer))
         self.ln_out = nn.LayerNorm(dims.n_embd)
         self.head = nn.Linear(dims.n_embd, dims.vocab_size, bias=False)
-        self.op = "torch"       # WKV backend: auto, torch, cuda or fla
-        self.grad_cp = False    # recompute each block in backward instead of keeping its activations
 
-    def hidden(self, idx: torch.Tensor, state: RNNState | None = None) -> tuple[torch.Tensor, RNNState]:
-        """Final-layer features after ln_out, [B,T,C]; the head is applied by the caller (the loss is chunked)."""
+    def layers(self, idx: torch.Tensor, state: RNNState | None):
+        """Runs the blocks in order, yielding x after each and that layer's (att_shift, wkv, ffn_shift) after the
+        last token."""
         x = self.emb(idx)
         if state is None:
             state = RNNState.zeros(self.dims, idx.shape[0], idx.device, x.dtype)
         v_first = None
-        att_shifts, wkvs, ffn_shifts = [], [], []
         for i, block in enumerate(self.blocks):
             args = (x, v_first, state.att_shift[i].to(x.dtype), state.wkv[i], state.ffn_shift[i].to(x.dtype), self.op)
             if self.grad_cp and torch.is_grad_enabled():
-                x, v_first, att_shift, wkv, ffn_shift = checkpoint(block, *args, use_reentrant=False)
+                x, v_first, *layer_state = checkpoint(block, *args, use_reentrant=False)
             else:
-                x, v_first, att_shift, wkv, ffn_shift = block(*args)
-            att_shifts.append(att_shift), wkvs.append(wkv), ffn_shifts.append(ffn_shift)
-        new_state = RNNState(torch.stack(att_shifts), torch.stack(wkvs), torch.stack(ffn_shifts))
-        return self.ln_out(x), new_state
+                x, v_first, *layer_state = block(*args)
+            yield x, layer_state
+
+    def features(self, idx: torch.Tensor, state: RNNState | None = None) -> torch.Tensor:
+        """Training: final-layer features after ln_out, [B,T,C]; each layer's end state is dropped as it comes.
+        The head is applied by the loss, in chunks."""
+        for x, _ in self.layers(idx, state):
+            pass
+        return self.ln_out(x)
+
+    def hidden(self, idx: torch.Tensor, state: RNNState | None = None) -> tuple[torch.Tensor, RNNState]:
+        """Inference: the features after ln_out [B,T,C] and the state after the last token."""
+        layer_states = []
+        for x, layer_state in self.layers(idx, state):
+            layer_states.append(layer_state)
+        return self.ln_out(x), RNNState(*(torch.stack(parts) for parts in zip(*layer_states)))
 
     def forward(self, idx: torch.Tensor, state: RNNState | None = None) -> tuple[torch.Tensor, RNNState]:
         """Logits [B,T,V] and the state after the last token."""
@@ -183,13 +181,14 @@ def model_class(version: str) -> type[RWKV]:
     return RWKV7
 
 
-def load_model(path: str, device="cpu", dtype=torch.float32) -> tuple[RWKV, torch.Tensor | None]:
-    """A BlinkDL checkpoint (x070 or x060, told apart by its keys) as a frozen-ready model, plus the state merged
-    into the file (if any)."""
+def load_model(path: str, device="cpu", dtype=torch.float32, op: str = "torch",
+               grad_cp: bool = False) -> tuple[RWKV, torch.Tensor | None]:
+    """A BlinkDL checkpoint (x070 or x060, told apart by its keys) as a frozen-ready model running on WKV backend
+    `op` (see RWKV), plus the state merged into the file (if any)."""
     from rwkvray.model.checkpoint import load_checkpoint
     ckpt = load_checkpoint(path)
     with torch.device("meta"):  # no throwaway init: the weights come straight from the file
-        model = model_class(ckpt.dims.version)(ckpt.dims)
+        model = model_class(ckpt.dims.version)(ckpt.dims, op, grad_cp)
     model.load_state_dict(ckpt.weights, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval(), ckpt.time_state
 

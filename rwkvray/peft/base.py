@@ -72,7 +72,7 @@ class PeftModel(nn.Module):
         return states[0] if states else None
 
     def forward(self, input_ids, targets, mask):
-        hidden, _ = self.base.hidden(input_ids, self.initial_state(input_ids.shape[0]))
+        hidden = self.base.features(input_ids, self.initial_state(input_ids.shape[0]))
         return masked_lm_loss(hidden, self.base.head, targets, mask)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -100,8 +100,3 @@ def target_linears(base: RWKV7, targets: list[str]) -> list[tuple[str, nn.Module
     """(BlinkDL name, module) of each targeted Linear, layer by layer: ("blocks.0.att.key", Linear), ..."""
     names = [f"blocks.{i}.{target}" for i in range(base.dims.n_layer) for target in targets]
     return [(name, base.get_submodule(name)) for name in names]
-
-
-def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent), child, module)

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from rwkvray.errors import UserError
 from rwkvray.model.rwkv7 import RWKV7
-from rwkvray.peft.base import PeftMethod, replace_module, target_linears
+from rwkvray.model.modules import replace_module
+from rwkvray.peft.base import PeftMethod, target_linears
 from rwkvray.model.quant import frozen_weight
 
 

@@ -8,6 +8,15 @@ from rwkvray.peft.base import PeftMethod
 from rwkvray.model.state_file import load_state, save_state
 
 
+def from_time_state(time_state: torch.Tensor, batch: int, n_embd: int, dtype=torch.float32) -> RNNState:
+    """A tuned initial state [L,H,N,N] for every row (broadcast, not copied, so its gradient sums over the rows);
+    shift states start at zero, as RWKV-Runner does."""
+    L = time_state.shape[0]
+    shift = torch.zeros(L, batch, n_embd, device=time_state.device, dtype=dtype)
+    wkv = time_state.float().unsqueeze(1).expand(L, batch, *time_state.shape[1:])
+    return RNNState(shift, wkv, shift.clone())
+
+
 class StateTuning(PeftMethod):
     name = "state"
 
@@ -26,7 +35,7 @@ class StateTuning(PeftMethod):
         self.to(base.emb.weight.device)
 
     def initial_state(self, model: RWKV7, batch: int, dtype: torch.dtype) -> RNNState:
-        return RNNState.from_time_state(self.time_state, batch, model.dims.n_embd, dtype)
+        return from_time_state(self.time_state, batch, model.dims.n_embd, dtype)
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         """The state file's tensors: blocks.{i}.att.time_state, fp32."""

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rwkvray.model.checkpoint import load_checkpoint
 from rwkvray.spec import ServeConfig, ServeSpec, load_spec, spec_from_dict
-from rwkvray.train.data import REPLY_END, render_chat
+from rwkvray.text.chat import REPLY_END, render_chat
 from rwkvray.model.dims import ModelDims
 from rwkvray.errors import UserError
 from rwkvray.model.rwkv7 import load_model, pick_device
@@ -73,18 +73,6 @@ async def server_error_response(request: Request, err: Exception) -> JSONRespons
 # ---------------------------------------------------------------- deployments
 
 
-class LoadedState:
-    """A mounted state's tensor on this replica's device, held by the multiplex LRU cache."""
-
-    def __init__(self, time_state: torch.Tensor, device: torch.device):
-        self.time_state = time_state.to(device)
-
-    def __del__(self):
-        # Serve calls this on eviction and the garbage collector calls it again: it must be idempotent.
-        # Rows already running keep their own copies, so dropping the tensor here never disturbs them.
-        self.time_state = None
-
-
 REGISTRY_CALLS = ("resolve", "fetch", "mount", "upload", "blend", "unmount", "listing", "servable_names", "info")
 
 
@@ -124,16 +112,18 @@ class StateModel:
     def __init__(self, config: ServeConfig, registry):
         self.device = pick_device("auto")
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model, self.base_state = load_model(config.model, self.device, dtype)  # once per replica
-        self.model.op = config.op  # as train_loop does; "auto" picks the GPU kernels on a GPU
+        # once per replica; op "auto" picks the GPU kernels on a GPU
+        self.model, self.base_state = load_model(config.model, self.device, dtype, op=config.op)
         self.registry = registry
         self.engine = BatchEngine(self.model, get_tokenizer(), config.max_batch_size, config.batch_wait_ms / 1000,
                                   prefill_chunk=config.prefill_chunk,
                                   prefix_cache_bytes=int(config.prefix_cache_mb * 2**20),
                                   metrics=EngineMetrics(export=True))
 
-        async def load_mounted_state(mid: str) -> LoadedState:
-            return LoadedState(await ask_registry(self.registry, "fetch", mid), self.device)
+        async def load_mounted_state(mid: str) -> torch.Tensor:
+            """A mounted state's tensor on this replica's device, held by the multiplex LRU cache. Rows already
+            running keep their own copies, so an eviction never disturbs them."""
+            return (await ask_registry(self.registry, "fetch", mid)).to(self.device)
 
         # Wired here because the cache size comes from the config.
         self.cached_state = serve.multiplexed(max_num_models_per_replica=config.max_mounted_states)(
@@ -161,7 +151,7 @@ class StateModel:
         mid = serve.get_multiplexed_model_id()
         if not mid:
             return self.base_state, BASE_STATE_KEY
-        return (await self.cached_state(mid)).time_state, mid
+        return await self.cached_state(mid), mid
 
 
 @serve.deployment

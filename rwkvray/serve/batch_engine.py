@@ -26,10 +26,11 @@ from typing import AsyncIterator, Optional
 import torch
 
 from rwkvray.text.generate import sample
-from rwkvray.model.rwkv7 import RNNState, RWKV7
+from rwkvray.model.rwkv7 import RWKV7
 from rwkvray.serve.metrics import EngineMetrics
 from rwkvray.serve.prefix_cache import CachedPrefix, PrefixCache, prefix_digests
 from rwkvray.serve.rows import Chunk, Row, SamplingParams
+from rwkvray.serve.slot_pool import SlotPool
 from rwkvray.text.tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 256
@@ -41,47 +42,6 @@ class StepPlan:
     prefill: list[Row]
     chunk: int          # prompt tokens each prefill row advances by
     decode: list[Row]   # rows whose slot logits are ready before the step
-
-
-class SlotPool:
-    """max_rows preallocated state slots and their next-token logits, on the model's device."""
-
-    def __init__(self, model: RWKV7, max_rows: int):
-        weight = model.emb.weight
-        self.state = RNNState.zeros(model.dims, max_rows, weight.device, weight.dtype)
-        self.logits = torch.zeros(max_rows, model.dims.vocab_size, device=weight.device)
-        self.free = list(range(max_rows))
-
-    def index(self, slots: list[int]):
-        """A slice when the slots are consecutive (a view, no copy), else an index tensor."""
-        if slots == list(range(slots[0], slots[0] + len(slots))):
-            return slice(slots[0], slots[0] + len(slots))
-        return torch.tensor(slots, device=self.logits.device)
-
-    def read(self, slots: list[int]) -> RNNState:
-        return self.state.rows(self.index(slots))
-
-    def write(self, slots: list[int], state: RNNState) -> None:
-        at = self.index(slots)
-        for name in ("att_shift", "wkv", "ffn_shift"):
-            getattr(self.state, name)[:, at] = getattr(state, name).to(getattr(self.state, name).dtype)
-
-    def start(self, slot: int, time_state: Optional[torch.Tensor]) -> None:
-        """A row's initial state: the tuned state (copied, never aliased) or zeros; shifts start at zero."""
-        self.state.att_shift[:, slot] = 0
-        self.state.ffn_shift[:, slot] = 0
-        if time_state is None:
-            self.state.wkv[:, slot] = 0
-        else:
-            self.state.wkv[:, slot] = time_state
-
-    def restore(self, slot: int, entry: CachedPrefix) -> None:
-        self.write([slot], entry.state)
-        self.logits[slot] = entry.logits
-
-    def snapshot(self, slot: int) -> RNNState:
-        return RNNState(*(getattr(self.state, name)[:, slot:slot + 1].clone()
-                          for name in ("att_shift", "wkv", "ffn_shift")))
 
 
 def merge(chunk: Chunk, later):

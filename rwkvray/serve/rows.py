@@ -8,9 +8,7 @@ from typing import Optional
 
 import torch
 
-from rwkvray.text.tokenizer import StreamDecoder, Tokenizer
-
-EOS_ID = 0
+from rwkvray.text.tokenizer import EOS_ID, StreamDecoder, Tokenizer
 
 
 @dataclass

@@ -103,6 +103,7 @@ def spec_from_dict(data: dict, source: str, key_names: dict[str, str] | None = N
     blocks = {key: value for key, value in data.items() if value is not None}  # `optim:` alone means defaults
     kind = spec_kind(blocks, source)
     try:
-        return kind.model_validate(blocks, context={"source": source, "check_files": check_files})
+        return kind.model_validate(blocks, context={"source": source, "key_names": key_names,
+                                                    "check_files": check_files})
     except ValidationError as err:
         raise UserError(format_validation_error(err, source, kind, key_names)) from None

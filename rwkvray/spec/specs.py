@@ -23,20 +23,27 @@ from rwkvray.spec.wording import SpecProblem
 
 
 class Spec(StrictModel):
-    """What every spec knows besides its blocks: where it came from, for error messages."""
+    """What every spec knows besides its blocks, for error messages: where it came from, and what the user calls
+    its keys (command-line flags, when the spec was made from flags)."""
 
     kind: ClassVar[str]
     command: ClassVar[str]  # the command that takes this kind of spec
     _source: str = PrivateAttr(default="<spec>")
+    _key_names: dict[str, str] = PrivateAttr(default_factory=dict)
 
     def model_post_init(self, context: Any) -> None:
-        if context and "source" in context:
-            self._source = context["source"]
+        context = context or {}
+        self._source = context.get("source", self._source)
+        self._key_names = context.get("key_names") or {}
 
     @property
     def source(self) -> str:
         """A file path, or 'train flags'."""
         return self._source
+
+    def key_name(self, path: str) -> str:
+        """The dotted key `path` as the user wrote it: the key itself, or the flag that set it."""
+        return self._key_names.get(path, path)
 
 
 class TrainSpec(Spec):

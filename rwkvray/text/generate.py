@@ -1,12 +1,13 @@
 """RNN-mode generation: prefill the prompt from a (tuned) state, then sample one token at a time.
 
-The Serve endpoint reuses `prefill` and `sample` for its batched decode loop.
+The Serve engine reuses `sample` for its batched decode loop.
 """
 from collections.abc import Iterator
 
 import torch
 
 from rwkvray.model.rwkv7 import RNNState, RWKV7
+from rwkvray.text.tokenizer import EOS_ID
 
 PREFILL_CHUNK = 1024  # long prompts go through the parallel path in pieces, bounding memory
 
@@ -59,23 +60,24 @@ def nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def start_state(model: RWKV7, time_state: torch.Tensor | None, batch: int = 1) -> RNNState:
-    device, dtype = model.emb.weight.device, model.emb.weight.dtype
-    if time_state is None:
-        return RNNState.zeros(model.dims, batch, device, dtype)
-    return RNNState.from_time_state(time_state.to(device), batch, model.dims.n_embd, dtype)
+def start_state(model: RWKV7, time_state: torch.Tensor | None) -> RNNState:
+    """Zeros, or the tuned WKV state; shift states start at zero."""
+    state = RNNState.zeros(model.dims, 1, model.emb.weight.device, model.emb.weight.dtype)
+    if time_state is not None:
+        state.wkv[:, 0] = time_state
+    return state
 
 
 @torch.no_grad()
 def generate_tokens(model: RWKV7, prompt: list[int], time_state: torch.Tensor | None = None, max_tokens: int = 100,
                     temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> Iterator[int]:
-    """Yields generated token ids; stops at end-of-text (id 0) or after max_tokens."""
+    """Yields generated token ids; stops at end of text (EOS_ID) or after max_tokens."""
     generator = torch.Generator(device=model.emb.weight.device).manual_seed(seed)
     logits, state = prefill(model, prompt, start_state(model, time_state))
     temp, nucleus = torch.tensor([temperature]), torch.tensor([top_p])
     for _ in range(max_tokens):
         token = sample(logits.unsqueeze(0), temp, nucleus, generator)
-        if token.item() == 0:
+        if token.item() == EOS_ID:
             return
         yield token.item()
         logits, state = model.step(token, state)

@@ -18,6 +18,7 @@ import numpy as np
 from rwkvray.errors import UserError
 
 VOCAB_FILE_NAME = "rwkv_vocab_v20230424.txt"
+EOS_ID = 0  # end of text: closes every training document, ends every generation
 BACKENDS = ("auto", "rust", "python")
 
 
@@ -99,7 +100,6 @@ def replace_lone_surrogates(text: str) -> str:
 class Tokenizer:
     """RWKV World tokenizer. backend: "auto" (Rust if importable, else Python), "rust" or "python"."""
 
-    eos_id: int = 0
     vocab_size: int = 65536
 
     def __init__(self, vocab_path: str | None = None, backend: str = "auto"):

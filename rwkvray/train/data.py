@@ -8,23 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from rwkvray.files.atomic import write_bytes_atomically
 from rwkvray.errors import UserError
+from rwkvray.text.chat import REPLY_START, chat_segments, text_segments
+from rwkvray.text.tokenizer import EOS_ID
 
 DATA_TYPES = ("jsonl", "binidx")
 LOSS_MASKS = ("none", "qa")
-ROLE_PREFIX = {"system": "System", "user": "User", "assistant": "Assistant"}
-TURN_SEPARATOR = "\n\n"
-REPLY_START = "Assistant:"
-REPLY_END = "\n\nUser:"
 
 BINIDX_MAGIC = b"MMIDIDX\x00\x00"
 BINIDX_VERSION = 1
@@ -45,81 +41,6 @@ class Batch:
     input_ids: torch.Tensor  # [B, T] int64
     targets: torch.Tensor  # [B, T] int64, targets[:, t] follows input_ids[:, : t + 1]
     mask: torch.Tensor  # [B, T] float32, 1.0 where the target counts
-
-
-# ---------------------------------------------------------------- chat rendering
-
-
-def render_chat(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-    """Render chat messages in the RWKV form `User: ...\\n\\nAssistant: ...` (system as `System: ...`).
-
-    Shared by the trainer and the Serve endpoint so prompts look exactly as they were learned. With
-    add_generation_prompt the text ends with `Assistant:` (no trailing space: the reply starts with one).
-    """
-    text = "".join(segment for segment, _ in chat_segments(messages))
-    if add_generation_prompt:
-        text += (TURN_SEPARATOR if text else "") + REPLY_START
-    return text
-
-
-def chat_segments(messages: Sequence[dict]) -> list[tuple[str, bool]]:
-    """The rendered chat as (text, is_assistant_reply) segments; their concatenation is render_chat()."""
-    if not isinstance(messages, list):
-        raise UserError(f"messages must be a list (got {type(messages).__name__})")
-    segments: list[tuple[str, bool]] = []
-    for i, message in enumerate(messages):
-        role, content = checked_message(message, i)
-        separator = TURN_SEPARATOR if i else ""
-        if role == "assistant":
-            add_segment(segments, separator + REPLY_START, False)
-            add_segment(segments, " " + content, True)
-        else:
-            add_segment(segments, f"{separator}{ROLE_PREFIX[role]}: {content}", False)
-    return segments
-
-
-def checked_message(message, index: int) -> tuple[str, str]:
-    if not isinstance(message, dict):
-        raise UserError(f"messages[{index}] must be an object with role and content")
-    role, content = message.get("role"), message.get("content")
-    if role not in ROLE_PREFIX:
-        raise UserError(f"messages[{index}].role must be one of {', '.join(ROLE_PREFIX)} (got {role!r})")
-    if not isinstance(content, str):
-        raise UserError(f"messages[{index}].content must be a string (got {type(content).__name__})")
-    return role, normalize_content(content)
-
-
-def normalize_content(content: str) -> str:
-    """A blank line separates turns, so message text must not contain one (the RWKV chat convention)."""
-    return re.sub(r"\n{2,}", "\n", content.replace("\r\n", "\n").strip())
-
-
-def add_segment(segments: list[tuple[str, bool]], text: str, is_reply: bool) -> None:
-    """Append, merging with the previous segment of the same kind (fewer cuts = more natural tokens)."""
-    if segments and segments[-1][1] == is_reply:
-        segments[-1] = (segments[-1][0] + text, is_reply)
-    else:
-        segments.append((text, is_reply))
-
-
-def text_segments(text: str) -> list[tuple[str, bool]]:
-    """Split `User: ...\\n\\nAssistant: ...` text: a reply runs from after each `Assistant:` up to the next
-    `\\n\\nUser:` or the end."""
-    segments: list[tuple[str, bool]] = []
-    pos = 0
-    while pos < len(text):
-        start = text.find(REPLY_START, pos)
-        if start < 0:
-            add_segment(segments, text[pos:], False)
-            break
-        reply_start = start + len(REPLY_START)
-        reply_end = text.find(REPLY_END, reply_start)
-        reply_end = len(text) if reply_end < 0 else reply_end
-        add_segment(segments, text[pos:reply_start], False)
-        if reply_end > reply_start:
-            add_segment(segments, text[reply_start:reply_end], True)
-        pos = reply_end
-    return segments
 
 
 # ---------------------------------------------------------------- loading
@@ -177,7 +98,7 @@ def line_document(record: dict, loss_mask: str, tokenizer, where: str) -> Docume
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
     if loss_mask == "none":
-        tokens = tokenizer.encode("".join(text for text, _ in segments)) + [tokenizer.eos_id]
+        tokens = tokenizer.encode("".join(text for text, _ in segments)) + [EOS_ID]
         return Document(np.array(tokens, dtype=np.int64), np.ones(len(tokens), dtype=np.float32))
     if not any(is_reply for _, is_reply in segments):
         raise UserError(f"{where}: loss_mask 'qa' needs an assistant turn ('{REPLY_START}') and this line has none")
@@ -193,7 +114,7 @@ def segmented_document(segments: list[tuple[str, bool]], tokenizer) -> Document:
         ids = tokenizer.encode(text)
         tokens += ids
         mask += [float(is_reply)] * len(ids)
-    tokens.append(tokenizer.eos_id)
+    tokens.append(EOS_ID)
     mask.append(float(segments[-1][1]))
     return Document(np.array(tokens, dtype=np.int64), np.array(mask, dtype=np.float32))
 
@@ -253,27 +174,6 @@ def read_binidx_index(idx_path: str) -> tuple[np.dtype, np.ndarray, np.ndarray, 
     return np.dtype(BINIDX_DTYPES[dtype_code]), sizes, pointers, doc_idx
 
 
-def write_binidx(prefix: str, docs: Iterable[Sequence[int]], dtype=np.uint16) -> None:
-    """Write token documents as a Megatron binidx pair `prefix.bin` + `prefix.idx` (one sequence per
-    document). Both files are written to temp files first, then moved into place."""
-    dtype = np.dtype(dtype)
-    codes = {np.dtype(t): code for code, t in BINIDX_DTYPES.items()}
-    if dtype not in codes:
-        raise ValueError(f"binidx dtype must be one of {sorted(str(np.dtype(t)) for t in BINIDX_DTYPES.values())}")
-    arrays = [np.asarray(doc, dtype=np.int64) for doc in docs]
-    limits = np.iinfo(dtype)
-    for i, array in enumerate(arrays):
-        if array.size and (array.min() < limits.min or array.max() > limits.max):
-            raise ValueError(f"document {i} has a token outside the range of {dtype}")
-    sizes = np.array([a.size for a in arrays], dtype=np.int32)
-    pointers = (np.cumsum(sizes, dtype=np.int64) - sizes) * dtype.itemsize
-    header = struct.pack("<9sQBQQ", BINIDX_MAGIC, BINIDX_VERSION, codes[dtype], len(arrays), len(arrays) + 1)
-    doc_idx = np.arange(len(arrays) + 1, dtype=np.int64)
-    bin_bytes = b"".join(a.astype(dtype).tobytes() for a in arrays)
-    write_bytes_atomically(prefix + ".bin", bin_bytes)
-    write_bytes_atomically(prefix + ".idx", header + sizes.tobytes() + pointers.tobytes() + doc_idx.tobytes())
-
-
 # ---------------------------------------------------------------- pieces and batches
 
 
@@ -323,10 +223,6 @@ class TokenBatcher:
         self.spans = piece_spans(documents, ctx_len)
         if len(self.spans) == 0:
             raise UserError("no training pieces: every document is shorter than 2 tokens or has no counted target")
-
-    @property
-    def num_pieces(self) -> int:
-        return len(self.spans)
 
     def batch(self, step: int, rank: int, world_size: int, micro_bsz: int) -> Batch:
         if not 0 <= rank < world_size:

@@ -129,10 +129,9 @@ def _quiet_library_logs() -> None:
 
 
 def _build_module(spec, device):
-    model, _ = load_model(spec.model.path, device=device, dtype=DTYPES[spec.trainer.precision])
+    model, _ = load_model(spec.model.path, device=device, dtype=DTYPES[spec.trainer.precision],
+                          op=spec.trainer.op, grad_cp=spec.trainer.grad_cp)
     check_model_expectations(spec.model, model.dims, spec.source)
-    model.op = spec.trainer.op
-    model.grad_cp = spec.trainer.grad_cp
     return build_peft(model, spec.peft)
 
 

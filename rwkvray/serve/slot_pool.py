@@ -1,0 +1,55 @@
+"""The engine's state slots: one preallocated RNNState of `max_rows` rows; a request's row lives in one slot."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from rwkvray.model.rwkv7 import RNNState, RWKV7
+from rwkvray.serve.prefix_cache import CachedPrefix
+
+
+def state_rows(state: RNNState, index) -> RNNState:
+    """Some rows of a batched state (a view for a slice, a copy for an index tensor)."""
+    return RNNState(state.att_shift[:, index], state.wkv[:, index], state.ffn_shift[:, index])
+
+
+class SlotPool:
+    """max_rows preallocated state slots and their next-token logits, on the model's device."""
+
+    def __init__(self, model: RWKV7, max_rows: int):
+        weight = model.emb.weight
+        self.state = RNNState.zeros(model.dims, max_rows, weight.device, weight.dtype)
+        self.logits = torch.zeros(max_rows, model.dims.vocab_size, device=weight.device)
+        self.free = list(range(max_rows))
+
+    def index(self, slots: list[int]):
+        """A slice when the slots are consecutive (a view, no copy), else an index tensor."""
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            return slice(slots[0], slots[0] + len(slots))
+        return torch.tensor(slots, device=self.logits.device)
+
+    def read(self, slots: list[int]) -> RNNState:
+        return state_rows(self.state, self.index(slots))
+
+    def write(self, slots: list[int], state: RNNState) -> None:
+        at = self.index(slots)
+        for name in ("att_shift", "wkv", "ffn_shift"):
+            getattr(self.state, name)[:, at] = getattr(state, name).to(getattr(self.state, name).dtype)
+
+    def start(self, slot: int, time_state: Optional[torch.Tensor]) -> None:
+        """A row's initial state: the tuned state (copied, never aliased) or zeros; shifts start at zero."""
+        self.state.att_shift[:, slot] = 0
+        self.state.ffn_shift[:, slot] = 0
+        if time_state is None:
+            self.state.wkv[:, slot] = 0
+        else:
+            self.state.wkv[:, slot] = time_state
+
+    def restore(self, slot: int, entry: CachedPrefix) -> None:
+        self.write([slot], entry.state)
+        self.logits[slot] = entry.logits
+
+    def snapshot(self, slot: int) -> RNNState:
+        row = state_rows(self.state, slice(slot, slot + 1))
+        return RNNState(row.att_shift.clone(), row.wkv.clone(), row.ffn_shift.clone())
