@@ -39,6 +39,7 @@ def test_bad_checkpoints_give_one_line_without_traceback(tmp_path, make_file, me
     assert message in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.ray
 def test_rwkv_peft_state_tuning_command_line_trains(tiny_model, tmp_path, capsys):
     command = f"""--load_model {tiny_model} --proj_dir {tmp_path / 'out'} --data_file {SAMPLE} --data_type jsonl
         --vocab_size 65536 --ctx_len 32 --micro_bsz 2 --epoch_steps 3 --epoch_count 2 --epoch_save 1
