@@ -67,20 +67,27 @@ def cmd_validate(args) -> None:
     print(validate_file(args.spec, check_files=args.check_files))
 
 
-def cmd_run(args) -> None:
+def load_with_flags(args):
+    """The spec file, with what the command's flags override."""
     from rwkvray.spec.config import load_spec
+    spec = load_spec(args.spec)
+    if args.wandb_mode:
+        spec = spec.model_copy(update={"logging": spec.logging.model_copy(update={"wandb_mode": args.wandb_mode})})
+    return spec
+
+
+def cmd_run(args) -> None:
     from rwkvray.launch.train import run_on_ray
     from rwkvray.launch.prechecks import before_training
-    spec = load_spec(args.spec)
+    spec = load_with_flags(args)
     before_training(spec, address=args.address)
     run_on_ray(spec, address=args.address, allow_changed_spec=args.allow_changed_spec)
 
 
 def cmd_tune(args) -> None:
-    from rwkvray.spec.config import load_spec
     from rwkvray.launch.tune import run_sweep
     from rwkvray.launch.prechecks import before_training
-    spec = load_spec(args.spec)
+    spec = load_with_flags(args)
     before_training(spec, tune=True, address=args.address)
     run_sweep(spec, address=args.address)
 
@@ -173,9 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("spec", help="job spec YAML file")
         p.add_argument("--address", metavar="HOST:PORT",
                        help="Ray head to join (default: $RAY_ADDRESS, else a local Ray instance)")
-        if name == "run":
+        if name in ("run", "tune"):
+            p.add_argument("--wandb-mode", choices=["online", "offline", "disabled"],
+                           help="W&B logging mode, instead of the spec's logging.wandb_mode")
             p.add_argument("--allow-changed-spec", action="store_true",
-                           help="resume a run whose spec changed since it started (default: refuse)")
+                           help=f"resume a {'run' if name == 'run' else 'sweep'} whose spec changed since it "
+                                "started (default: refuse)")
 
     p = add_command(sub, "merge-state", cmd_merge_state, "put a state into a base checkpoint file")
     p.add_argument("--base", required=True, metavar="PTH", help="RWKV-7 checkpoint")

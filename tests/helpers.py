@@ -143,3 +143,16 @@ def assert_parallel_equals_rnn(model, idx, state):
     torch.testing.assert_close(torch.stack(rnn_logits, 1), logits, rtol=1e-9, atol=1e-9)
     for field in ("att_shift", "wkv", "ffn_shift"):
         torch.testing.assert_close(getattr(rnn_state, field), getattr(final, field), rtol=1e-9, atol=1e-9)
+
+
+class CrashOnce:
+    """An `on_report` hook for run_on_ray: the last worker exits after reporting `step`, the first time only
+    (the marker file remembers), so Ray Train restarts the group from the last checkpoint."""
+
+    def __init__(self, step: int, marker: str):
+        self.step, self.marker = step, marker
+
+    def __call__(self, metrics: dict, ctx) -> None:
+        if ctx.rank == ctx.world_size - 1 and metrics.get("step") == self.step and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)

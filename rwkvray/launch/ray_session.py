@@ -14,9 +14,17 @@ PROBE_SECONDS = 20  # how long an address that neither answers nor refuses is re
 START_HINT = "start a head there with `ray start --head`, or leave out the address to use a local Ray instance"
 
 
+def worker_env(use_gpu: bool) -> dict:
+    """Environment variables for the processes that train: the S3 endpoint and keys of an s3:// storage_path,
+    and DeepSpeed's CPU accelerator (gloo collectives) when they train on CPUs."""
+    from rwkvray.files.storage import aws_env
+    return {**aws_env(), **({} if use_gpu else {"DS_ACCELERATOR": "cpu"})}
+
+
 @contextlib.contextmanager
-def ray_session(address: str | None = None):
-    """Ray for the length of one command; a caller that already joined Ray keeps its connection."""
+def ray_session(address: str | None = None, env_vars: dict | None = None):
+    """Ray for the length of one command; a caller that already joined Ray keeps its connection. `env_vars` go
+    to every Ray process of the job (runtime_env), with the S3 settings an s3:// storage_path needs."""
     import ray
     if ray.is_initialized():
         yield
@@ -26,9 +34,9 @@ def ray_session(address: str | None = None):
     if target != "local":
         check_reachable(target, named_by)
     from rwkvray.files.storage import aws_env
-    aws = aws_env()  # an s3:// storage_path: Ray Train's controller and workers read the bucket too
+    env = {**aws_env(), **(env_vars or {})}  # an s3:// storage_path: Ray Train's controller reads the bucket too
     try:
-        ray.init(address=target, configure_logging=False, runtime_env={"env_vars": aws} if aws else None)
+        ray.init(address=target, configure_logging=False, runtime_env={"env_vars": env} if env else None)
     except ConnectionError as err:
         raise UserError(f"{named_by}: cannot join a Ray cluster ({first_line(err)}); {START_HINT}") from None
     try:

@@ -9,8 +9,6 @@ import json
 import os
 import shutil
 
-import torch
-
 from rwkvray.files import storage
 from rwkvray.files.atomic import atomic_path
 from rwkvray.spec.config import ray_search_space, require_tune_block, spec_for_trial
@@ -27,8 +25,6 @@ def run_trial(config: dict, spec) -> None:
     trial_spec.run.storage_path = storage.join(spec.run.storage_path, spec.run.name, "trials")
     trial_spec.run.name = trial_id  # its epoch files and metrics land in <sweep storage>/trials/<trial id>
     if spec.scaling.num_workers == 1:
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         train(trial_spec, WorkerContext.tune_trial(spec.tune.gpus_per_trial > 0))
         return
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -39,10 +35,12 @@ def run_trial(config: dict, spec) -> None:
 
 def run_sweep(spec, address: str | None = None):
     """Run (or resume) the sweep; print the trial table; write best_state.pth and best.json."""
-    from rwkvray.launch.ray_session import ray_session
+    from rwkvray.launch.ray_session import ray_session, worker_env
     sweep = require_tune_block(spec)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # one kept checkpoint is the point
-    with ray_session(address):
+    # a one-worker trial trains in the trial's own process; a larger one sets its workers' env in build_trainer
+    trial_on_cpu = spec.scaling.num_workers == 1 and sweep.gpus_per_trial == 0
+    with ray_session(address, worker_env(use_gpu=not trial_on_cpu)):
         results = _fit_sweep(spec, sweep)
         total_steps = spec.trainer.epoch_count * spec.trainer.epoch_steps
         metric = METRIC_KEYS[sweep.metric]
