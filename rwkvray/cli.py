@@ -89,7 +89,7 @@ def cmd_tune(args) -> None:
     from rwkvray.launch.prechecks import before_training
     spec = load_with_flags(args)
     before_training(spec, tune=True, address=args.address)
-    run_sweep(spec, address=args.address)
+    run_sweep(spec, address=args.address, allow_changed_spec=args.allow_changed_spec)
 
 
 def cmd_serve(args) -> None:
