@@ -209,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def interrupted_line(argv: list[str]) -> str:
+    """What Ctrl-C leaves: training commands resume from their last checkpoint when run again."""
+    import shlex
+    if argv[:1] in (["run"], ["tune"], ["train"]):
+        return f"interrupted; resume with: rwkvray {shlex.join(argv)}"
+    return "interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # RWKV-PEFT's flags go to their own parser untouched (argparse's REMAINDER can't)
@@ -221,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print(interrupted_line(argv), file=sys.stderr)
         return 130
     return 0
 

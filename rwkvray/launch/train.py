@@ -4,9 +4,13 @@ import sys
 from rwkvray.files import storage
 from rwkvray.spec.config import check_model_expectations, require_training_blocks
 from rwkvray.launch.outputs import copy_to_proj_dir, export_outputs
-from rwkvray.launch.ray_session import worker_env
+from rwkvray.launch.ray_session import off_main_thread, worker_env
 from rwkvray.launch.resume import check_rerun
 from rwkvray.train.loop import ReportHook, WorkerContext, train
+
+# Ray Train turns a worker's print into a log record and, since Ray replaces the worker's sys.stdout, also prints
+# it: every line would show twice. Plain print: once, through Ray's log forwarding.
+PLAIN_PRINT = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def worker_loop(config: dict) -> None:
@@ -27,7 +31,7 @@ def build_trainer(spec, callbacks=(), on_report: ReportHook | None = None):
                                      placement_strategy=scaling.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(name=spec.run.name, storage_path=spec.run.storage_path, callbacks=list(callbacks),
-                             worker_runtime_env={"env_vars": worker_env(scaling.use_gpu)},
+                             worker_runtime_env={"env_vars": {**worker_env(scaling.use_gpu), **PLAIN_PRINT}},
                              failure_config=FailureConfig(max_failures=spec.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints)),
     )
@@ -58,8 +62,8 @@ def run_on_ray(spec, address: str | None = None, allow_changed_spec: bool = Fals
     if step is not None and step >= spec.trainer.epoch_count * spec.trainer.epoch_steps:
         print(f"outputs in {copy_to_proj_dir(spec, storage.run_dir(spec))}")
         return None
-    with ray_session(address, worker_env(spec.scaling.use_gpu)):
+    with ray_session(address):
         warn_if_cluster_too_small(spec)
-        result = build_trainer(spec, on_report=on_report).fit()
+        result = off_main_thread(build_trainer(spec, on_report=on_report).fit)
         export_outputs(spec, result.checkpoint)
     return result

@@ -37,7 +37,7 @@ def run_trial(config: dict, spec) -> None:
 def run_sweep(spec, address: str | None = None, allow_changed_spec: bool = False):
     """Run, resume or grow the sweep (see launch/sweep_plan.py); print the trial table; write best_state.pth
     and best.json. A complete sweep starts no Ray: its results are read from storage."""
-    from rwkvray.launch.ray_session import ray_session, worker_env
+    from rwkvray.launch.ray_session import off_main_thread, ray_session, worker_env
     sweep = require_tune_block(spec)
     plan = plan_sweep(spec, allow_changed_spec)
     if plan.complete:
@@ -47,7 +47,7 @@ def run_sweep(spec, address: str | None = None, allow_changed_spec: bool = False
         # a one-worker trial trains in the trial's own process; a larger one sets its workers' env in build_trainer
         trial_on_cpu = spec.scaling.num_workers == 1 and sweep.gpus_per_trial == 0
         with ray_session(address, worker_env(use_gpu=not trial_on_cpu)):
-            results = [r for part in plan.parts for r in _fit_part(spec, part, plan.done.get(part.name))]
+            results = off_main_thread(lambda: [r for p in plan.parts for r in _fit_part(spec, p, plan.done.get(p.name))])
     total_steps = spec.trainer.epoch_count * spec.trainer.epoch_steps
     metric = METRIC_KEYS[sweep.metric]
     print(trial_table(results, metric, sweep.mode, list(sweep.space), total_steps))
