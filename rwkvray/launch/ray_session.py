@@ -4,6 +4,7 @@ A cluster address is probed before `ray.init`: Ray itself retries an address whe
 minutes, printing "Failed to connect to GCS" warnings, where a user wants one line naming the address.
 """
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -68,8 +69,13 @@ def off_main_thread(drive):
 
     thread = threading.Thread(target=call, name="ray-driver", daemon=True)
     thread.start()
-    while thread.is_alive():
-        thread.join(0.5)
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except KeyboardInterrupt:
+        for name in ("ray", "ray.tune", "ray.train"):  # the abandoned thread's complaints as Ray stops
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        raise
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
