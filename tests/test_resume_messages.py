@@ -47,7 +47,8 @@ def test_sweep_rerun_messages(make_tiny_model, tmp_path, capsys):
     assert capsys.readouterr().out == "resuming sweep 'again': 0 of 2 trials done\n"
     tuned["tune"]["num_samples"] = 3
     assert plan_sweep(spec_from_dict(tuned, "tune.yaml")).parts == [Part("sweep", 0, 2), Part("sweep-2", 2, 1)]
-    assert capsys.readouterr().out == "sweep 'again' grows from 2 to 3 trials\nresuming sweep 'again': 0 of 3 trials done\n"
+    assert capsys.readouterr().out == ("sweep 'again' grows from 2 to 3 trials\n"
+                                       "resuming sweep 'again': 0 of 3 trials done\n")
     tuned["tune"]["num_samples"] = 1
     with pytest.raises(UserError, match=r"^tune.yaml: sweep 'again' in .* started with a different spec \(changed: "
                                         r"tune.num_samples\)"):

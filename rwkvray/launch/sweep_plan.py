@@ -51,7 +51,8 @@ def plan_sweep(spec, allow_changed_spec: bool = False) -> SweepPlan:
         print(f"sweep {spec.run.name!r} grows from {have} to {wanted} trials")
     if wanted > have:
         parts.append(Part("sweep" if not parts else f"sweep-{len(parts) + 1}", have, wanted - have))
-    plan = SweepPlan(parts, {p.name: n for p in parts if (n := finished_trials(storage.join(folder, p.name))) is not None})
+    finished = {p.name: finished_trials(storage.join(folder, p.name)) for p in parts}
+    plan = SweepPlan(parts, {name: n for name, n in finished.items() if n is not None})
     total, done = sum(p.count for p in parts), sum(plan.done.values())
     if plan.complete:
         print(f"sweep {spec.run.name!r} already complete: {done}/{total} trials")

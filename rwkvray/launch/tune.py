@@ -43,11 +43,12 @@ def run_sweep(spec, address: str | None = None, allow_changed_spec: bool = False
     if plan.complete:
         results = [r for part in plan.parts for r in _stored_results(spec, part)]
     else:
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # one kept checkpoint is the point
+        # one kept checkpoint per trial is the point: no warning about syncing it
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         # a one-worker trial trains in the trial's own process; a larger one sets its workers' env in build_trainer
         trial_on_cpu = spec.scaling.num_workers == 1 and sweep.gpus_per_trial == 0
         with ray_session(address, worker_env(use_gpu=not trial_on_cpu)):
-            results = off_main_thread(lambda: [r for p in plan.parts for r in _fit_part(spec, p, plan.done.get(p.name))])
+            results = off_main_thread(lambda: [r for part in plan.parts for r in _fit_part(spec, part, plan.done)])
     total_steps = spec.trainer.epoch_count * spec.trainer.epoch_steps
     metric = METRIC_KEYS[sweep.metric]
     print(trial_table(results, metric, sweep.mode, list(sweep.space), total_steps))
@@ -59,9 +60,10 @@ def _stored_results(spec, part):
     return list(tune.ResultGrid(tune.ExperimentAnalysis(storage.join(storage.run_dir(spec), part.name))))
 
 
-def _fit_part(spec, part, done: int | None):
+def _fit_part(spec, part, finished: dict[str, int]):
     """The part's trials: read back when all finished, else resumed (errored ones again) or started."""
     from ray import tune
+    done = finished.get(part.name)
     if done is not None and done >= part.count:
         return _stored_results(spec, part)
     sweep_dir = storage.run_dir(spec)  # Ray Tune's experiment storage (may be a URI)
