@@ -78,22 +78,31 @@ def cmd_validate(args) -> None:
     print(validate_file(args.spec, check_files=args.check_files))
 
 
+def load_with_flags(args, kind):
+    """The spec file as the command's kind, with what the command's flags override."""
+    from rwkvray.spec import load_spec
+    spec = load_spec(args.spec, kind=kind)
+    if args.wandb_mode:
+        spec = spec.model_copy(update={"logging": spec.logging.model_copy(update={"wandb_mode": args.wandb_mode})})
+    return spec
+
+
 def cmd_run(args) -> None:
-    from rwkvray.spec import TrainSpec, load_spec
+    from rwkvray.spec import TrainSpec
     from rwkvray.launch.train import run_on_ray
     from rwkvray.launch.prechecks import before_training
-    spec = load_spec(args.spec, kind=TrainSpec)  # a tune spec trains too, with its own values
+    spec = load_with_flags(args, TrainSpec)  # a tune spec trains too, with its own values
     before_training(spec, address=args.address)
     run_on_ray(spec, address=args.address, allow_changed_spec=args.allow_changed_spec)
 
 
 def cmd_tune(args) -> None:
-    from rwkvray.spec import TuneSpec, load_spec
+    from rwkvray.spec import TuneSpec
     from rwkvray.launch.tune import run_sweep
     from rwkvray.launch.prechecks import before_training
-    spec = load_spec(args.spec, kind=TuneSpec)
+    spec = load_with_flags(args, TuneSpec)
     before_training(spec, tune=True, address=args.address)
-    run_sweep(spec, address=args.address)
+    run_sweep(spec, address=args.address, allow_changed_spec=args.allow_changed_spec)
 
 
 def cmd_serve(args) -> None:
@@ -186,9 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("spec", help="job spec YAML file")
         p.add_argument("--address", metavar="HOST:PORT",
                        help="Ray head to join (default: $RAY_ADDRESS, else a local Ray instance)")
-        if name == "run":
+        if name in ("run", "tune"):
+            p.add_argument("--wandb-mode", choices=["online", "offline", "disabled"],
+                           help="W&B logging mode, instead of the spec's logging.wandb_mode")
             p.add_argument("--allow-changed-spec", action="store_true",
-                           help="resume a run whose spec changed since it started (default: refuse)")
+                           help=f"resume a {'run' if name == 'run' else 'sweep'} whose spec changed since it "
+                                "started (default: refuse)")
 
     p = add_command(sub, "merge-state", cmd_merge_state, "put a state into a base checkpoint file")
     p.add_argument("--base", required=True, metavar="PTH", help="RWKV-7 checkpoint")
@@ -212,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def interrupted_line(argv: list[str]) -> str:
+    """What Ctrl-C leaves: training commands resume from their last checkpoint when run again."""
+    import shlex
+    if argv[:1] in (["run"], ["tune"], ["train"]):
+        return f"interrupted; resume with: rwkvray {shlex.join(argv)}"
+    return "interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     flag_commands = {"train": cmd_train, "convert-flags": cmd_convert_flags}
@@ -225,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print(interrupted_line(argv), file=sys.stderr)
         return 130
     return 0
 

@@ -183,3 +183,16 @@ def write_binidx(prefix: str, docs: list[list[int]]) -> None:
 def spec_with(spec, **blocks: dict):
     """A copy of a frozen spec with some fields of some blocks changed: spec_with(spec, trainer={"seed": 8})."""
     return spec.model_copy(update={name: getattr(spec, name).model_copy(update=fields) for name, fields in blocks.items()})
+
+
+class CrashOnce:
+    """An `on_report` hook for run_on_ray: the last worker exits after reporting `step`, the first time only
+    (the marker file remembers), so Ray Train restarts the group from the last checkpoint."""
+
+    def __init__(self, step: int, marker: str):
+        self.step, self.marker = step, marker
+
+    def __call__(self, metrics: dict, ctx) -> None:
+        if ctx.rank == ctx.world_size - 1 and metrics.get("step") == self.step and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)

@@ -9,9 +9,9 @@ import torch
 from rwkvray.spec import spec_from_dict
 from rwkvray.errors import UserError
 from rwkvray.launch.outputs import export_outputs
-from rwkvray.launch.train import FAULT_MARKER_ENV, FAULT_STEP_ENV, run_on_ray
+from rwkvray.launch.train import run_on_ray
 from rwkvray.model.state_file import load_state
-from tests.helpers import spec_with
+from tests.helpers import CrashOnce, spec_with
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -125,12 +125,10 @@ def test_checkpoint_holds_no_frozen_base(zero1_run, tiny_model):
     assert {"progress.json", "state.pth", "rng-0.pt", "rng-1.pt"} <= names
 
 
-def test_killed_worker_resumes_to_the_same_final_state(zero1_run, tiny_model, tmp_path, monkeypatch):
+def test_killed_worker_resumes_to_the_same_final_state(zero1_run, tiny_model, tmp_path):
     reference_spec, _ = zero1_run
-    monkeypatch.setenv(FAULT_STEP_ENV, "6")
-    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "fault-happened"))
     spec = spec_with(two_worker_spec(tiny_model, tmp_path, "faulty"), run={"max_failures": 1})
-    result = run_on_ray(spec)
+    result = run_on_ray(spec, on_report=CrashOnce(step=6, marker=str(tmp_path / "fault-happened")))
     assert (tmp_path / "fault-happened").exists()
     assert result.error is None
     assert [json.loads(line)["step"] for line in open(os.path.join(spec.trainer.proj_dir, "metrics.jsonl"))] == list(range(1, 13))

@@ -31,3 +31,25 @@ def test_rerun_messages(make_tiny_model, tmp_path, capsys):
                                   "resume with the new values")
     assert check_rerun(spec(model, tmp_path, micro_bsz=2), allow_changed_spec=True) == 4
     assert "resuming with a changed spec (changed: trainer.micro_bsz)" in capsys.readouterr().out
+
+
+def test_sweep_rerun_messages(make_tiny_model, tmp_path, capsys):
+    """Without Ray: a sweep recorded with 2 samples whose experiment never started resumes at 0 of 2; a grown
+    num_samples adds a part; a shrunk one is a change."""
+    from rwkvray.launch.sweep_plan import Part, plan_sweep
+    tuned = spec(make_tiny_model(1, 64), tmp_path, epoch_count=1).model_dump(mode="json", exclude_unset=True)
+    tuned["data"]["holdout_fraction"] = 0.1
+    tuned["tune"] = {"num_samples": 2, "space": {"lr_init": {"loguniform": [0.001, 0.1]}}}
+    sweep = spec_from_dict(tuned, "tune.yaml")
+    assert plan_sweep(sweep).parts == [Part("sweep", 0, 2)]
+    assert capsys.readouterr().out == ""
+    assert plan_sweep(sweep).parts == [Part("sweep", 0, 2)]
+    assert capsys.readouterr().out == "resuming sweep 'again': 0 of 2 trials done\n"
+    tuned["tune"]["num_samples"] = 3
+    assert plan_sweep(spec_from_dict(tuned, "tune.yaml")).parts == [Part("sweep", 0, 2), Part("sweep-2", 2, 1)]
+    assert capsys.readouterr().out == ("sweep 'again' grows from 2 to 3 trials\n"
+                                       "resuming sweep 'again': 0 of 3 trials done\n")
+    tuned["tune"]["num_samples"] = 1
+    with pytest.raises(UserError, match=r"^tune.yaml: sweep 'again' in .* started with a different spec \(changed: "
+                                        r"tune.num_samples\)"):
+        plan_sweep(spec_from_dict(tuned, "tune.yaml"))

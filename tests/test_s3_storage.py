@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from rwkvray.spec import spec_from_dict
-from rwkvray.launch.train import FAULT_MARKER_ENV, FAULT_STEP_ENV, run_on_ray
+from rwkvray.launch.train import run_on_ray
 from rwkvray.model.state_file import load_state
-from tests.helpers import free_port
+from tests.helpers import CrashOnce, free_port
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("moto.server")
@@ -66,10 +66,8 @@ def s3_ray(s3_server):
                 os.environ[name] = value
 
 
-def test_killed_worker_resumes_from_the_bucket(s3_ray, make_tiny_model, tmp_path, monkeypatch):
+def test_killed_worker_resumes_from_the_bucket(s3_ray, make_tiny_model, tmp_path):
     import pyarrow.fs
-    monkeypatch.setenv(FAULT_STEP_ENV, "4")
-    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "fault-happened"))
     spec = spec_from_dict({
         "run": {"name": "s3run", "storage_path": "s3://runs/rwkvray", "checkpoint_every_steps": 4, "max_failures": 1},
         "model": {"path": make_tiny_model(2, 128)},
@@ -80,7 +78,7 @@ def test_killed_worker_resumes_from_the_bucket(s3_ray, make_tiny_model, tmp_path
         "deepspeed": {"stage": 2},
         "scaling": {"num_workers": 2},
     }, "test")
-    result = run_on_ray(spec)
+    result = run_on_ray(spec, on_report=CrashOnce(step=4, marker=str(tmp_path / "fault-happened")))
     assert (tmp_path / "fault-happened").exists() and result.error is None
     bucket = pyarrow.fs.FileSystem.from_uri("s3://runs/rwkvray/s3run")[0]
     with bucket.open_input_stream("runs/rwkvray/s3run/rwkv-final.pth") as f:

@@ -57,7 +57,6 @@ def test_one_worker_train_command_runs_deepspeed_and_lowers_loss(local_ray, tiny
     """`rwkvray train --devices 1 --strategy deepspeed_stage_2`: one Ray worker on the same DeepSpeed engine
     (its checkpoint holds a ZeRO optimizer partition, which plain AdamW would not write), loss falls, the base
     stays bit-identical, epoch files carry RWKV-PEFT's layout and a state card, generation changes."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     before = load_checkpoint(tiny_model).weights
     out = tmp_path / "out"

@@ -8,6 +8,8 @@ from rwkvray.model.checkpoint import save_checkpoint
 from rwkvray.cli import main
 from rwkvray.spec import spec_from_dict
 from rwkvray.model.init import default_dims, init_weights
+from rwkvray.errors import UserError
+from rwkvray.launch.sweep_plan import sample_configs
 from rwkvray.launch.tune import run_sweep
 from rwkvray.model.state_file import load_state
 
@@ -56,8 +58,33 @@ def test_sweep_stops_a_trial_early_and_exports_the_best_state(local_ray, tmp_pat
     assert best["params"]["lr_init"] in (0.3, 0.1)
     assert (sweep_dir / "trials" / best["trial"] / "rwkv-0.pth").exists()
 
-    assert run_sweep(spec) == summary  # the same sweep again resumes the finished one instead of starting over
-    assert "resuming the sweep" in capsys.readouterr().out
+    first_reports = sorted((r for r in trial_results if r["training_iteration"] == 1), key=lambda r: r["trial_id"])
+    assert [r["config"] for r in first_reports] == sample_configs(spec, 4)  # sample i comes from the seed and i
+
+    assert run_sweep(spec) == summary  # a finished sweep is read back from storage, not run again
+    assert "sweep 'sweep-test' already complete: 4/4 trials\n" in capsys.readouterr().out
+    changed = spec.model_copy(deep=True)
+    changed.tune.space["lr_final"] = {"choice": [0.001]}
+    with pytest.raises(UserError, match=r"^test: sweep 'sweep-test' in .* was started with a different spec \(changed: "
+                                        r"tune.space.lr_final.choice\); use a new run.name, or --allow-changed-spec"):
+        run_sweep(changed)
+
+    # 4 -> 5 samples: the 4 finished trials stay; one new trial, the fifth sample of a fresh 5-trial sweep, runs
+    # into the same storage; best.json is the best of all 5
+    grown = spec.model_copy(deep=True)
+    grown.tune.num_samples = 5
+    summary = run_sweep(grown)
+    out = capsys.readouterr().out
+    assert "sweep 'sweep-test' grows from 4 to 5 trials\nresuming sweep 'sweep-test': 4 of 5 trials done\n" in out
+    results = {part: [json.loads(line) for path in sweep_dir.glob(f"{part}/*/result.json") for line in open(path)]
+               for part in ("sweep", "sweep-2")}
+    assert {r["trial_id"] for r in results["sweep"]} == {r["trial_id"] for r in trial_results}  # not run again
+    assert {r["trial_id"] for r in results["sweep-2"]} == {results["sweep-2"][0]["trial_id"]}
+    assert results["sweep-2"][0]["config"] == sample_configs(grown, 5)[4]
+    everything = results["sweep"] + results["sweep-2"]
+    assert summary["val_loss"] == pytest.approx(min(r["val_loss"] for r in everything))
+    assert json.loads((sweep_dir / "best.json").read_text()) == json.loads(json.dumps(summary))
+    assert f"{summary['trial']}  " in out and all(f"{r['trial_id']}  " in out for r in everything)
 
 
 @pytest.mark.parametrize("tune_block, message", [

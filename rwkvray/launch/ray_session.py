@@ -4,19 +4,34 @@ A cluster address is probed before `ray.init`: Ray itself retries an address whe
 minutes, printing "Failed to connect to GCS" warnings, where a user wants one line naming the address.
 """
 import contextlib
+import logging
 import os
 import socket
+import threading
 import time
 
 from rwkvray.errors import UserError
 
 PROBE_SECONDS = 20  # how long an address that neither answers nor refuses is retried
+# Ray Train's controller starts a node-drain watcher whose creation logs a core_worker error line (its constructor
+# arguments sit in the object store while it may restart, ray-project/ray#53727); rwkvray resumes from
+# checkpoints and does not use the drain notices
+QUIET_CONTROLLER = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 START_HINT = "start a head there with `ray start --head`, or leave out the address to use a local Ray instance"
 
 
+def worker_env(use_gpu: bool) -> dict:
+    """Environment variables for the processes that train: the S3 endpoint and keys of an s3:// storage_path,
+    and DeepSpeed's CPU accelerator (gloo collectives) when they train on CPUs."""
+    from rwkvray.files.storage import aws_env
+    return {**aws_env(), **({} if use_gpu else {"DS_ACCELERATOR": "cpu"})}
+
+
 @contextlib.contextmanager
-def ray_session(address: str | None = None):
-    """Ray for the length of one command; a caller that already joined Ray keeps its connection."""
+def ray_session(address: str | None = None, env_vars: dict | None = None):
+    """Ray for the length of one command; a caller that already joined Ray keeps its connection. `env_vars` go
+    to every Ray process of the job (runtime_env), with the S3 settings an s3:// storage_path needs and
+    QUIET_CONTROLLER."""
     import ray
     if ray.is_initialized():
         yield
@@ -26,9 +41,9 @@ def ray_session(address: str | None = None):
     if target != "local":
         check_reachable(target, named_by)
     from rwkvray.files.storage import aws_env
-    aws = aws_env()  # an s3:// storage_path: Ray Train's controller and workers read the bucket too
+    env = {**aws_env(), **QUIET_CONTROLLER, **(env_vars or {})}  # Ray Train's controller reads an s3:// bucket too
     try:
-        ray.init(address=target, configure_logging=False, runtime_env={"env_vars": aws} if aws else None)
+        ray.init(address=target, configure_logging=False, runtime_env={"env_vars": env})
     except ConnectionError as err:
         raise UserError(f"{named_by}: cannot join a Ray cluster ({first_line(err)}); {START_HINT}") from None
     try:
@@ -37,6 +52,33 @@ def ray_session(address: str | None = None):
         # explicitly, before interpreter exit: otherwise Ray Train's placement-group cleaner races the
         # shutting-down GCS and prints a traceback
         ray.shutdown()
+
+
+def off_main_thread(drive):
+    """Call `drive` (Ray Train's fit, Tune's) in a thread and wait for it, so that Ctrl-C reaches the caller as
+    a KeyboardInterrupt: leaving ray_session then ends the job, and the run resumes from its checkpoints. In the
+    main thread, Ray Train and Tune install SIGINT handlers of their own, which end the process with status 1
+    (Train) or hand back a half-finished sweep as if it were done (Tune)."""
+    outcome = {}
+
+    def call():
+        try:
+            outcome["value"] = drive()
+        except BaseException as err:  # handed to the caller below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=call, name="ray-driver", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except KeyboardInterrupt:
+        for name in ("ray", "ray.tune", "ray.train"):  # the abandoned thread's complaints as Ray stops
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def resolve_address(address: str | None) -> tuple[str, str]:

@@ -1,7 +1,8 @@
 """Say what a rerun of a run will do: start, resume from step N, or nothing (already complete).
 
 The driver stores the training-relevant part of the spec in `storage_path/name/spec.json`. Rerunning with a
-different spec is refused, naming the changed keys, unless the user allows it.
+different spec is refused, naming the changed keys, unless the user allows it. Sweeps keep the same record
+(launch/sweep_plan.py).
 """
 import hashlib
 import json
@@ -12,11 +13,11 @@ from rwkvray.train.metrics import read_metrics
 
 # keys that may change between a run and its resumption: where things go, retries, logging, hardware
 FREE_KEYS = ("run.max_failures", "run.keep_checkpoints", "run.storage_path", "trainer.proj_dir", "logging.",
-             "scaling.", "serve.", "tune.")
+             "scaling.", "serve.")
 
 
-def training_keys(spec) -> dict:
-    """The spec as {dotted key: value}, without the keys that may change on resume."""
+def training_keys(spec, free: tuple[str, ...] = FREE_KEYS + ("tune.",)) -> dict:
+    """The spec as {dotted key: value}, without the keys (or key prefixes) in `free`."""
     flat = {}
 
     def walk(node, prefix):
@@ -27,11 +28,36 @@ def training_keys(spec) -> dict:
                 flat[prefix + key] = value
 
     walk(spec.model_dump(mode="json"), "")
-    return {k: v for k, v in flat.items() if not k.startswith(FREE_KEYS)}
+    return {k: v for k, v in flat.items() if not k.startswith(free)}
 
 
 def spec_hash(keys: dict) -> str:
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
+
+
+def changed_keys(keys: dict, stored: dict) -> list[str]:
+    return sorted(k for k in set(keys) | set(stored) if keys.get(k) != stored.get(k))
+
+
+def check_changes(spec, kind: str, folder: str, changed: list[str], allow_changed_spec: bool) -> None:
+    """Refuse a changed spec naming the keys, or say it resumes with them when the user allows it."""
+    if not changed:
+        return
+    if not allow_changed_spec:
+        raise UserError(f"{spec.source}: {kind} {spec.run.name!r} in {folder} was started with a different spec "
+                        f"(changed: {', '.join(changed)}); use a new run.name, or --allow-changed-spec to "
+                        "resume with the new values")
+    print(f"resuming with a changed spec (changed: {', '.join(changed)})")
+
+
+def read_record(folder: str) -> dict | None:
+    stored = storage.read_bytes(storage.join(folder, "spec.json"))
+    return None if stored is None else json.loads(stored)
+
+
+def write_record(folder: str, keys: dict, **extra) -> None:
+    record = {"hash": spec_hash(keys), "keys": keys, **extra}
+    storage.write_bytes(storage.join(folder, "spec.json"), json.dumps(record, indent=1).encode())
 
 
 def check_rerun(spec, allow_changed_spec: bool = False) -> int | None:
@@ -39,23 +65,15 @@ def check_rerun(spec, allow_changed_spec: bool = False) -> int | None:
     stands at (None for a new run). Records the spec for the next rerun."""
     run = storage.run_dir(spec)
     keys = training_keys(spec)
-    stored_bytes = storage.read_bytes(storage.join(run, "spec.json"))
+    stored = read_record(run)
+    if stored is not None and stored["hash"] != spec_hash(keys):
+        check_changes(spec, "run", run, changed_keys(keys, stored["keys"]), allow_changed_spec)
     total = spec.trainer.epoch_count * spec.trainer.epoch_steps
-    if stored_bytes is not None:
-        stored = json.loads(stored_bytes)
-        if stored["hash"] != spec_hash(keys):
-            changed = sorted(k for k in set(keys) | set(stored["keys"]) if keys.get(k) != stored["keys"].get(k))
-            if not allow_changed_spec:
-                raise UserError(f"{spec.source}: run {spec.run.name!r} in {run} was started with a different spec "
-                                f"(changed: {', '.join(changed)}); use a new run.name, or --allow-changed-spec to "
-                                "resume with the new values")
-            print(f"resuming with a changed spec (changed: {', '.join(changed)})")
     rows = read_metrics(storage.join(run, "metrics.jsonl"))
     step = rows[-1]["step"] if rows else None
     if step is not None and step >= total:
         print(f"run {spec.run.name!r} already complete at step {step}/{total}")
     elif step is not None:
         print(f"resuming run {spec.run.name!r} from step {step}/{total}")
-    storage.write_bytes(storage.join(run, "spec.json"),
-                        json.dumps({"hash": spec_hash(keys), "keys": keys}, indent=1).encode())
+    write_record(run, keys)
     return step

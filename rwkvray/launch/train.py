@@ -1,44 +1,37 @@
 """`rwkvray run`: a TorchTrainer whose workers each run the plain training loop with a DeepSpeed engine."""
-import os
 import sys
-
-import torch
 
 from rwkvray.files import storage
 from rwkvray.spec import check_model_expectations
 from rwkvray.launch.outputs import copy_to_proj_dir, export_outputs
+from rwkvray.launch.ray_session import off_main_thread, worker_env
 from rwkvray.launch.resume import check_rerun
-from rwkvray.train.loop import WorkerContext, train
+from rwkvray.train.loop import ReportHook, WorkerContext, train
 
-FAULT_STEP_ENV = "RWKVRAY_FAULT_AT_STEP"     # chaos testing: the last worker exits after reporting this step
-FAULT_MARKER_ENV = "RWKVRAY_FAULT_MARKER"    # file that records the fault already happened (so it fires once)
-
-
-def _fault_from_env() -> dict | None:
-    step, marker = os.environ.get(FAULT_STEP_ENV), os.environ.get(FAULT_MARKER_ENV)
-    return {"step": int(step), "marker": marker} if step and marker else None
+# Ray Train turns a worker's print into a log record and, since Ray replaces the worker's sys.stdout, also prints
+# it: every line would show twice. Plain print: once, through Ray's log forwarding.
+PLAIN_PRINT = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def worker_loop(config: dict) -> None:
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, gloo collectives
-    train(config["spec"], WorkerContext.ray_train_worker(config.get("fault")))
+    train(config["spec"], WorkerContext.ray_train_worker(config["on_report"]))
 
 
-def build_trainer(spec, callbacks=()):
-    """The TorchTrainer for a spec: one worker per scaling.num_workers, each running `worker_loop`."""
+def build_trainer(spec, callbacks=(), on_report: ReportHook | None = None):
+    """The TorchTrainer for a spec: one worker per scaling.num_workers, each running `worker_loop`.
+    `on_report` (picklable: it travels to the workers) runs on every worker after each report."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     scaling = spec.scaling
     return TorchTrainer(
         worker_loop,
-        train_loop_config={"spec": spec, "fault": _fault_from_env()},
+        train_loop_config={"spec": spec, "on_report": on_report},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=scaling.resources_per_worker or None,
                                      placement_strategy=scaling.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(name=spec.run.name, storage_path=spec.run.storage_path, callbacks=list(callbacks),
-                             worker_runtime_env={"env_vars": storage.aws_env()},  # S3 endpoint and keys
+                             worker_runtime_env={"env_vars": {**worker_env(scaling.use_gpu), **PLAIN_PRINT}},
                              failure_config=FailureConfig(max_failures=spec.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints)),
     )
@@ -59,9 +52,9 @@ def check_model_file(model, source: str) -> None:
     check_model_expectations(model, infer_dims(read_tensor_dict(model.path)), source)
 
 
-def run_on_ray(spec, address: str | None = None, allow_changed_spec: bool = False):
+def run_on_ray(spec, address: str | None = None, allow_changed_spec: bool = False, on_report: ReportHook | None = None):
     """Fit the spec on the cluster, export its outputs from run storage; returns the Ray Train result, or None
-    when the run was already complete (its outputs are copied to proj_dir again)."""
+    when the run was already complete (its outputs are copied to proj_dir again). `on_report`: see build_trainer."""
     from rwkvray.launch.ray_session import ray_session
     check_model_file(spec.model, spec.source)  # a wrong n_layer fails here, not after Ray has started
     step = check_rerun(spec, allow_changed_spec)
@@ -70,6 +63,6 @@ def run_on_ray(spec, address: str | None = None, allow_changed_spec: bool = Fals
         return None
     with ray_session(address):
         warn_if_cluster_too_small(spec)
-        result = build_trainer(spec).fit()
+        result = off_main_thread(build_trainer(spec, on_report=on_report).fit)
         export_outputs(spec, result.checkpoint)
     return result

@@ -9,9 +9,9 @@ import json
 import os
 import shutil
 
-import torch
-
+from rwkvray.files import storage
 from rwkvray.files.atomic import atomic_path
+from rwkvray.launch.sweep_plan import plan_sweep
 from rwkvray.launch.tune_space import ray_search_space, spec_for_trial
 from rwkvray.peft.base import method_classes
 from rwkvray.train.loop import WorkerContext, train
@@ -23,8 +23,6 @@ def run_trial(config: dict, spec) -> None:
     import ray.tune
     trial_spec = spec_for_trial(spec, config, ray.tune.get_context().get_trial_id())
     if spec.scaling.num_workers == 1:
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         train(trial_spec, WorkerContext.tune_trial(spec.tune.gpus_per_trial > 0))
         return
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -33,32 +31,49 @@ def run_trial(config: dict, spec) -> None:
     build_trainer(trial_spec, callbacks=[TuneReportCallback()]).fit()
 
 
-def run_sweep(spec, address: str | None = None):
-    """Run (or resume) the sweep; print the trial table; write best_state.pth and best.json."""
-    from rwkvray.launch.ray_session import ray_session
+def run_sweep(spec, address: str | None = None, allow_changed_spec: bool = False):
+    """Run, resume or grow the sweep (see launch/sweep_plan.py); print the trial table; write best_state.pth
+    and best.json. A complete sweep starts no Ray: its results are read from storage."""
+    from rwkvray.launch.ray_session import off_main_thread, ray_session, worker_env
     sweep = spec.tune
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # one kept checkpoint is the point
-    with ray_session(address):
-        results = _fit_sweep(spec, sweep)
-        total_steps = spec.trainer.epoch_count * spec.trainer.epoch_steps
-        metric = METRIC_KEYS[sweep.metric]
-        print(trial_table(results, metric, sweep.mode, list(sweep.space), total_steps))
-        return export_best(spec, results, metric, sweep.mode)
-
-
-def _fit_sweep(spec, sweep):
-    from ray import tune
-    sweep_dir = os.path.join(spec.run.storage_path, spec.run.name)  # Ray Tune's experiment storage (may be a URI)
-    trainable = tune.with_resources(functools.partial(run_trial, spec=spec), _trial_resources(spec))
-    if tune.Tuner.can_restore(os.path.join(sweep_dir, "sweep")):
-        print(f"resuming the sweep in {sweep_dir}/sweep")
-        return tune.Tuner.restore(os.path.join(sweep_dir, "sweep"), trainable, resume_errored=True).fit()
+    plan = plan_sweep(spec, allow_changed_spec)
+    if plan.complete:
+        results = [r for part in plan.parts for r in _stored_results(spec, part)]
+    else:
+        # one kept checkpoint per trial is the point: no warning about syncing it
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        # a one-worker trial trains in the trial's own process; a larger one sets its workers' env in build_trainer
+        trial_on_cpu = spec.scaling.num_workers == 1 and sweep.gpus_per_trial == 0
+        with ray_session(address, worker_env(use_gpu=not trial_on_cpu)):
+            results = off_main_thread(lambda: [r for part in plan.parts for r in _fit_part(spec, part, plan.done)])
+    total_steps = spec.trainer.epoch_count * spec.trainer.epoch_steps
     metric = METRIC_KEYS[sweep.metric]
-    checkpoints = tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=sweep.mode)
-    tuner = tune.Tuner(trainable, param_space=ray_search_space(sweep),
-                       tune_config=_tune_config(sweep, metric, spec.trainer.seed),
-                       run_config=tune.RunConfig(name="sweep", storage_path=sweep_dir, checkpoint_config=checkpoints))
-    return tuner.fit()
+    print(trial_table(results, metric, sweep.mode, list(sweep.space), total_steps))
+    return export_best(spec, results, metric, sweep.mode)
+
+
+def _stored_results(spec, part):
+    from ray import tune
+    return list(tune.ResultGrid(tune.ExperimentAnalysis(storage.join(storage.run_dir(spec), part.name))))
+
+
+def _fit_part(spec, part, finished: dict[str, int]):
+    """The part's trials: read back when all finished, else resumed (errored ones again) or started."""
+    from ray import tune
+    done = finished.get(part.name)
+    if done is not None and done >= part.count:
+        return _stored_results(spec, part)
+    sweep_dir = storage.run_dir(spec)  # Ray Tune's experiment storage (may be a URI)
+    trainable = tune.with_resources(functools.partial(run_trial, spec=spec), _trial_resources(spec))
+    if done is not None:
+        return list(tune.Tuner.restore(storage.join(sweep_dir, part.name), trainable, resume_errored=True).fit())
+    metric = METRIC_KEYS[spec.tune.metric]
+    checkpoints = tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
+                                        checkpoint_score_order=spec.tune.mode)
+    tuner = tune.Tuner(trainable, param_space=ray_search_space(spec.tune),
+                       tune_config=_tune_config(spec.tune, metric, part.configs(spec)),
+                       run_config=tune.RunConfig(name=part.name, storage_path=sweep_dir, checkpoint_config=checkpoints))
+    return list(tuner.fit())
 
 
 def _trial_resources(spec) -> dict:
@@ -68,7 +83,7 @@ def _trial_resources(spec) -> dict:
     return {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}
 
 
-def _tune_config(sweep, metric: str, seed: int):
+def _tune_config(sweep, metric: str, configs: list[dict]):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -78,8 +93,8 @@ def _tune_config(sweep, metric: str, seed: int):
                                   reduction_factor=options.reduction_factor, max_t=options.max_t or 10**9)
     else:
         scheduler = FIFOScheduler()
-    search = BasicVariantGenerator(random_state=seed, max_concurrent=sweep.max_concurrent_trials)  # seeded samples
-    return tune.TuneConfig(metric=metric, mode=sweep.mode, num_samples=sweep.num_samples, scheduler=scheduler,
+    search = BasicVariantGenerator(points_to_evaluate=configs, max_concurrent=sweep.max_concurrent_trials)
+    return tune.TuneConfig(metric=metric, mode=sweep.mode, num_samples=len(configs), scheduler=scheduler,
                            search_alg=search)
 
 
@@ -110,7 +125,8 @@ def export_best(spec, results, metric: str, mode: str) -> dict:
     """Copy the best trial's state file to <proj_dir>/best_state.pth and describe it in best.json
     (proj_dir is <storage_path>/<name> unless the spec sets it)."""
     out_dir = spec.trainer.proj_dir
-    best = results.get_best_result(metric=metric, mode=mode, scope="all")
+    scored = [(value, r) for r in results if (value := _best_value(r, metric, mode)) is not None]
+    best = (min if mode == "min" else max)(scored, key=lambda pair: pair[0])[1]
     checkpoint = best.get_best_checkpoint(metric=metric, mode=mode)
     summary = {"trial": best.metrics.get("trial_id"), "params": {k: best.config[k] for k in spec.tune.space},
                metric: _best_value(best, metric, mode), "checkpoint": checkpoint.path}

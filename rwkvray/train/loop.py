@@ -8,6 +8,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,18 +26,25 @@ from rwkvray.model.state_card import base_fingerprint, card_bytes
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
 
 
-class WorkerContext:
-    """Who this worker is, and the Ray session (ray.train or ray.tune) its checkpoints go through."""
+ReportHook = Callable[[dict, "WorkerContext"], None]
 
-    def __init__(self, session, rank: int, world_size: int, device: torch.device, fault: dict | None = None):
-        self.session, self.rank, self.world_size, self.device, self.fault = session, rank, world_size, device, fault
+
+class WorkerContext:
+    """Who this worker is, and the Ray session (ray.train or ray.tune) its checkpoints go through.
+    `on_report(metrics, ctx)`, when given, runs on every worker after each report (a caller's monitor, or a test
+    that kills a worker there)."""
+
+    def __init__(self, session, rank: int, world_size: int, device: torch.device, on_report: ReportHook | None = None):
+        self.session, self.rank, self.world_size, self.device = session, rank, world_size, device
+        self.on_report = on_report
 
     @classmethod
-    def ray_train_worker(cls, fault: dict | None = None) -> "WorkerContext":
+    def ray_train_worker(cls, on_report: ReportHook | None = None) -> "WorkerContext":
         import ray.train
         import ray.train.torch
         context = ray.train.get_context()
-        return cls(ray.train, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(), fault)
+        return cls(ray.train, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
+                   on_report)
 
     @classmethod
     def tune_trial(cls, use_gpu: bool) -> "WorkerContext":
@@ -54,8 +62,8 @@ class WorkerContext:
 
     def report(self, metrics: dict, checkpoint_dir: str) -> None:
         self.session.report(metrics, checkpoint=self.session.Checkpoint.from_directory(checkpoint_dir))
-        if self.fault and self.rank == self.world_size - 1 and metrics.get("step") == self.fault["step"]:
-            _crash_once(self.fault["marker"])
+        if self.on_report is not None:
+            self.on_report(metrics, self)
 
 
 def _join_single_process_group(device: torch.device) -> None:
@@ -67,13 +75,6 @@ def _join_single_process_group(device: torch.device) -> None:
         port = s.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
-
-
-def _crash_once(marker: str) -> None:
-    """Chaos testing: kill this worker process the first time only (the marker file remembers)."""
-    if not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(1)
 
 
 @dataclass

@@ -36,11 +36,8 @@ class RunLogger:
 
     @staticmethod
     def _start_wandb(project, mode, folder, run_name, config):
-        import os
-
         import wandb
-        os.environ.setdefault("WANDB_MODE", mode)
-        return wandb.init(project=project, name=run_name, dir=folder, config=config or {}, mode=os.environ["WANDB_MODE"])
+        return wandb.init(project=project, name=run_name, dir=folder, config=config or {}, mode=mode)
 
     def log_step(self, step: int, loss: float, lr: float, tokens_per_s: float, **extra) -> None:
         if not self.enabled:
