@@ -12,6 +12,7 @@ from rwkvray.errors import UserError
 from rwkvray.launch.sweep_plan import sample_configs
 from rwkvray.launch.tune import run_sweep
 from rwkvray.model.state_file import load_state
+from tests.helpers import spec_with
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -63,16 +64,14 @@ def test_sweep_stops_a_trial_early_and_exports_the_best_state(local_ray, tmp_pat
 
     assert run_sweep(spec) == summary  # a finished sweep is read back from storage, not run again
     assert "sweep 'sweep-test' already complete: 4/4 trials\n" in capsys.readouterr().out
-    changed = spec.model_copy(deep=True)
-    changed.tune.space["lr_final"] = {"choice": [0.001]}
+    changed = spec_with(spec, tune={"space": {**spec.tune.space, "lr_final": {"choice": [0.001]}}})
     with pytest.raises(UserError, match=r"^test: sweep 'sweep-test' in .* was started with a different spec \(changed: "
                                         r"tune.space.lr_final.choice\); use a new run.name, or --allow-changed-spec"):
         run_sweep(changed)
 
     # 4 -> 5 samples: the 4 finished trials stay; one new trial, the fifth sample of a fresh 5-trial sweep, runs
     # into the same storage; best.json is the best of all 5
-    grown = spec.model_copy(deep=True)
-    grown.tune.num_samples = 5
+    grown = spec_with(spec, tune={"num_samples": 5})
     summary = run_sweep(grown)
     out = capsys.readouterr().out
     assert "sweep 'sweep-test' grows from 4 to 5 trials\nresuming sweep 'sweep-test': 4 of 5 trials done\n" in out
