@@ -78,6 +78,7 @@ def start_local_app(args, folder: str) -> tuple[str, str, list[str]]:
     import ray
     from ray import serve
     from rwkvray.spec import spec_from_dict
+    from rwkvray.launch.serving import read_api_key
     from rwkvray.serve.app import APP_NAME, build_app
     from rwkvray.model.state_file import save_state
 
@@ -99,14 +100,14 @@ def start_local_app(args, folder: str) -> tuple[str, str, list[str]]:
         port = s.getsockname()[1]
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(config, read_api_key(config)), name=APP_NAME, route_prefix="/")
     return f"http://127.0.0.1:{port}", config.model_name, names
 
 
 def model_step_ceiling(model_path: str, batches: list[int]) -> dict:
     """Tokens/s of bare `model.step` at each batch size, one torch thread (as a 1-CPU replica runs): the most
     the engine could reach on this machine."""
-    from rwkvray.model.rwkv7 import RNNState, load_model
+    from rwkvray.model.rwkv import RNNState, load_model
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model, _ = load_model(model_path)

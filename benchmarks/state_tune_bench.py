@@ -24,18 +24,19 @@ from pathlib import Path
 
 import torch
 
-from rwkvray.model.dims import ModelDims
+from rwkvray.model.dims import ModelDimsX070
 from rwkvray.model.init import default_dims
 from rwkvray.errors import UserError
 from rwkvray.model.loss import masked_lm_loss
-from rwkvray.model.rwkv7 import RWKV7, TimeMix
+from rwkvray.model.rwkv import RWKV
+from rwkvray.model.rwkv7 import TimeMix
 from rwkvray.peft.state import from_time_state
 
 VOCAB = 65536
 HEAD_SIZE = 64
 # n_layer, n_embd of the released models; default_dims gives their low-rank dims (64/64/32/128 at 768 …)
 SIZES = {"0.1B": (12, 768), "0.4B": (24, 1024), "1.5B": (24, 2048), "2.9B": (32, 2560)}
-SMOKE_DIMS = ModelDims(n_layer=2, n_embd=128, head_size=HEAD_SIZE, vocab_size=1024, dim_w=32, dim_a=32, dim_v=32,
+SMOKE_DIMS = ModelDimsX070(n_layer=2, n_embd=128, head_size=HEAD_SIZE, vocab_size=1024, dim_w=32, dim_a=32, dim_v=32,
                        dim_g=32)
 SMOKE_SHAPES = [(1, 64), (2, 32)]
 
@@ -168,13 +169,13 @@ def plan(args):
     return result
 
 
-def build_model(dims: ModelDims, device: torch.device, dtype: torch.dtype) -> RWKV7:
+def build_model(dims: ModelDimsX070, device: torch.device, dtype: torch.dtype) -> RWKV:
     """Built in `dtype` straight on the device (a 2.9B model never passes through the CPU), random and frozen."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = RWKV7(dims)
+            model = RWKV(dims)
     finally:
         torch.set_default_dtype(default)
     torch.manual_seed(0)
@@ -191,15 +192,15 @@ def build_model(dims: ModelDims, device: torch.device, dtype: torch.dtype) -> RW
     return model.requires_grad_(False)
 
 
-def with_backend(model: RWKV7, op: str, grad_cp: bool) -> RWKV7:
+def with_backend(model: RWKV, op: str, grad_cp: bool) -> RWKV:
     """The same weights (shared, not copied) on another WKV backend and recompute setting."""
     with torch.device("meta"):
-        twin = RWKV7(model.dims, op, grad_cp)
+        twin = RWKV(model.dims, op, grad_cp)
     twin.load_state_dict(model.state_dict(), assign=True)
     return twin.requires_grad_(False)
 
 
-def measure(model: RWKV7, op: str, grad_cp: bool, batch: int, seq_len: int, warmup: int, steps: int,
+def measure(model: RWKV, op: str, grad_cp: bool, batch: int, seq_len: int, warmup: int, steps: int,
             graph: bool = False) -> dict:
     """One row: eager steps, or (graph) the same step captured once and replayed."""
     dims = model.dims
@@ -262,7 +263,7 @@ def graphed_step(loss_fn, time_state, optimizer, tokens, mask):
     return lambda: replay(*inputs)
 
 
-def matmul_ceiling(model: RWKV7, batch: int, seq_len: int, warmup: int, steps: int) -> float:
+def matmul_ceiling(model: RWKV, batch: int, seq_len: int, warmup: int, steps: int) -> float:
     """tok/s of the frozen model's matmuls alone, each through cuBLAS at the row's token count: forward
     (x W) and activation backward (dy W^T) of every projection and low-rank factor, and of the head. No weight
     gradients (frozen), no WKV, no norms: no step of this model can be faster on this GPU."""

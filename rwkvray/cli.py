@@ -35,7 +35,7 @@ def warn_on_foreign_base(state_path: str, model_path: str) -> None:
 def cmd_generate(args) -> None:
     import torch
     from rwkvray.text.generate import generate_tokens
-    from rwkvray.model.rwkv7 import load_model, pick_device
+    from rwkvray.model.rwkv import load_model, pick_device
     from rwkvray.model.state_file import load_state
     from rwkvray.text.tokenizer import StreamDecoder, get_tokenizer
     if not args.prompt:
@@ -58,7 +58,7 @@ def cmd_train(args) -> None:
     flags = read_train_flags(args.flags)  # before importing torch: `train --help` answers at once
     spec = flags.spec()
     flags.warn()
-    from rwkvray.launch.train import run_on_ray
+    from rwkvray.launch.run import run_on_ray
     from rwkvray.launch.prechecks import before_training
     before_training(spec)
     run_on_ray(spec)  # --devices 1 too: one worker, the same engine and loop
@@ -89,7 +89,7 @@ def load_with_flags(args, kind):
 
 def cmd_run(args) -> None:
     from rwkvray.spec import TrainSpec
-    from rwkvray.launch.train import run_on_ray
+    from rwkvray.launch.run import run_on_ray
     from rwkvray.launch.prechecks import before_training
     spec = load_with_flags(args, TrainSpec)  # a tune spec trains too, with its own values
     before_training(spec, address=args.address)
@@ -109,7 +109,7 @@ def cmd_serve(args) -> None:
     from rwkvray.spec import ServeSpec, load_spec
     spec = load_spec(args.spec, kind=ServeSpec)  # before importing Ray Serve, which takes seconds
     from rwkvray.launch.prechecks import before_serving
-    from rwkvray.serve.app import run_server
+    from rwkvray.launch.serving import run_server
     before_serving(spec, args.address)
     run_server(spec, address=args.address)
 

@@ -12,21 +12,20 @@ import torch
 
 from rwkvray.spec import spec_from_dict
 from rwkvray.model.checkpoint import save_checkpoint
-from rwkvray.model.dims import ModelDims, ModelDimsX060
-from rwkvray.model.rwkv7 import RWKV7
-from rwkvray.model.rwkv6 import RWKV6
+from rwkvray.model.dims import ModelDimsX060, ModelDimsX070, RWKVDims
+from rwkvray.model.rwkv import RWKV
 from rwkvray.train.data import BINIDX_MAGIC, BINIDX_VERSION
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
-TINY = ModelDims(n_layer=2, n_embd=128, head_size=64, vocab_size=300, dim_w=8, dim_a=8, dim_v=4, dim_g=16)
+TINY = ModelDimsX070(n_layer=2, n_embd=128, head_size=64, vocab_size=300, dim_w=8, dim_a=8, dim_v=4, dim_g=16)
 
 
-def random_model(dims: ModelDims = TINY, seed: int = 0, dtype=torch.float32, op: str = "torch",
-                 grad_cp: bool = False) -> RWKV7:
+def random_model(dims: RWKVDims = TINY, seed: int = 0, dtype=torch.float32, op: str = "torch",
+                 grad_cp: bool = False) -> RWKV:
     """Every parameter random, so every path (decay, value residual, gates, bonus) is exercised; the same seed
-    gives the same weights whatever the backend and recompute."""
+    gives the same weights whatever the backend and recompute. Any version: the dims say which."""
     torch.manual_seed(seed)
-    return randomized(RWKV7(dims, op, grad_cp), dtype)
+    return randomized(RWKV(dims, op, grad_cp), dtype)
 
 
 def train_steps(model, batch, steps: int) -> list[float]:
@@ -43,13 +42,6 @@ def train_steps(model, batch, steps: int) -> list[float]:
 
 
 TINY_X060 = ModelDimsX060(n_layer=2, n_embd=128, head_size=64, vocab_size=300, dim_ffn=448, dim_mix=8, dim_decay=16)
-
-
-def random_model_x060(dims: ModelDimsX060 = TINY_X060, seed: int = 0, dtype=torch.float32,
-                      grad_cp: bool = False) -> RWKV6:
-    """Every parameter random; the decay spans from almost 1 to almost 0, as in trained RWKV-6 models."""
-    torch.manual_seed(seed)
-    return randomized(RWKV6(dims, grad_cp=grad_cp), dtype)
 
 
 def randomized(model, dtype):

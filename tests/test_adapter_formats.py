@@ -9,7 +9,7 @@ from rwkvray.model.checkpoint import load_checkpoint, save_checkpoint
 from rwkvray.spec import PeftConfig, spec_from_dict
 from rwkvray.errors import UserError
 from rwkvray.peft.merge import merge_adapter
-from rwkvray.model.rwkv7 import load_model
+from rwkvray.model.rwkv import load_model
 from rwkvray.peft import build_peft
 from rwkvray.peft.epoch_outputs import write_epoch_outputs
 from tests.helpers import PEFT_CONFIGS, TINY, train_steps, two_step_run_spec
@@ -27,7 +27,7 @@ def trained(name, base_path, batch, dtype=torch.float32, **extra):
 
 
 def logits(model, x):
-    """A peft PeftModel, a plain RWKV7, or our PeftModel (from its tuned state, if it has one)."""
+    """A peft PeftModel, a plain RWKV, or our PeftModel (from its tuned state, if it has one)."""
     with torch.no_grad():
         return model(x)[0] if not hasattr(model, "methods") else model.base(x, model.initial_state(x.shape[0]))[0]
 
@@ -54,7 +54,8 @@ def test_merge_0_folder_loads_in_peft_and_merges_to_merge_1s_file(name, base_pat
     files = {model.methods[0].name: model.methods[0].file_tensors()}
     for merge in (True, False):
         spec = PeftConfig.model_validate({**CONFIGS[name], "merge": merge})
-        write_epoch_outputs(spec, base_path, str(tmp_path / "run"), files, epoch=0, note=lambda _: None)
+        write_epoch_outputs(spec, base_path, str(tmp_path / "run"), str(tmp_path / "run-adapter"), files, epoch=0,
+                            note=lambda _: None)
 
     folder = str(tmp_path / "run-adapter")
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(folder))
@@ -71,7 +72,7 @@ def test_merge_0_folder_loads_in_peft_and_merges_to_merge_1s_file(name, base_pat
 
 @pytest.mark.ray
 def test_train_loop_merge_1_writes_rwkv_0_equal_to_rwkvray_merge(make_tiny_model, tmp_path, capsys):
-    from rwkvray.launch.train import run_on_ray
+    from rwkvray.launch.run import run_on_ray
     base_path = make_tiny_model(1, 64)  # the sample data needs the full vocabulary
     spec = two_step_run_spec(base_path, CONFIGS["lora"], tmp_path)
     assert spec.peft.merge
@@ -92,7 +93,7 @@ def test_pissa_writes_init_pissa_with_rwkv_peft_keys(base_path, batch, tmp_path)
     model = trained("pissa", base_path, batch)
     spec = PeftConfig.model_validate(CONFIGS["pissa"])
     files = {"pissa": model.methods[0].file_tensors()}
-    write_epoch_outputs(spec, base_path, str(tmp_path), files, epoch=0, note=lambda _: None)
+    write_epoch_outputs(spec, base_path, str(tmp_path), str(tmp_path / "adapter"), files, epoch=0, note=lambda _: None)
     init = load_raw(tmp_path / "init_pissa.pth")
     targets = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
     expected = [f"model.blocks.{i}.{t}.init_lora_{p}" for i in range(TINY.n_layer) for t in targets for p in "AB"]
@@ -184,7 +185,7 @@ def test_merge_1_with_a_tuned_state_merges_the_state_too(base_path, batch, tmp_p
     model = trained("lora", base_path, batch, combine_state=True)
     spec = PeftConfig.model_validate({**CONFIGS["lora"], "combine_state": True})
     files = {method.name: method.file_tensors() for method in model.methods}
-    write_epoch_outputs(spec, base_path, str(tmp_path), files, epoch=0, note=lambda _: None)
+    write_epoch_outputs(spec, base_path, str(tmp_path), str(tmp_path / "adapter"), files, epoch=0, note=lambda _: None)
     merged, time_state = load_model(str(tmp_path / "rwkv-0.pth"))
     torch.testing.assert_close(time_state, model.methods[1].time_state.detach())
     x = batch[0]

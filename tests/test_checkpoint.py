@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from rwkvray.model.checkpoint import load_checkpoint, save_checkpoint
-from rwkvray.model.dims import ModelDims
+from rwkvray.model.dims import ModelDimsX070
 from rwkvray.errors import UserError
 from rwkvray.model.init import default_dims, init_weights
 
 # Distinct low-rank dims so that mixing up w/a/v/g when inferring them cannot go unnoticed.
-DIMS = ModelDims(n_layer=2, n_embd=128, head_size=64, vocab_size=1000, dim_w=32, dim_a=48, dim_v=16, dim_g=64)
+DIMS = ModelDimsX070(n_layer=2, n_embd=128, head_size=64, vocab_size=1000, dim_w=32, dim_a=48, dim_v=16, dim_g=64)
 LAYER0_VALUES = {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
 
 
@@ -207,7 +207,7 @@ def test_refuses_time_state_for_some_layers_only(tmp_path, weights):
 
 
 def test_head_gain_formula_uses_vocab_over_embd():
-    dims = ModelDims(n_layer=1, n_embd=64, head_size=64, vocab_size=32, dim_w=32, dim_a=32, dim_v=32, dim_g=32)
+    dims = ModelDimsX070(n_layer=1, n_embd=64, head_size=64, vocab_size=32, dim_w=32, dim_a=32, dim_v=32, dim_g=32)
     head = init_weights(dims)["head.weight"].double()
     assert torch.allclose(head @ head.T, 0.25 * torch.eye(32, dtype=torch.float64), atol=1e-6)
     assert math.isclose(init_weights(dims)["blocks.0.att.ln_x.weight"][0].item(), 1.0)

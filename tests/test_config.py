@@ -20,7 +20,7 @@ from rwkvray.spec import (
     strategy_to_deepspeed,
 )
 from rwkvray.train.deepspeed_config import deepspeed_config
-from rwkvray.model.dims import ModelDims
+from rwkvray.model.dims import ModelDimsX070
 from rwkvray.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -252,9 +252,9 @@ def test_specs_and_their_blocks_are_frozen(workdir):
 
 def test_model_expectations_are_checked_against_real_dims(workdir):
     spec = load_text("model: {path: m.pth, n_layer: 24, n_embd: 2048}\n" + D, workdir)
-    same = ModelDims(n_layer=24, n_embd=2048, head_size=64, vocab_size=65536, dim_w=96, dim_a=96, dim_v=64, dim_g=256)
+    same = ModelDimsX070(n_layer=24, n_embd=2048, head_size=64, vocab_size=65536, dim_w=96, dim_a=96, dim_v=64, dim_g=256)
     check_model_expectations(spec.model, same, spec.source)
-    other = ModelDims(n_layer=12, n_embd=768, head_size=64, vocab_size=65536, dim_w=64, dim_a=64, dim_v=32, dim_g=128)
+    other = ModelDimsX070(n_layer=12, n_embd=768, head_size=64, vocab_size=65536, dim_w=64, dim_a=64, dim_v=32, dim_g=128)
     with pytest.raises(UserError) as caught:
         check_model_expectations(spec.model, other, spec.source)
     assert str(caught.value) == (

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rwkvray.kernels import wkv7
-from rwkvray.kernels import wkv_fla
+from rwkvray.kernels import wkv7_fla
 from tests.test_gpu_kernels import NAMES, case, rel_err
 
 BOUND = 1e-4 if not torch.cuda.is_available() else 1e-2  # TF32 tensor cores on a GPU
@@ -19,8 +19,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(scope="module", autouse=True)
 def installed_fla(triton_interpreter):
     """FLA as installed, self-checked afresh: no fake from test_gpu_kernels.py may stay cached."""
-    wkv_fla.fla_kernel.cache_clear()
-    wkv_fla.checked_kernel.cache_clear()
+    wkv7_fla.fla_kernel.cache_clear()
+    wkv7_fla.checked_kernel.cache_clear()
 
 
 @pytest.mark.parametrize("B", [1, 2])

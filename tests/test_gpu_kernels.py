@@ -22,9 +22,9 @@ import torch
 
 from rwkvray.errors import UserError
 from rwkvray.kernels import wkv7
-from rwkvray.kernels import wkv_fla
-from rwkvray.kernels.wkv_cuda import CUDA_DIR, first_error_line
-from rwkvray.kernels.wkv_torch import wkv7_loop
+from rwkvray.kernels import wkv7_fla
+from rwkvray.kernels.wkv7_cuda import CUDA_DIR, first_error_line
+from rwkvray.kernels.wkv7_torch import wkv7_loop
 from tests.helpers import assert_close_to_reference, kernel_case, rel_err
 from tests.test_wkv import wkv_inputs
 
@@ -186,7 +186,7 @@ def test_cuda_op_refuses_cpu_tensors_and_other_head_sizes_in_one_line():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
 def test_cuda_extension_without_cuda_says_so_in_one_line():
-    from rwkvray.kernels.wkv_cuda import extension
+    from rwkvray.kernels.wkv7_cuda import extension
     with pytest.raises(UserError) as error:
         extension()
     assert str(error.value) == ("WKV op 'cuda' needs an NVIDIA GPU and a CUDA build of PyTorch; "
@@ -221,11 +221,11 @@ def install_fake_fla(monkeypatch, chunk_rwkv7):
 
 @pytest.fixture
 def fla_cache():
-    wkv_fla.fla_kernel.cache_clear()
-    wkv_fla.checked_kernel.cache_clear()
+    wkv7_fla.fla_kernel.cache_clear()
+    wkv7_fla.checked_kernel.cache_clear()
     yield
-    wkv_fla.fla_kernel.cache_clear()
-    wkv_fla.checked_kernel.cache_clear()
+    wkv7_fla.fla_kernel.cache_clear()
+    wkv7_fla.checked_kernel.cache_clear()
 
 
 def test_fla_wrapper_converts_decay_and_state_layout_both_ways(monkeypatch, fla_cache):

@@ -3,7 +3,7 @@ import shlex
 import pytest
 
 from rwkvray.spec import check_model_expectations
-from rwkvray.model.dims import ModelDims
+from rwkvray.model.dims import ModelDimsX070
 from rwkvray.errors import UserError
 from rwkvray.compat.rwkv_peft import build_train_parser, spec_from_train_flags
 
@@ -93,7 +93,7 @@ def test_seed_form_uses_tutorial_defaults(workdir):
 def test_n_layer_goes_into_the_spec_and_is_checked(workdir):
     spec = flags("--load_model model.pth --data_file chats.jsonl --n_layer 24 --n_embd 2048 --head_size_a 64")
     assert (spec.model.n_layer, spec.model.n_embd, spec.model.head_size) == (24, 2048, 64)
-    tiny = ModelDims(n_layer=2, n_embd=2048, head_size=64, vocab_size=65536, dim_w=8, dim_a=8, dim_v=4, dim_g=16)
+    tiny = ModelDimsX070(n_layer=2, n_embd=2048, head_size=64, vocab_size=65536, dim_w=8, dim_a=8, dim_v=4, dim_g=16)
     with pytest.raises(UserError) as caught:
         check_model_expectations(spec.model, tiny, spec.source)
     assert str(caught.value) == f"train flags: model {workdir / 'model.pth'} has n_layer=2 but the spec expects 24"

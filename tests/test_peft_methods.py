@@ -10,9 +10,9 @@ from rwkvray.spec import PeftConfig, spec_from_dict
 from rwkvray.errors import UserError
 from rwkvray.model.init import default_dims
 from rwkvray.peft.merge import merge_adapter
-from rwkvray.model.rwkv7 import load_model
+from rwkvray.model.rwkv import load_model
 from rwkvray.peft import build_peft
-from rwkvray.peft.base import METHODS, method_classes
+from rwkvray.peft.registry import METHODS, method_classes
 from tests.helpers import PEFT_CONFIGS, PEFT_TARGETS, SAMPLE, TINY, random_model, train_steps, two_step_run_spec
 
 C = TINY.n_embd
@@ -161,7 +161,7 @@ def test_state_combined_with_lora_trains_both_and_merges(base_path, batch, tmp_p
 
 @pytest.mark.ray
 def test_train_loop_writes_each_methods_file(make_tiny_model, tmp_path):
-    from rwkvray.launch.train import run_on_ray
+    from rwkvray.launch.run import run_on_ray
     peft = {"method": "disha", "combine_state": True, "disha": {"mode": "bone", "r": 32}, "merge": False}
     spec = two_step_run_spec(make_tiny_model(1, 128), peft, tmp_path, loss_mask="qa")
     run_on_ray(spec)

@@ -72,7 +72,7 @@ def test_validate_no_check_files_still_checks_values(capsys, write_spec):
 
 
 def test_a_ray_serve_config_file_is_recognised(capsys, write_spec, tiny_model):
-    app = {"name": "rwkvray", "route_prefix": "/", "import_path": "rwkvray.serve.app:app_builder",
+    app = {"name": "rwkvray", "route_prefix": "/", "import_path": "rwkvray.launch.serving:app_builder",
            "args": {"model": tiny_model, "api_key_env": "RWKVRAY_API_KEY"}}
     other = {"name": "other", "import_path": "somewhere.else:app"}
     config = write_spec({"http_options": {"port": 8000}, "applications": [app, other]}, "serve_config.yaml")
@@ -86,7 +86,7 @@ def test_a_ray_serve_config_file_is_recognised(capsys, write_spec, tiny_model):
 
 
 def test_a_ray_serve_config_file_names_its_bad_args_in_its_own_terms(capsys, write_spec):
-    app = {"name": "rwkvray", "import_path": "rwkvray.serve.app:app_builder",
+    app = {"name": "rwkvray", "import_path": "rwkvray.launch.serving:app_builder",
            "args": {"model": "/models/m.pth", "replica": 2}}
     config = write_spec({"applications": [app]}, "serve_config.yaml")
     assert cli(capsys, "validate", "--no-check-files", config) == (

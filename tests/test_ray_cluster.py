@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from rwkvray.launch.train import run_on_ray
+from rwkvray.launch.run import run_on_ray
 from rwkvray.model.state_file import load_state
 from tests.helpers import spec_with
 from tests.test_ray_train import tiny_model, two_worker_spec  # noqa: F401  (tiny_model is a fixture)

@@ -9,7 +9,7 @@ import torch
 from rwkvray.spec import spec_from_dict
 from rwkvray.errors import UserError
 from rwkvray.launch.outputs import export_outputs
-from rwkvray.launch.train import run_on_ray
+from rwkvray.launch.run import run_on_ray
 from rwkvray.model.state_file import load_state
 from tests.helpers import CrashOnce, spec_with
 
@@ -70,7 +70,7 @@ def test_sharded_evaluation_equals_the_whole_set_mean(zero1_run):
     """Each rank evaluates half the batches, then the sums are all-reduced: the same token-weighted mean as one
     process evaluating every piece with the final state."""
     from rwkvray.train.data import eval_batches, load_documents
-    from rwkvray.model.rwkv7 import load_model
+    from rwkvray.model.rwkv import load_model
     from rwkvray.peft.base import PeftModel
     from rwkvray.peft.state import StateTuning
     spec, result = zero1_run

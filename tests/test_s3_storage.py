@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rwkvray.spec import spec_from_dict
-from rwkvray.launch.train import run_on_ray
+from rwkvray.launch.run import run_on_ray
 from rwkvray.model.state_file import load_state
 from tests.helpers import CrashOnce, free_port
 

@@ -70,6 +70,7 @@ class Server:
 def server(tmp_path_factory):
     ray = pytest.importorskip("ray")
     from ray import serve
+    from rwkvray.launch.serving import read_api_key
     from rwkvray.serve.app import APP_NAME, build_app
 
     folder = tmp_path_factory.mktemp("serve")
@@ -89,7 +90,7 @@ def server(tmp_path_factory):
     ray.init(address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        serve.run(build_app(config, read_api_key(config)), name=APP_NAME, route_prefix="/")
         yield Server(f"http://127.0.0.1:{port}", folder, model, config, f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         serve.shutdown()
@@ -377,12 +378,13 @@ def test_metrics_reach_prometheus_and_v1_stats(server):
 
 def test_an_uploaded_state_survives_a_restart(server):
     from ray import serve
+    from rwkvray.launch.serving import read_api_key
     from rwkvray.serve.app import APP_NAME, build_app
     with server.client() as client:
         assert upload_json(client, "kept", state_bytes(random_state(8))).status_code == 200
     assert (server.states_dir / "kept.pth").is_file()
     serve.delete(APP_NAME)
-    serve.run(build_app(server.config), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(server.config, read_api_key(server.config)), name=APP_NAME, route_prefix="/")
     with server.client() as client:
         text = completion(client, "kept", PROMPTS[1], max_tokens=6, temperature=0).json()["choices"][0]["text"]
     assert text == reference_text(server.model, PROMPTS[1], random_state(8), 6)

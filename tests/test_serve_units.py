@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from rwkvray.model.dims import ModelDims
+from rwkvray.model.dims import ModelDimsX070
 from rwkvray.text.generate import generate_tokens
 from rwkvray.serve.api import ApiError, CompletionRequest, multipart_fields, parse_request
 from rwkvray.serve.batch_engine import BatchEngine, SamplingParams
@@ -18,7 +18,7 @@ from rwkvray.text.tokenizer import get_tokenizer
 from tests.helpers import random_model
 
 # The real tokenizer's ids reach 65535, so prompts need the full vocab; everything else is tiny.
-SERVE_DIMS = ModelDims(n_layer=2, n_embd=64, head_size=64, vocab_size=65536, dim_w=8, dim_a=8, dim_v=4, dim_g=16)
+SERVE_DIMS = ModelDimsX070(n_layer=2, n_embd=64, head_size=64, vocab_size=65536, dim_w=8, dim_a=8, dim_v=4, dim_g=16)
 STATE_SCALE = 20.0  # large enough that each random state visibly changes the greedy text
 PROMPTS = ["User: hi\n\nAssistant:", "Hello world", "The capital of France is", "1 2 3", "a"]
 
@@ -27,7 +27,7 @@ def serve_model():
     return random_model(SERVE_DIMS)
 
 
-def random_state(seed: int, dims: ModelDims = SERVE_DIMS) -> torch.Tensor:
+def random_state(seed: int, dims: ModelDimsX070 = SERVE_DIMS) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return STATE_SCALE * torch.randn(dims.n_layer, *dims.state_shape, generator=generator)
 
@@ -468,7 +468,7 @@ def serve_args(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(repo, "jobs", "serve_config.yaml")) as f:
         app = yaml.safe_load(f)["applications"][0]
-    assert app["import_path"] == "rwkvray.serve.app:app_builder"
+    assert app["import_path"] == "rwkvray.launch.serving:app_builder"
     return {**app["args"], "model": str(tmp_path / "tiny.pth"), "states_dir": str(tmp_path / "states"),
             "use_gpu": False}
 
@@ -477,7 +477,7 @@ def test_config_file_args_and_a_spec_path_both_build_the_app(serve_args, monkeyp
     pytest.importorskip("ray")
     import yaml
     from ray import serve
-    from rwkvray.serve.app import app_builder
+    from rwkvray.launch.serving import app_builder
     monkeypatch.setenv(serve_args["api_key_env"], "k")
     assert isinstance(app_builder(serve_args), serve.Application)
     spec = tmp_path / "serve.yaml"
@@ -488,7 +488,7 @@ def test_config_file_args_and_a_spec_path_both_build_the_app(serve_args, monkeyp
 def test_app_builder_refuses_bad_args_and_a_missing_api_key(serve_args, monkeypatch):
     pytest.importorskip("ray")
     from rwkvray.errors import UserError
-    from rwkvray.serve.app import app_builder
+    from rwkvray.launch.serving import app_builder
     monkeypatch.delenv(serve_args["api_key_env"], raising=False)
     with pytest.raises(UserError, match="^serve.api_key_env: the environment variable RWKVRAY_API_KEY is not set"):
         app_builder(serve_args)

@@ -3,12 +3,12 @@ import torch
 from safetensors import safe_open
 
 from rwkvray.model.checkpoint import load_checkpoint, save_checkpoint
-from rwkvray.model.dims import ModelDims
+from rwkvray.model.dims import ModelDimsX070
 from rwkvray.errors import UserError
 from rwkvray.model.init import init_weights
 from rwkvray.model.state_file import export_state, load_state, merge_state, save_state
 
-DIMS = ModelDims(n_layer=2, n_embd=128, head_size=64, vocab_size=1000, dim_w=32, dim_a=32, dim_v=32, dim_g=32)
+DIMS = ModelDimsX070(n_layer=2, n_embd=128, head_size=64, vocab_size=1000, dim_w=32, dim_a=32, dim_v=32, dim_g=32)
 KEYS = ["blocks.0.att.time_state", "blocks.1.att.time_state"]
 
 
@@ -38,7 +38,7 @@ def test_save_bf16(tmp_path, state):
 def test_refuses_state_of_another_model(tmp_path, state):
     path = str(tmp_path / "state.pth")
     save_state(state, path)
-    four_layers = ModelDims(4, 128, 64, 1000, 32, 32, 32, 32)
+    four_layers = ModelDimsX070(4, 128, 64, 1000, 32, 32, 32, 32)
     with pytest.raises(UserError) as error:
         load_state(path, four_layers)
     assert str(error.value) == f"{path}: state shape [2, 2, 64, 64] (L,H,N,N) does not fit the model's [4, 2, 64, 64]"
@@ -121,7 +121,7 @@ def test_merge_then_load_checkpoint(tmp_path, state):
 
 def test_merge_refuses_state_of_another_model(tmp_path, state):
     base, state_path = str(tmp_path / "base.pth"), str(tmp_path / "state.pth")
-    save_checkpoint(init_weights(ModelDims(3, 128, 64, 1000, 32, 32, 32, 32)), base)
+    save_checkpoint(init_weights(ModelDimsX070(3, 128, 64, 1000, 32, 32, 32, 32)), base)
     save_state(state, state_path)
     with pytest.raises(UserError) as error:
         merge_state(base, state_path, str(tmp_path / "merged.pth"))

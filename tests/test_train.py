@@ -9,8 +9,8 @@ import torch
 from rwkvray.model.checkpoint import load_checkpoint
 from rwkvray.cli import main
 from rwkvray.spec import spec_from_dict
-from rwkvray.launch.train import run_on_ray
-from rwkvray.model.rwkv7 import load_model
+from rwkvray.launch.run import run_on_ray
+from rwkvray.model.rwkv import load_model
 from rwkvray.peft.state import from_time_state
 from rwkvray.model.loss import masked_lm_loss
 from rwkvray.model.state_card import file_sha256, read_card

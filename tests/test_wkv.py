@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from rwkvray.kernels import resolve_op, wkv7
-from rwkvray.kernels.wkv_torch import wkv7_loop
+from rwkvray.kernels.wkv7_torch import wkv7_loop
 
 
 def wkv_inputs(B, T, H, N, seed=0, dtype=torch.float64):

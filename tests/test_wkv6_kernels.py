@@ -14,7 +14,7 @@ import torch
 
 from rwkvray.kernels import wkv6
 from rwkvray.kernels.wkv6_torch import wkv6_loop
-from rwkvray.kernels.wkv_cuda import CUDA_DIR
+from rwkvray.kernels.wkv7_cuda import CUDA_DIR
 from tests.helpers import assert_close_to_reference, kernel_case
 from tests.test_wkv6 import wkv6_inputs
 

@@ -5,15 +5,15 @@ import torch
 from rwkvray.model.checkpoint import load_checkpoint
 from rwkvray.spec import PeftConfig
 from rwkvray.peft.merge import merge_adapter
-from rwkvray.model.rwkv7 import load_model
+from rwkvray.model.rwkv import load_model
 from rwkvray.peft import build_peft
-from tests.helpers import (PEFT_CONFIGS, PEFT_TARGETS, TINY_X060, random_model_x060, saved_base, token_batch,
+from tests.helpers import (PEFT_CONFIGS, PEFT_TARGETS, TINY_X060, random_model, saved_base, token_batch,
                            train_steps)
 
 
 @pytest.fixture(scope="module")
 def base_path(tmp_path_factory):
-    return saved_base(tmp_path_factory, random_model_x060(), "x060.pth")
+    return saved_base(tmp_path_factory, random_model(TINY_X060), "x060.pth")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_weight_methods_train_and_merge_on_x060(name, base_path, batch, tmp_path
 ], ids=["state-int8", "qlora-nf4"])
 def test_quantized_x060_base_trains_with_all_eight_block_linears_quantized(peft, batch):
     pytest.importorskip("bitsandbytes")
-    model = build_peft(random_model_x060(), PeftConfig.model_validate(peft))
+    model = build_peft(random_model(TINY_X060), PeftConfig.model_validate(peft))
     names = [f"blocks.{i}.{t}" for i in range(TINY_X060.n_layer)
              for t in PEFT_TARGETS + ("att.gate", "ffn.receptance")]
     layers = [model.base.get_submodule(name) for name in names]

@@ -13,7 +13,7 @@ from rwkvray.text.generate import generate_tokens
 from rwkvray.serve.batch_engine import BatchEngine, SamplingParams
 from rwkvray.model.state_file import load_state
 from rwkvray.text.tokenizer import get_tokenizer
-from tests.helpers import random_model_x060
+from tests.helpers import random_model
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
 # The real tokenizer's ids reach 65535, so prompts need the full vocab; everything else is tiny.
@@ -39,7 +39,7 @@ def greedy_text(model, prompt: str, time_state, max_tokens: int) -> str:
 
 
 def test_serve_engine_decodes_two_v6_states_in_one_batch():
-    model = random_model_x060(SERVE_DIMS)
+    model = random_model(SERVE_DIMS)
     rows_per_call = []
     model.blocks[0].register_forward_pre_hook(lambda module, args: rows_per_call.append(args[0].shape[0]))
     cases = [(prompt, seed) for prompt in PROMPTS for seed in (1, 2)]
@@ -67,10 +67,11 @@ def test_serve_over_http_answers_two_mounted_v6_states_at_once(tmp_path):
     import httpx
     from ray import serve
     from rwkvray.model.checkpoint import save_checkpoint
+    from rwkvray.launch.serving import read_api_key
     from rwkvray.serve.app import APP_NAME, build_app
     from rwkvray.model.state_file import save_state
 
-    model = random_model_x060(SERVE_DIMS)
+    model = random_model(SERVE_DIMS)
     save_checkpoint(model.state_dict(), str(tmp_path / "base6.pth"))
     (tmp_path / "states").mkdir()
     for seed in (1, 2):
@@ -86,7 +87,7 @@ def test_serve_over_http_answers_two_mounted_v6_states_at_once(tmp_path):
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        serve.run(build_app(config, read_api_key(config)), name=APP_NAME, route_prefix="/")
 
         async def ask_all():
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120,
@@ -106,7 +107,7 @@ def test_serve_over_http_answers_two_mounted_v6_states_at_once(tmp_path):
 @pytest.mark.ray
 def test_v6_state_tuning_through_ray_train_with_deepspeed(make_tiny_model, tmp_path):
     ray = pytest.importorskip("ray")
-    from rwkvray.launch.train import run_on_ray
+    from rwkvray.launch.run import run_on_ray
     spec = spec_from_dict({
         "run": {"name": "x060", "storage_path": str(tmp_path), "checkpoint_every_steps": 4},
         "model": {"path": make_tiny_model(2, 128, "x060"), "version": "x060"},

@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from .wkv_cuda import build_extension, compute_dtype
+from .wkv7_cuda import build_extension, compute_dtype
 
 SOURCES = ("wkv6.cu", "wkv6_binding.cpp")
 HEADERS = ("wkv6.h", "wkv6_kernels.cuh", "wkv_device.cuh")

@@ -8,6 +8,8 @@ Every exponent it takes is a sum of log-decays over a time span, hence <= 0.
 import torch
 import torch.nn.functional as F
 
+from .chunks import chunks
+
 CHUNK = 16
 
 
@@ -29,8 +31,8 @@ def wkv6_chunked(r, w, k, v, u, s0):
     dtype = torch.float64 if r.dtype == torch.float64 else torch.float32
     pad = (-T) % CHUNK
     log_decay = -torch.exp(w.to(dtype))
-    r, k, v = (_chunks(F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)), CHUNK) for x in (r, k, v))
-    log_decay = _chunks(F.pad(log_decay, (0, 0, 0, 0, 0, pad)), CHUNK)  # padded steps: decay 1, k = v = 0
+    r, k, v = (chunks(F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)), CHUNK) for x in (r, k, v))
+    log_decay = chunks(F.pad(log_decay, (0, 0, 0, 0, 0, pad)), CHUNK)  # padded steps: decay 1, k = v = 0
     u = u.to(dtype)
 
     # Each span of log-decays is summed directly: a difference of two long cumsums would cancel badly.
@@ -56,9 +58,3 @@ def wkv6_chunked(r, w, k, v, u, s0):
         state = state * chunk_decay[:, :, c, None, :] + v[:, :, c].transpose(-1, -2) @ k_to_end[:, :, c]
     y = torch.stack(ys, 2).permute(0, 2, 3, 1, 4).reshape(B, T + pad, H, N)[:, :T]
     return y, state.float() if dtype != torch.float64 else state
-
-
-def _chunks(x, size):
-    """[B,T,H,N] -> [B,H,T/size,size,N]"""
-    B, T, H, N = x.shape
-    return x.view(B, T // size, size, H, N).permute(0, 3, 1, 2, 4)

@@ -56,7 +56,7 @@ def fla_kernel():
 def checked_kernel(device: torch.device, head_size: int, dtype: torch.dtype):
     """Run FLA once on a tiny input in the caller's dtype (no extra Triton compile) and compare with the
     float64 loop on the same rounded values; refuse it if they disagree."""
-    from .wkv_torch import wkv7_loop
+    from .wkv7_torch import wkv7_loop
     *values, s0 = self_check_inputs(head_size)
     inputs = [x.to(dtype) for x in values] + [s0.float()]
     with torch.no_grad():

@@ -6,6 +6,8 @@ Per head, with the state S in the [value, key] layout:
 import torch
 import torch.nn.functional as F
 
+from .chunks import chunks
+
 CHUNK = 16  # the decay is >= 0.545, so dividing by its cumulative product stays finite within 16 steps
 
 
@@ -29,8 +31,8 @@ def wkv7_chunked(r, w, k, v, a, b, s0):
     dtype = torch.float64 if r.dtype == torch.float64 else torch.float32
     log_decay = -torch.exp(w.to(dtype))
     pad = (-T) % CHUNK
-    r, k, v, a, b = (_chunks(F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)), CHUNK) for x in (r, k, v, a, b))
-    log_decay = _chunks(F.pad(log_decay, (0, 0, 0, 0, 0, pad)), CHUNK)  # padded steps keep the state: decay 1
+    r, k, v, a, b = (chunks(F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)), CHUNK) for x in (r, k, v, a, b))
+    log_decay = chunks(F.pad(log_decay, (0, 0, 0, 0, 0, pad)), CHUNK)  # padded steps keep the state: decay 1
 
     cum = log_decay.cumsum(-2)                       # [B,H,C,L,N] log of prod of decays up to t
     a_hat = a * torch.exp(cum - log_decay)           # a_t scaled by the decay before step t
@@ -63,9 +65,3 @@ def wkv7_chunked(r, w, k, v, a, b, s0):
          + ((r_hat @ k_hat.transpose(-1, -2)) * inclusive) @ v)
     y = y.permute(0, 2, 3, 1, 4).reshape(B, T + pad, H, N)[:, :T]
     return y, state.float() if dtype != torch.float64 else state
-
-
-def _chunks(x, size):
-    """[B,T,H,N] -> [B,H,T/size,size,N]"""
-    B, T, H, N = x.shape
-    return x.view(B, T // size, size, H, N).permute(0, 3, 1, 2, 4)

@@ -10,7 +10,7 @@ import re
 from rwkvray.files import storage
 from rwkvray.files.atomic import write_bytes_atomically
 from rwkvray.train.metrics import loss_plot_png, read_metrics, summarize
-from rwkvray.peft.base import method_classes
+from rwkvray.peft.registry import method_classes
 from rwkvray.peft.epoch_outputs import print_merge_commands
 from rwkvray.model.state_card import card_bytes
 

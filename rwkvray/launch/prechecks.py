@@ -12,14 +12,14 @@ import socket
 import yaml
 
 from rwkvray.spec import ServeConfig, ServeSpec, check_model_expectations, load_spec, spec_from_dict
-from rwkvray.model.dims import ModelDims
+from rwkvray.model.dims import RWKVDims
 from rwkvray.errors import RayServeConfigFile, UserError
 from rwkvray.files.storage import is_uri
 
-SERVE_APP_PREFIX = "rwkvray.serve.app:"
+SERVE_APP_PREFIX = "rwkvray.launch.serving:"
 
 
-def checked_model_dims(spec) -> ModelDims:
+def checked_model_dims(spec) -> RWKVDims:
     """The checkpoint's shape, after comparing it with the spec's model expectations."""
     from rwkvray.model.checkpoint import load_checkpoint
     dims = load_checkpoint(spec.model.path).dims  # memory-mapped: cheap for a model of any size
@@ -77,7 +77,7 @@ def check_serve_model(config: ServeConfig) -> None:
 
 def before_serving(spec, address: str | None = None) -> ServeConfig:
     from rwkvray.launch.ray_session import resolve_address
-    from rwkvray.serve.app import read_api_key
+    from rwkvray.launch.serving import read_api_key
     config = spec.serve
     read_api_key(config)
     check_serve_model(config)

@@ -6,7 +6,7 @@ from rwkvray.spec import check_model_expectations
 from rwkvray.launch.outputs import copy_to_proj_dir, export_outputs
 from rwkvray.launch.ray_session import off_main_thread, worker_env
 from rwkvray.launch.resume import check_rerun
-from rwkvray.train.loop import ReportHook, WorkerContext, train
+from rwkvray.train.loop import WorkerContext, train
 
 # Ray Train turns a worker's print into a log record and, since Ray replaces the worker's sys.stdout, also prints
 # it: every line would show twice. Plain print: once, through Ray's log forwarding.
@@ -14,18 +14,17 @@ PLAIN_PRINT = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def worker_loop(config: dict) -> None:
-    train(config["spec"], WorkerContext.ray_train_worker(config["on_report"]))
+    train(config["spec"], WorkerContext.ray_train_worker())
 
 
-def build_trainer(spec, callbacks=(), on_report: ReportHook | None = None):
-    """The TorchTrainer for a spec: one worker per scaling.num_workers, each running `worker_loop`.
-    `on_report` (picklable: it travels to the workers) runs on every worker after each report."""
+def build_trainer(spec, callbacks=()):
+    """The TorchTrainer for a spec: one worker per scaling.num_workers, each running `worker_loop`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     scaling = spec.scaling
     return TorchTrainer(
         worker_loop,
-        train_loop_config={"spec": spec, "on_report": on_report},
+        train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=scaling.resources_per_worker or None,
                                      placement_strategy=scaling.placement_strategy),
@@ -52,9 +51,9 @@ def check_model_file(model, source: str) -> None:
     check_model_expectations(model, infer_dims(read_tensor_dict(model.path)), source)
 
 
-def run_on_ray(spec, address: str | None = None, allow_changed_spec: bool = False, on_report: ReportHook | None = None):
+def run_on_ray(spec, address: str | None = None, allow_changed_spec: bool = False):
     """Fit the spec on the cluster, export its outputs from run storage; returns the Ray Train result, or None
-    when the run was already complete (its outputs are copied to proj_dir again). `on_report`: see build_trainer."""
+    when the run was already complete (its outputs are copied to proj_dir again)."""
     from rwkvray.launch.ray_session import ray_session
     check_model_file(spec.model, spec.source)  # a wrong n_layer fails here, not after Ray has started
     step = check_rerun(spec, allow_changed_spec)
@@ -63,6 +62,6 @@ def run_on_ray(spec, address: str | None = None, allow_changed_spec: bool = Fals
         return None
     with ray_session(address):
         warn_if_cluster_too_small(spec)
-        result = off_main_thread(build_trainer(spec, on_report=on_report).fit)
+        result = off_main_thread(build_trainer(spec).fit)
         export_outputs(spec, result.checkpoint)
     return result

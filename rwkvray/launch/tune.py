@@ -13,7 +13,7 @@ from rwkvray.files import storage
 from rwkvray.files.atomic import atomic_path
 from rwkvray.launch.sweep_plan import plan_sweep
 from rwkvray.launch.tune_space import ray_search_space, spec_for_trial
-from rwkvray.peft.base import method_classes
+from rwkvray.peft.registry import method_classes
 from rwkvray.train.loop import WorkerContext, train
 
 METRIC_KEYS = {"val_loss": "val_loss", "train_loss": "loss"}  # spec metric -> key the training loop reports
@@ -27,7 +27,7 @@ def run_trial(config: dict, spec) -> None:
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from rwkvray.launch.train import build_trainer
+    from rwkvray.launch.run import build_trainer
     build_trainer(trial_spec, callbacks=[TuneReportCallback()]).fit()
 
 

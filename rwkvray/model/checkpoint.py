@@ -13,7 +13,7 @@ import torch
 
 from rwkvray.files.atomic import write_atomically
 from rwkvray.model.checkpoint_x060 import block_shapes_x060, infer_dims_x060, is_x060
-from rwkvray.model.dims import ModelDims, ModelDimsX060
+from rwkvray.model.dims import ModelDimsX060, ModelDimsX070, RWKVDims
 from rwkvray.errors import UserError
 
 TIME_STATE_KEY = "blocks.{}.att.time_state"
@@ -35,7 +35,7 @@ _DEEP_EMBED = {"ffn.s_emb.weight", "ffn.s_emb_x.weight", "ffn.s0", "ffn.s1", "ff
 
 @dataclass
 class Checkpoint:
-    dims: ModelDims | ModelDimsX060  # dims.version is "x070" or "x060"
+    dims: RWKVDims  # dims.version is "x070" or "x060"
     weights: dict[str, torch.Tensor]  # model weights only (time_state and unused blocks.0.att.v* removed)
     time_state: torch.Tensor | None  # [L,H,N,N] fp32 if the file carries merged blocks.{i}.att.time_state keys
 
@@ -82,7 +82,7 @@ def parse_checkpoint(raw: dict[str, torch.Tensor], path: str) -> Checkpoint:
     return Checkpoint(dims=dims, weights=weights, time_state=time_state)
 
 
-def infer_dims(weights: dict) -> ModelDims | ModelDimsX060:
+def infer_dims(weights: dict) -> RWKVDims:
     """Read every dimension from the tensors (for x060 see `infer_dims_x060`).
 
     x070: H, N from `blocks.0.att.r_k`; V, C from `emb.weight`; L = highest block index + 1; the low-rank dims from
@@ -103,7 +103,7 @@ def infer_dims(weights: dict) -> ModelDims | ModelDimsX060:
         dim_v = _shape_2d(weights, "blocks.1.att.v1")[1]
     else:
         dim_v = _shape_2d(weights, "blocks.0.att.v1")[1] if "blocks.0.att.v1" in weights else 0
-    return ModelDims(
+    return ModelDimsX070(
         n_layer=n_layer, n_embd=n_embd, head_size=head_size, vocab_size=vocab_size,
         dim_w=_shape_2d(weights, "blocks.0.att.w1")[1],
         dim_a=_shape_2d(weights, "blocks.0.att.a1")[1],
@@ -112,7 +112,7 @@ def infer_dims(weights: dict) -> ModelDims | ModelDimsX060:
     )
 
 
-def expected_shapes(dims: ModelDims | ModelDimsX060) -> dict[str, tuple[int, ...]]:
+def expected_shapes(dims: RWKVDims) -> dict[str, tuple[int, ...]]:
     """Every model key of an x070 (or x060) checkpoint with its shape, in RWKV-LM's state-dict order.
 
     Layer 0 has no v0/v1/v2 here: they are never used (init_weights adds them, as RWKV-LM writes them).
@@ -126,7 +126,7 @@ def expected_shapes(dims: ModelDims | ModelDimsX060) -> dict[str, tuple[int, ...
     return shapes
 
 
-def check_weights(weights: dict[str, torch.Tensor], dims: ModelDims | ModelDimsX060) -> None:
+def check_weights(weights: dict[str, torch.Tensor], dims: RWKVDims) -> None:
     """Every expected key present with its shape and a floating dtype, and no other key."""
     expected = expected_shapes(dims)
     for key, shape in expected.items():
@@ -148,7 +148,7 @@ def save_checkpoint(weights: dict, path: str) -> None:
     write_atomically(path, lambda tmp: torch.save(weights, tmp))
 
 
-def _block_shapes(i: int, dims: ModelDims) -> dict[str, tuple[int, ...]]:
+def _block_shapes(i: int, dims: ModelDimsX070) -> dict[str, tuple[int, ...]]:
     C, H, N = dims.n_embd, dims.n_head, dims.head_size
     vec = (1, 1, C)
     b, att = f"blocks.{i}.", f"blocks.{i}.att."
@@ -204,7 +204,7 @@ def _shape_2d(weights: dict, key: str) -> tuple[int, int]:
     return _shape(weights, key, 2)
 
 
-def _stack_time_state(raw: dict, state_keys: set[str], dims: ModelDims) -> torch.Tensor:
+def _stack_time_state(raw: dict, state_keys: set[str], dims: RWKVDims) -> torch.Tensor:
     layers = []
     for i in range(dims.n_layer):
         key = TIME_STATE_KEY.format(i)

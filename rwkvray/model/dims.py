@@ -1,6 +1,6 @@
 """The shape of an RWKV model, always read from the weights, never asked of the user.
 
-`ModelDims` is RWKV-7 (x070), `ModelDimsX060` is RWKV-6 (x060). Both have the same version-neutral part
+`ModelDimsX070` is RWKV-7, `ModelDimsX060` is RWKV-6. Both are `RWKVDims`, the version-neutral part
 (n_layer, n_embd, head_size, vocab_size, n_head, state_shape, version) that states, Serve and the training
 loop use; the low-rank sizes differ per version.
 """
@@ -9,7 +9,8 @@ from typing import ClassVar
 
 
 @dataclass(frozen=True)
-class _CommonDims:
+class RWKVDims:
+    version: ClassVar[str]
     n_layer: int
     n_embd: int
     head_size: int
@@ -26,7 +27,7 @@ class _CommonDims:
 
 
 @dataclass(frozen=True)
-class ModelDims(_CommonDims):
+class ModelDimsX070(RWKVDims):
     version: ClassVar[str] = "x070"
     dim_w: int  # low-rank dims of the decay, a, v-residual and gate LoRAs
     dim_a: int
@@ -35,7 +36,7 @@ class ModelDims(_CommonDims):
 
 
 @dataclass(frozen=True)
-class ModelDimsX060(_CommonDims):
+class ModelDimsX060(RWKVDims):
     version: ClassVar[str] = "x060"
     dim_ffn: int    # ChannelMix hidden size (3.5 C rounded down to a multiple of 32 in RWKV-LM's trainer)
     dim_mix: int    # rank of each of the five token-shift LoRAs (time_maa_w1/w2)

@@ -11,7 +11,7 @@ import math
 import torch
 
 from rwkvray.model.checkpoint import expected_shapes
-from rwkvray.model.dims import ModelDims, ModelDimsX060
+from rwkvray.model.dims import ModelDimsX060, ModelDimsX070, RWKVDims
 from rwkvray.errors import UserError
 
 _MIX_EXPONENTS = {"x_r": 0.2, "x_w": 0.9, "x_k": 0.7, "x_v": 0.7, "x_a": 0.9, "x_g": 0.2}
@@ -21,7 +21,7 @@ _PERTURBED_X060 = ("att.output.weight", "ffn.value.weight", "ffn.receptance.weig
 VERSIONS = ("x070", "x060")
 
 
-def default_dims(n_layer: int, n_embd: int, vocab_size: int = 65536, head_size: int = 64) -> ModelDims:
+def default_dims(n_layer: int, n_embd: int, vocab_size: int = 65536, head_size: int = 64) -> ModelDimsX070:
     """Dims of a new model, with the low-rank sizes of RWKV-LM's x070 trainer as of April-May 2025.
 
     Those formulas give the sizes of the released World/G1 models (64/64/32/128 at C=768, 96/96/64/256 at
@@ -32,7 +32,7 @@ def default_dims(n_layer: int, n_embd: int, vocab_size: int = 65536, head_size: 
                         f"vocab_size={vocab_size}, head_size={head_size})")
     if n_embd % head_size:
         raise UserError(f"n_embd {n_embd} is not a multiple of the head size {head_size}")
-    return ModelDims(
+    return ModelDimsX070(
         n_layer=n_layer, n_embd=n_embd, head_size=head_size, vocab_size=vocab_size,
         dim_w=_lora_size(1.8 * n_embd ** 0.5),
         dim_a=_lora_size(1.8 * n_embd ** 0.5),
@@ -50,7 +50,7 @@ def default_dims_x060(n_layer: int, n_embd: int, vocab_size: int = 65536, head_s
                          dim_ffn=int(n_embd * 3.5) // 32 * 32, dim_mix=32 * wide, dim_decay=64 * wide)
 
 
-def init_weights(dims: ModelDims | ModelDimsX060, seed: int = 0, perturb: float = 0.0,
+def init_weights(dims: RWKVDims, seed: int = 0, perturb: float = 0.0,
                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Every key of a BlinkDL x070 checkpoint (plus the unused blocks.0.att.v0/v1/v2 that RWKV-LM writes), or of
     an x060 one when `dims` is ModelDimsX060.
@@ -75,7 +75,7 @@ def _lora_size(target: float) -> int:
     return max(32, int(round(target / 32) * 32))
 
 
-def _shapes_with_layer0_values(dims: ModelDims) -> dict[str, tuple[int, ...]]:
+def _shapes_with_layer0_values(dims: ModelDimsX070) -> dict[str, tuple[int, ...]]:
     """expected_shapes plus blocks.0.att.v1/v2/v0, placed where RWKV-LM's state dict has them."""
     C = dims.n_embd
     shapes = {}
@@ -87,7 +87,7 @@ def _shapes_with_layer0_values(dims: ModelDims) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _init_tensor(key: str, shape: tuple[int, ...], dims: ModelDims, generator: torch.Generator) -> torch.Tensor:
+def _init_tensor(key: str, shape: tuple[int, ...], dims: ModelDimsX070, generator: torch.Generator) -> torch.Tensor:
     if key == "emb.weight":
         return torch.empty(shape).uniform_(-1e-4, 1e-4, generator=generator)
     if key == "head.weight":
@@ -102,7 +102,7 @@ def _init_tensor(key: str, shape: tuple[int, ...], dims: ModelDims, generator: t
     return block_tensor(name, layer, shape, dims, generator).reshape(shape)
 
 
-def _block_tensor(name: str, layer: int, shape: tuple[int, ...], dims: ModelDims,
+def _block_tensor(name: str, layer: int, shape: tuple[int, ...], dims: ModelDimsX070,
                   generator: torch.Generator) -> torch.Tensor:
     C, L, N = dims.n_embd, dims.n_layer, dims.head_size
     n = torch.arange(C, dtype=torch.float64)

@@ -33,7 +33,7 @@ def import_bitsandbytes(kind: str):
 
 
 def quantize_frozen_linears(model: nn.Module, kind: str) -> list[str]:
-    """Replace every frozen block Linear of `model` (an RWKV7) by a bitsandbytes layer; returns their names."""
+    """Replace every frozen block Linear of `model` (an RWKV) by a bitsandbytes layer; returns their names."""
     if kind not in QUANT_KINDS:
         raise UserError(f"peft.quant: unknown kind {kind!r} (expected none, int8 or nf4)")
     bnb = import_bitsandbytes(kind)

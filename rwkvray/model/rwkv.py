@@ -1,6 +1,6 @@
-"""RWKV-7 "x070" in PyTorch, in the order and with the names of BlinkDL's rwkv_v7_demo.py, and the parts every
-RWKV version shares: the RNN state, the Block skeleton and the model's hidden/forward/step API (`RWKV`).
-RWKV-6 ("x060") plugs its own time-mix and channel-mix into them (rwkvray/model/rwkv6.py).
+"""The RWKV model of any version: the RNN state, the Block skeleton, the model's hidden/forward/step API (`RWKV`)
+and loading a checkpoint. Each version brings only its time-mix and channel-mix: RWKV-7 "x070" in
+rwkvray/model/rwkv7.py, RWKV-6 "x060" in rwkvray/model/rwkv6.py; the weights' dims say which.
 
 The same blocks run a whole sequence (training, prompt prefill) and one token at a time (generation), from any
 RNNState. Training takes only the features (`features`); prefill and generation also get the state after the
@@ -10,11 +10,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from rwkvray.model.dims import ModelDims
-from rwkvray.kernels import wkv7
+from rwkvray.model import rwkv6, rwkv7
+from rwkvray.model.dims import RWKVDims
 
 
 @dataclass
@@ -25,72 +24,11 @@ class RNNState:
     ffn_shift: torch.Tensor  # [L,B,C]  previous token's ln2 output
 
     @classmethod
-    def zeros(cls, dims: ModelDims, batch: int, device=None, dtype=torch.float32) -> "RNNState":
+    def zeros(cls, dims: RWKVDims, batch: int, device=None, dtype=torch.float32) -> "RNNState":
         L, C = dims.n_layer, dims.n_embd
         shift = torch.zeros(L, batch, C, device=device, dtype=dtype)
         wkv = torch.zeros(L, batch, *dims.state_shape, device=device, dtype=torch.float32)
         return cls(shift, wkv, shift.clone())
-
-
-def token_shift(x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """Previous token minus current token; `last` [B,C] is the token before x[:, 0]."""
-    return torch.cat([last.unsqueeze(1), x[:, :-1]], 1) - x
-
-
-class TimeMix(nn.Module):
-    def __init__(self, dims: ModelDims, layer_id: int):
-        super().__init__()
-        C, H, N = dims.n_embd, dims.n_head, dims.head_size
-        self.layer_id, self.n_head, self.head_size = layer_id, H, N
-        p = lambda *shape: nn.Parameter(torch.zeros(*shape))
-        self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (p(1, 1, C) for _ in range(6))
-        self.w0, self.w1, self.w2 = p(1, 1, C), p(C, dims.dim_w), p(dims.dim_w, C)
-        self.a0, self.a1, self.a2 = p(1, 1, C), p(C, dims.dim_a), p(dims.dim_a, C)
-        if layer_id > 0:  # layer 0 defines v_first, so it has no value-residual gate
-            self.v0, self.v1, self.v2 = p(1, 1, C), p(C, dims.dim_v), p(dims.dim_v, C)
-        self.g1, self.g2 = p(C, dims.dim_g), p(dims.dim_g, C)
-        self.k_k, self.k_a, self.r_k = p(1, 1, C), p(1, 1, C), p(H, N)
-        self.receptance, self.key, self.value, self.output = (nn.Linear(C, C, bias=False) for _ in range(4))
-        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
-
-    def forward(self, x, v_first, last_x, s0, op):
-        B, T, C = x.shape
-        H = self.n_head
-        xx = token_shift(x, last_x)
-        xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
-
-        r = self.receptance(xr)
-        w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)) - 0.5  # soft clamp: decay in (0.545, 1)
-        k = self.key(xk)
-        v = self.value(xv)
-        if self.layer_id == 0:
-            v_first = v
-        else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
-        g = torch.sigmoid(xg @ self.g1) @ self.g2
-
-        kk = F.normalize((k * self.k_k).view(B, T, H, -1), dim=-1, p=2.0).view(B, T, C)
-        k = k * (1 + (a - 1) * self.k_a)
-
-        heads = lambda t: t.view(B, T, H, -1)
-        y, state = wkv7(heads(r), heads(w), heads(k), heads(v), heads(-kk), heads(kk * a), s0, op)
-        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
-        y = y + ((heads(r) * heads(k) * self.r_k).sum(-1, keepdim=True) * heads(v)).view(B, T, C)
-        return self.output(y * g), v_first, x[:, -1], state
-
-
-class ChannelMix(nn.Module):
-    def __init__(self, dims: ModelDims, layer_id: int):
-        super().__init__()
-        C = dims.n_embd
-        self.x_k = nn.Parameter(torch.zeros(1, 1, C))
-        self.key = nn.Linear(C, 4 * C, bias=False)
-        self.value = nn.Linear(4 * C, C, bias=False)
-
-    def forward(self, x, last_x):
-        k = x + token_shift(x, last_x) * self.x_k
-        return self.value(torch.relu(self.key(k)) ** 2), x[:, -1]
 
 
 class Block(nn.Module):
@@ -114,18 +52,21 @@ class Block(nn.Module):
         return x + dx, v_first, att_shift, wkv, ffn_shift
 
 
-class RWKV(nn.Module):
-    """Embedding, blocks, ln_out, head; a version subclass names its time-mix and channel-mix classes."""
-    time_mix: type[nn.Module]
-    channel_mix: type[nn.Module]
+# version (as the dims name it) -> its time-mix and channel-mix
+MIXES = {"x070": (rwkv7.TimeMix, rwkv7.ChannelMix), "x060": (rwkv6.TimeMix, rwkv6.ChannelMix)}
 
-    def __init__(self, dims, op: str = "torch", grad_cp: bool = False):
+
+class RWKV(nn.Module):
+    """Embedding, blocks, ln_out, head; the blocks hold the time-mix and channel-mix of the dims' version."""
+
+    def __init__(self, dims: RWKVDims, op: str = "torch", grad_cp: bool = False):
         """op: the WKV backend (auto, torch, cuda or fla); grad_cp: recompute each block in backward instead of
         keeping its activations."""
         super().__init__()
         self.dims, self.op, self.grad_cp = dims, op, grad_cp
+        time_mix, channel_mix = MIXES[dims.version]
         self.emb = nn.Embedding(dims.vocab_size, dims.n_embd)
-        self.blocks = nn.ModuleList(Block(dims.n_embd, i, self.time_mix(dims, i), self.channel_mix(dims, i))
+        self.blocks = nn.ModuleList(Block(dims.n_embd, i, time_mix(dims, i), channel_mix(dims, i))
                                     for i in range(dims.n_layer))
         self.ln_out = nn.LayerNorm(dims.n_embd)
         self.head = nn.Linear(dims.n_embd, dims.vocab_size, bias=False)
@@ -170,17 +111,6 @@ class RWKV(nn.Module):
         return logits[:, 0], state
 
 
-class RWKV7(RWKV):
-    time_mix, channel_mix = TimeMix, ChannelMix
-
-
-def model_class(version: str) -> type[RWKV]:
-    if version == "x060":
-        from rwkvray.model.rwkv6 import RWKV6
-        return RWKV6
-    return RWKV7
-
-
 def load_model(path: str, device="cpu", dtype=torch.float32, op: str = "torch",
                grad_cp: bool = False) -> tuple[RWKV, torch.Tensor | None]:
     """A BlinkDL checkpoint (x070 or x060, told apart by its keys) as a frozen-ready model running on WKV backend
@@ -188,7 +118,7 @@ def load_model(path: str, device="cpu", dtype=torch.float32, op: str = "torch",
     from rwkvray.model.checkpoint import load_checkpoint
     ckpt = load_checkpoint(path)
     with torch.device("meta"):  # no throwaway init: the weights come straight from the file
-        model = model_class(ckpt.dims.version)(ckpt.dims, op, grad_cp)
+        model = RWKV(ckpt.dims, op, grad_cp)
     model.load_state_dict(ckpt.weights, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval(), ckpt.time_state
 

@@ -1,6 +1,6 @@
 """RWKV-6 "x060" in PyTorch, in the order and with the names of RWKV-LM's RWKV_Tmix_x060 / RWKV_CMix_x060.
 
-It plugs into the shared skeleton of rwkvray/model/rwkv7.py (Block, RNNState, hidden/forward/step, grad_cp), so
+It plugs into the version-neutral model of rwkvray/model/rwkv.py (Block, RNNState, hidden/forward/step), so
 state tuning, generation, Serve and the PEFT methods run on it unchanged. Its RNN state has the same three
 tensors per layer as RWKV-7's: the att shift [C], the WKV state [H,N,N] fp32 in the [value, key] layout, and
 the ffn shift [C].
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from rwkvray.model.dims import ModelDimsX060
 from rwkvray.kernels import wkv6
-from rwkvray.model.rwkv7 import RWKV, token_shift
+from rwkvray.model.token_shift import token_shift
 
 HEAD_SIZE_DIVISOR = 8  # RWKV-LM's default: ln_x eps = 1e-5 * 8**2 = 64e-5, as the rwkv package uses
 MIXES = 5              # the token-shift LoRA makes one mix each for w, k, v, r, g (in that order)
@@ -70,7 +70,3 @@ class ChannelMix(nn.Module):
         k = self.key(x + xx * self.time_maa_k)
         r = self.receptance(x + xx * self.time_maa_r)
         return torch.sigmoid(r) * self.value(torch.relu(k) ** 2), x[:, -1]
-
-
-class RWKV6(RWKV):
-    time_mix, channel_mix = TimeMix, ChannelMix

@@ -9,7 +9,7 @@ import torch
 
 from rwkvray.files.atomic import write_atomically
 from rwkvray.model.checkpoint import TIME_STATE_KEY, parse_checkpoint, read_tensor_dict, save_checkpoint
-from rwkvray.model.dims import ModelDims
+from rwkvray.model.dims import RWKVDims
 from rwkvray.errors import UserError
 
 _STATE_KEY = re.compile(r"^blocks\.(\d+)\.att\.time_state$")
@@ -25,7 +25,7 @@ def save_state(time_state: torch.Tensor, path: str, dtype: torch.dtype = torch.f
     save_checkpoint(_as_dict(state), path)
 
 
-def load_state(path: str, dims: ModelDims | None = None) -> torch.Tensor:
+def load_state(path: str, dims: RWKVDims | None = None) -> torch.Tensor:
     """Read an RWKV-PEFT state file as a [L,H,N,N] fp32 tensor; with `dims`, it must fit that model."""
     layers = _check_keys(read_tensor_dict(path), path)
     shape = _check_tensors(layers, path)

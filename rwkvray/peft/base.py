@@ -1,9 +1,8 @@
-"""The interface every PEFT method implements, and the module that trains one on a frozen RWKV-7.
+"""The interface every PEFT method implements, and the module that trains one on a frozen RWKV model.
 
 A method adds its trainable tensors (an initial state, adapter matrices) to a frozen base model,
 saves them as its adapter file, and can fold them back into a full checkpoint.
 """
-import importlib
 from collections.abc import Sequence
 
 import torch
@@ -11,31 +10,30 @@ import torch.nn as nn
 
 from rwkvray.model.checkpoint import save_checkpoint
 from rwkvray.model.loss import masked_lm_loss
-from rwkvray.model.rwkv7 import RNNState, RWKV7
-from rwkvray.peft.train_parts import NORM_PART, norm_tensors, train_norms
-
-METHODS: dict[str, type["PeftMethod"]] = {}
+from rwkvray.model.rwkv import RNNState, RWKV
+from rwkvray.peft.train_parts import norm_tensors
 
 
 class PeftMethod(nn.Module):
     name: str = ""
     file_prefix: str = "rwkv"  # epoch files are <prefix>-<epoch>.pth, as RWKV-PEFT names them
-    trained_norms: Sequence[tuple[str, nn.Module]] = ()  # set by PeftModel on the weight method: --train_parts ln
-    save_dtype: torch.dtype = torch.float32  # set by PeftModel: adapter files are in the training precision
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        METHODS[cls.name] = cls
+    def __init__(self, save_dtype: torch.dtype = torch.float32, trained_norms: Sequence[tuple[str, nn.Module]] = ()):
+        """save_dtype: the adapter file's dtype (the training precision); trained_norms: the norms that
+        `--train_parts ln` trains, saved in this method's file."""
+        super().__init__()
+        self.save_dtype, self.trained_norms = save_dtype, list(trained_norms)
 
-    def initial_state(self, model: RWKV7, batch: int, dtype: torch.dtype) -> RNNState | None:
+    def initial_state(self, model: RWKV, batch: int, dtype: torch.dtype) -> RNNState | None:
         """The state every sequence starts from; None means zeros."""
         return None
 
     @classmethod
-    def from_spec(cls, base: RWKV7, peft_spec) -> "PeftMethod":
+    def from_spec(cls, base: RWKV, peft_spec, **file_options) -> "PeftMethod":
+        """The method the spec describes; `file_options` are save_dtype and trained_norms (see __init__)."""
         raise NotImplementedError
 
-    def attach(self, base: RWKV7) -> None:
+    def attach(self, base: RWKV) -> None:
         """Hook the method's tensors into the frozen base (or just move them to its device)."""
         raise NotImplementedError
 
@@ -55,16 +53,16 @@ class PeftMethod(nn.Module):
 class PeftModel(nn.Module):
     """Frozen base + one method (or state plus one weight method); forward returns the masked LM loss."""
 
-    def __init__(self, base: RWKV7, methods: list[PeftMethod], train_parts: Sequence[str] = ()):
+    def __init__(self, base: RWKV, methods: list[PeftMethod]):
         super().__init__()
         base.requires_grad_(False)
         self.base = base
         self.methods = nn.ModuleList(methods)
         for method in methods:
             method.attach(base)
-            method.save_dtype = base.emb.weight.dtype
-        if NORM_PART in train_parts:  # the weight method comes first; its file carries the norms
-            methods[0].trained_norms = train_norms(base)
+        for method in methods:  # the norms are swapped into the base; train them after attaching (peft freezes)
+            for _, norm in method.trained_norms:
+                norm.requires_grad_(True)
 
     def initial_state(self, batch: int) -> RNNState | None:
         dtype = self.base.emb.weight.dtype
@@ -79,24 +77,7 @@ class PeftModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
-def method_classes(peft_spec) -> list[type[PeftMethod]]:
-    """The spec's `method`, plus state tuning when `combine_state` is set."""
-    names = [peft_spec.method] + (["state"] if peft_spec.combine_state and peft_spec.method != "state" else [])
-    for name in names:  # each method lives in rwkvray/peft/<name>.py; importing it registers it
-        importlib.import_module(f"rwkvray.peft.{name}")
-    return [METHODS[name] for name in names]
-
-
-def build_peft(base: RWKV7, peft_spec) -> PeftModel:
-    methods = [cls.from_spec(base, peft_spec) for cls in method_classes(peft_spec)]
-    model = PeftModel(base, methods, peft_spec.train_parts)
-    if peft_spec.quant != "none":  # after the methods: PiSSA must take its SVD of the full-precision weights
-        from rwkvray.model.quant import quantize_frozen_linears
-        quantize_frozen_linears(base, peft_spec.quant)
-    return model
-
-
-def target_linears(base: RWKV7, targets: list[str]) -> list[tuple[str, nn.Module]]:
+def target_linears(base: RWKV, targets: list[str]) -> list[tuple[str, nn.Module]]:
     """(BlinkDL name, module) of each targeted Linear, layer by layer: ("blocks.0.att.key", Linear), ..."""
     names = [f"blocks.{i}.{target}" for i in range(base.dims.n_layer) for target in targets]
     return [(name, base.get_submodule(name)) for name in names]

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rwkvray.errors import UserError
-from rwkvray.model.rwkv7 import RWKV7
+from rwkvray.model.rwkv import RWKV
 from rwkvray.model.modules import replace_module
 from rwkvray.peft.base import PeftMethod, target_linears
 from rwkvray.model.quant import frozen_weight
@@ -56,18 +56,18 @@ class Disha(PeftMethod):
     name = "disha"
     file_prefix = "disha"
 
-    def __init__(self, mode: str, r: int, targets: list[str]):
-        super().__init__()
+    def __init__(self, mode: str, r: int, targets: list[str], **file_options):
+        super().__init__(**file_options)
         self.mode, self.r, self.targets = mode, r, list(targets)
         self.layers: list[tuple[str, DishaLinear]] = []  # the layers live in the base, so they are not submodules
 
     @classmethod
-    def from_spec(cls, base: RWKV7, peft_spec) -> "Disha":
+    def from_spec(cls, base: RWKV, peft_spec, **file_options) -> "Disha":
         config = peft_spec.disha
         check_disha(config.mode, config.r, target_linears(base, config.targets))
-        return cls(config.mode, config.r, config.targets)
+        return cls(config.mode, config.r, config.targets, **file_options)
 
-    def attach(self, base: RWKV7) -> None:
+    def attach(self, base: RWKV) -> None:
         for name, linear in target_linears(base, self.targets):
             layer = DishaLinear(linear, self.mode, self.r)
             replace_module(base, name, layer)

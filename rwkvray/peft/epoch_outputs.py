@@ -5,7 +5,8 @@
 - `peft.merge: true` (`--merge 1`, RWKV-PEFT's default): the merged full model `rwkv-<n>.pth`, in the base's dtypes
   under BlinkDL keys; with a tuned state too, the state is merged into it as `blocks.<i>.att.time_state` keys
   (that file then takes the place of the state-only `rwkv-<n>.pth`).
-- `peft.merge: false` (`--merge 0`): the Hugging Face peft folder `<proj_dir>-adapter/` (rwkvray.peft.hf_folder).
+- `peft.merge: false` (`--merge 0`): the Hugging Face peft folder (rwkvray.peft.hf_folder), which RWKV-PEFT names
+  `<proj_dir>-adapter/`.
 A state-only run writes its state file only.
 
 The functions take tensors, not a model, so the process that writes epoch files needs no model of its own.
@@ -21,22 +22,24 @@ from rwkvray.peft.merge import INIT_PREFIX, merged_weights
 WEIGHT_METHODS = ("lora", "pissa", "disha")
 
 
-def write_epoch_outputs(peft_spec, base_path: str, proj_dir: str, files: dict[str, dict[str, torch.Tensor]],
-                        epoch: int, note: Callable[[str], None] = print) -> None:
-    """`files`: each method's adapter-file tensors by method name (PeftMethod.file_tensors)."""
+def write_epoch_outputs(peft_spec, base_path: str, out_dir: str, adapter_dir: str,
+                        files: dict[str, dict[str, torch.Tensor]], epoch: int,
+                        note: Callable[[str], None] = print) -> None:
+    """Files go to `out_dir`, the peft folder to `adapter_dir`. `files`: each method's adapter-file tensors by
+    method name (PeftMethod.file_tensors)."""
     kind = peft_spec.method
     if kind not in WEIGHT_METHODS:
         return
     adapter = files[kind]
     if kind == "pissa":
-        path = os.path.join(proj_dir, "init_pissa.pth")
+        path = os.path.join(out_dir, "init_pissa.pth")
         write_init_pissa(path, adapter)
         note(f"saved {path}")
     if peft_spec.merge:
-        path = os.path.join(proj_dir, f"rwkv-{epoch}.pth")
+        path = os.path.join(out_dir, f"rwkv-{epoch}.pth")
         write_merged_model(path, base_path, kind, adapter, files.get("state"))
     else:
-        path = f"{proj_dir.rstrip(os.sep)}-adapter"
+        path = adapter_dir
         write_adapter_folder_for(path, base_path, kind, adapter, peft_spec, note)
     note(f"saved {path}")
 

@@ -30,10 +30,10 @@ def write_adapter_folder(folder: str, kind: str, adapter: dict[str, torch.Tensor
     """Write `adapter` (single-file key names) as a save_pretrained folder for a model of `dims`."""
     from peft import get_peft_model
 
-    from rwkvray.model.rwkv7 import RWKV7
+    from rwkvray.model.rwkv import RWKV
     config, tensors = _peft_form(kind, adapter, lora_dropout)
     with torch.device("meta"):
-        skeleton = RWKV7(dims)
+        skeleton = RWKV(dims)
     model = get_peft_model(skeleton, config)
     model.load_state_dict(tensors, strict=False, assign=True)
     folder = os.path.abspath(folder)

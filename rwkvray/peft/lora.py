@@ -8,13 +8,13 @@ import torch
 import torch.nn as nn
 
 from rwkvray.errors import UserError
-from rwkvray.model.rwkv7 import RWKV7
+from rwkvray.model.rwkv import RWKV
 from rwkvray.peft.base import PeftMethod, target_linears
 
 ADAPTER = "default"  # peft's name for the one adapter each layer carries
 
 
-def inject_lora(base: RWKV7, targets: list[str], **lora_config) -> list[tuple[str, nn.Module]]:
+def inject_lora(base: RWKV, targets: list[str], **lora_config) -> list[tuple[str, nn.Module]]:
     """Wrap each target Linear in a peft LoRA layer; returns (BlinkDL name, layer) pairs.
 
     peft gives the adapters the base's dtype; they are made fp32 here so that the optimizer keeps fp32 masters
@@ -48,17 +48,17 @@ class LoRA(PeftMethod):
     name = "lora"
     file_prefix = "lora"
 
-    def __init__(self, r: int, alpha: float, dropout: float, targets: list[str]):
-        super().__init__()
+    def __init__(self, r: int, alpha: float, dropout: float, targets: list[str], **file_options):
+        super().__init__(**file_options)
         self.r, self.alpha, self.dropout, self.targets = r, alpha, dropout, list(targets)
         self.layers: list[tuple[str, nn.Module]] = []  # the layers live in the base, so they are not submodules
 
     @classmethod
-    def from_spec(cls, base: RWKV7, peft_spec) -> "LoRA":
+    def from_spec(cls, base: RWKV, peft_spec, **file_options) -> "LoRA":
         config = peft_spec.lora
-        return cls(config.r, config.alpha, config.dropout, config.targets)
+        return cls(config.r, config.alpha, config.dropout, config.targets, **file_options)
 
-    def attach(self, base: RWKV7) -> None:
+    def attach(self, base: RWKV) -> None:
         self.layers = inject_lora(base, self.targets, r=self.r, lora_alpha=self.alpha,
                                   lora_dropout=self.dropout, init_lora_weights=True)
 

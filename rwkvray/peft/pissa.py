@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from rwkvray.errors import UserError
-from rwkvray.model.rwkv7 import RWKV7
+from rwkvray.model.rwkv import RWKV
 from rwkvray.peft.base import PeftMethod, target_linears
 from rwkvray.peft.lora import inject_lora, lora_tensors
 
@@ -21,22 +21,22 @@ class PiSSA(PeftMethod):
     name = "pissa"
     file_prefix = "pissa"
 
-    def __init__(self, r: int, svd_niter: int, targets: list[str]):
-        super().__init__()
+    def __init__(self, r: int, svd_niter: int, targets: list[str], **file_options):
+        super().__init__(**file_options)
         self.r, self.svd_niter, self.targets = r, svd_niter, list(targets)
         self.layers: list[tuple[str, nn.Module]] = []  # the layers live in the base, so they are not submodules
         self.init_tensors: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def from_spec(cls, base: RWKV7, peft_spec) -> "PiSSA":
+    def from_spec(cls, base: RWKV, peft_spec, **file_options) -> "PiSSA":
         config = peft_spec.pissa
         for name, linear in target_linears(base, config.targets):
             if config.r > min(linear.out_features, linear.in_features):
                 raise UserError(f"peft.pissa.r: {config.r} exceeds the rank of {name} "
                                 f"([{linear.out_features}, {linear.in_features}])")
-        return cls(config.r, config.svd_niter, config.targets)
+        return cls(config.r, config.svd_niter, config.targets, **file_options)
 
-    def attach(self, base: RWKV7) -> None:
+    def attach(self, base: RWKV) -> None:
         device = base.emb.weight.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(SVD_SEED)

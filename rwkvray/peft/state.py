@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 from rwkvray.model.checkpoint import TIME_STATE_KEY
-from rwkvray.model.rwkv7 import RNNState, RWKV7
+from rwkvray.model.rwkv import RNNState, RWKV
 from rwkvray.peft.base import PeftMethod
 from rwkvray.model.state_file import load_state, save_state
 
@@ -20,21 +20,21 @@ def from_time_state(time_state: torch.Tensor, batch: int, n_embd: int, dtype=tor
 class StateTuning(PeftMethod):
     name = "state"
 
-    def __init__(self, time_state: torch.Tensor):
-        super().__init__()
+    def __init__(self, time_state: torch.Tensor, **file_options):
+        super().__init__(**file_options)
         self.time_state = nn.Parameter(time_state.float().clone())  # fp32 master, whatever the base dtype
 
     @classmethod
-    def from_spec(cls, base: RWKV7, peft_spec) -> "StateTuning":
+    def from_spec(cls, base: RWKV, peft_spec, **file_options) -> "StateTuning":
         init_from = peft_spec.state.init_from if peft_spec.state else None
         if init_from:
-            return cls(load_state(init_from, base.dims))
-        return cls(torch.zeros(base.dims.n_layer, *base.dims.state_shape))
+            return cls(load_state(init_from, base.dims), **file_options)
+        return cls(torch.zeros(base.dims.n_layer, *base.dims.state_shape), **file_options)
 
-    def attach(self, base: RWKV7) -> None:
+    def attach(self, base: RWKV) -> None:
         self.to(base.emb.weight.device)
 
-    def initial_state(self, model: RWKV7, batch: int, dtype: torch.dtype) -> RNNState:
+    def initial_state(self, model: RWKV, batch: int, dtype: torch.dtype) -> RNNState:
         return from_time_state(self.time_state, batch, model.dims.n_embd, dtype)
 
     def file_tensors(self) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The Ray Serve application: an OpenAI-compatible endpoint for one base RWKV-7 model and its tuned states.
+"""The Ray Serve application: an OpenAI-compatible endpoint for one base RWKV model and its tuned states.
 
 Three deployments:
 - `Gateway`, the FastAPI ingress: auth, request checks, tokenization, OpenAI shapes, SSE streaming.
@@ -12,13 +12,11 @@ miss. Mounts, uploads, blends and unmounts go through the gateway, which updates
 is a 404 for the very next request; an id gone stale in another way (a registry restart) answers 404 from the
 model replica, and the gateway then resolves the name once more.
 
-`build_app(config)` returns the bound application; `app_builder(args)` is the import path for `serve run` and
-`serve deploy` (jobs/serve_config.yaml); `run_server(spec)` is `rwkvray serve SPEC.yaml`.
+`build_app(config, api_key)` returns the bound application. The driver side, `rwkvray serve SPEC.yaml` and the
+import path for `serve run` / `serve deploy`, is rwkvray/launch/serving.py.
 """
 
 import hmac
-import os
-import signal
 import time
 from typing import AsyncIterator, Optional
 
@@ -29,11 +27,11 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rwkvray.model.checkpoint import load_checkpoint
-from rwkvray.spec import ServeConfig, ServeSpec, load_spec, spec_from_dict
+from rwkvray.spec import ServeConfig
 from rwkvray.text.chat import REPLY_END, render_chat
-from rwkvray.model.dims import ModelDims
+from rwkvray.model.dims import RWKVDims
 from rwkvray.errors import UserError
-from rwkvray.model.rwkv7 import load_model, pick_device
+from rwkvray.model.rwkv import load_model, pick_device
 from rwkvray.serve.api import (ApiError, ChatCompletionRequest, CompletionRequest, OpenAIRequest, bad_request,
                                chat_body, completion_body, decode_base64, json_object, model_card, multipart_fields,
                                new_id, parse_request, read_body, read_json, sse_events, strip_reply_space, usage)
@@ -84,7 +82,7 @@ class StateRegistry:
     a failure, and Serve would log a traceback for every raised one.
     """
 
-    def __init__(self, states_dir: str, dims: ModelDims, base_name: str, max_upload_bytes: int, base: dict):
+    def __init__(self, states_dir: str, dims: RWKVDims, base_name: str, max_upload_bytes: int, base: dict):
         self.store = StateStore(states_dir, dims, base_name, max_upload_bytes, base)
         self.mounted_gauge = mounted_states_gauge()
 
@@ -325,20 +323,9 @@ def use_gpu(config: ServeConfig) -> bool:
     return torch.cuda.is_available()
 
 
-def read_api_key(config: ServeConfig) -> Optional[str]:
-    """The API key from the environment; a configured but unset variable is an error (never serve open)."""
-    if config.api_key_env is None:
-        return None
-    key = os.environ.get(config.api_key_env, "")
-    if not key:
-        raise UserError(f"serve.api_key_env: the environment variable {config.api_key_env} is not set "
-                        "(set it, or remove api_key_env to serve without a key)")
-    return key
-
-
-def build_app(config: ServeConfig):
-    """The bound Serve application for a validated serve block."""
-    api_key = read_api_key(config)
+def build_app(config: ServeConfig, api_key: Optional[str]):
+    """The bound Serve application for a validated serve block; `api_key` None serves without a key (the driver
+    reads it: rwkvray/launch/serving.py)."""
     base = base_fingerprint(config.model)  # refuses a bad model file here, before any replica starts
     dims = load_checkpoint(config.model).dims
     registry = StateRegistry.options(num_replicas=1, max_ongoing_requests=1000,
@@ -352,32 +339,3 @@ def build_app(config: ServeConfig):
     ).bind(config, registry)
     return Gateway.options(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}).bind(
         config, dims.vocab_size, api_key, registry, model)
-
-
-def app_builder(args: dict):
-    """Import path for `serve run` / `serve deploy`: args are the fields of a serve block, or {"spec": PATH}
-    naming a job spec with a serve block."""
-    if set(args) == {"spec"}:
-        config = load_spec(args["spec"], kind=ServeSpec).serve
-    else:
-        config = spec_from_dict({"serve": dict(args)}, "serve app args").serve
-    return build_app(config)
-
-
-def run_server(spec, address: Optional[str] = None) -> None:
-    """`rwkvray serve SPEC.yaml`: deploy on the cluster at `address` (or a local Ray), print the URL, and
-    serve until Ctrl-C, which removes the application."""
-    from rwkvray.launch.ray_session import ray_session
-    config = spec.serve
-    with ray_session(address):
-        app = build_app(config)  # after connecting: use_gpu "auto" asks the cluster
-        serve.start(http_options={"host": config.host, "port": config.port})
-        serve.run(app, name=APP_NAME, route_prefix="/")
-        print(f"serving {config.model_name} at http://{config.host}:{config.port}/v1 "
-              f"(states from {config.states_dir}); Ctrl-C to stop", flush=True)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop acts like Ctrl-C
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            serve.delete(APP_NAME)

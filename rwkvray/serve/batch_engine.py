@@ -26,7 +26,7 @@ from typing import AsyncIterator, Optional
 import torch
 
 from rwkvray.text.generate import sample
-from rwkvray.model.rwkv7 import RWKV7
+from rwkvray.model.rwkv import RWKV
 from rwkvray.serve.metrics import EngineMetrics
 from rwkvray.serve.prefix_cache import CachedPrefix, PrefixCache, prefix_digests
 from rwkvray.serve.rows import Chunk, Row, SamplingParams
@@ -54,7 +54,7 @@ def merge(chunk: Chunk, later):
 class BatchEngine:
     """Owns the rows of one replica; `generate` is the only entry point."""
 
-    def __init__(self, model: RWKV7, tokenizer: Tokenizer, max_batch_size: int, batch_wait_s: float = 0.0,
+    def __init__(self, model: RWKV, tokenizer: Tokenizer, max_batch_size: int, batch_wait_s: float = 0.0,
                  seed: int = 0, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_bytes: int = 0,
                  metrics: Optional[EngineMetrics] = None):
         self.model = model

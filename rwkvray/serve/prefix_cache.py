@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rwkvray.model.rwkv7 import RNNState
+from rwkvray.model.rwkv import RNNState
 
 
 @dataclass

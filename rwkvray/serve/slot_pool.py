@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from rwkvray.model.rwkv7 import RNNState, RWKV7
+from rwkvray.model.rwkv import RNNState, RWKV
 from rwkvray.serve.prefix_cache import CachedPrefix
 
 
@@ -17,7 +17,7 @@ def state_rows(state: RNNState, index) -> RNNState:
 class SlotPool:
     """max_rows preallocated state slots and their next-token logits, on the model's device."""
 
-    def __init__(self, model: RWKV7, max_rows: int):
+    def __init__(self, model: RWKV, max_rows: int):
         weight = model.emb.weight
         self.state = RNNState.zeros(model.dims, max_rows, weight.device, weight.dtype)
         self.logits = torch.zeros(max_rows, model.dims.vocab_size, device=weight.device)

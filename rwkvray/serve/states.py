@@ -27,7 +27,7 @@ import torch
 
 from rwkvray import __version__
 from rwkvray.files.atomic import write_atomically
-from rwkvray.model.dims import ModelDims
+from rwkvray.model.dims import RWKVDims
 from rwkvray.errors import UserError
 from rwkvray.serve.api import ApiError, bad_request, not_found
 from rwkvray.model.state_card import card_path, read_card, write_card
@@ -86,7 +86,7 @@ class StateStore:
 
     `base` is the loaded model's card entry (state_card.base_fingerprint); None skips the base check."""
 
-    def __init__(self, states_dir: str, dims: ModelDims, base_name: str, max_upload_bytes: int,
+    def __init__(self, states_dir: str, dims: RWKVDims, base_name: str, max_upload_bytes: int,
                  base: Optional[dict] = None):
         self.states_dir = states_dir
         self.dims = dims

@@ -6,14 +6,14 @@ from collections.abc import Iterator
 
 import torch
 
-from rwkvray.model.rwkv7 import RNNState, RWKV7
+from rwkvray.model.rwkv import RNNState, RWKV
 from rwkvray.text.tokenizer import EOS_ID
 
 PREFILL_CHUNK = 1024  # long prompts go through the parallel path in pieces, bounding memory
 
 
 @torch.no_grad()
-def prefill(model: RWKV7, tokens: list[int], state: RNNState) -> tuple[torch.Tensor, RNNState]:
+def prefill(model: RWKV, tokens: list[int], state: RNNState) -> tuple[torch.Tensor, RNNState]:
     """Run the prompt in parallel mode; returns the logits of its last token [V] and the state after it."""
     device = model.emb.weight.device
     logits = None
@@ -60,7 +60,7 @@ def nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def start_state(model: RWKV7, time_state: torch.Tensor | None) -> RNNState:
+def start_state(model: RWKV, time_state: torch.Tensor | None) -> RNNState:
     """Zeros, or the tuned WKV state; shift states start at zero."""
     state = RNNState.zeros(model.dims, 1, model.emb.weight.device, model.emb.weight.dtype)
     if time_state is not None:
@@ -69,7 +69,7 @@ def start_state(model: RWKV7, time_state: torch.Tensor | None) -> RNNState:
 
 
 @torch.no_grad()
-def generate_tokens(model: RWKV7, prompt: list[int], time_state: torch.Tensor | None = None, max_tokens: int = 100,
+def generate_tokens(model: RWKV, prompt: list[int], time_state: torch.Tensor | None = None, max_tokens: int = 100,
                     temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> Iterator[int]:
     """Yields generated token ids; stops at end of text (EOS_ID) or after max_tokens."""
     generator = torch.Generator(device=model.emb.weight.device).manual_seed(seed)

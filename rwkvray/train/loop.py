@@ -8,7 +8,6 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +16,7 @@ from rwkvray.files import storage
 from rwkvray.spec import TuneSpec, check_model_expectations
 from rwkvray.train.data import TokenBatcher, eval_batches, load_documents, split_holdout
 from rwkvray.train.metrics import RunLogger
-from rwkvray.model.rwkv7 import load_model
+from rwkvray.model.rwkv import load_model
 from rwkvray.peft import build_peft
 from rwkvray.peft.epoch_outputs import write_epoch_outputs
 from rwkvray.train.schedule import learning_rate
@@ -26,25 +25,18 @@ from rwkvray.model.state_card import base_fingerprint, card_bytes
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
 
 
-ReportHook = Callable[[dict, "WorkerContext"], None]
-
-
 class WorkerContext:
-    """Who this worker is, and the Ray session (ray.train or ray.tune) its checkpoints go through.
-    `on_report(metrics, ctx)`, when given, runs on every worker after each report (a caller's monitor, or a test
-    that kills a worker there)."""
+    """Who this worker is, and the Ray session (ray.train or ray.tune) its checkpoints go through."""
 
-    def __init__(self, session, rank: int, world_size: int, device: torch.device, on_report: ReportHook | None = None):
+    def __init__(self, session, rank: int, world_size: int, device: torch.device):
         self.session, self.rank, self.world_size, self.device = session, rank, world_size, device
-        self.on_report = on_report
 
     @classmethod
-    def ray_train_worker(cls, on_report: ReportHook | None = None) -> "WorkerContext":
+    def ray_train_worker(cls) -> "WorkerContext":
         import ray.train
         import ray.train.torch
         context = ray.train.get_context()
-        return cls(ray.train, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
-                   on_report)
+        return cls(ray.train, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
 
     @classmethod
     def tune_trial(cls, use_gpu: bool) -> "WorkerContext":
@@ -62,8 +54,6 @@ class WorkerContext:
 
     def report(self, metrics: dict, checkpoint_dir: str) -> None:
         self.session.report(metrics, checkpoint=self.session.Checkpoint.from_directory(checkpoint_dir))
-        if self.on_report is not None:
-            self.on_report(metrics, self)
 
 
 def _join_single_process_group(device: torch.device) -> None:
@@ -213,14 +203,14 @@ def evaluate(engine, docs, ctx_len: int, micro_bsz: int, ctx) -> float:
 
 def _checkpoint_and_report(spec, engine, progress, metrics, ctx, logger) -> None:
     if "val_loss" in metrics:
-        progress.best_val_loss = min(metrics["val_loss"], progress.best_val_loss or metrics["val_loss"])
+        best = progress.best_val_loss
+        progress.best_val_loss = metrics["val_loss"] if best is None else min(metrics["val_loss"], best)
         metrics["best_val_loss"] = progress.best_val_loss
     epoch_end = progress.step % spec.trainer.epoch_steps == 0
     with tempfile.TemporaryDirectory() as folder:
         engine.save(folder)
         torch.save(_rng_state(), os.path.join(folder, f"rng-{ctx.rank}.pt"))  # adapter dropout continues the same
         with engine.gathered():  # ZeRO-3 partitions the trainable tensors: gather them on every rank
-            metrics["replica_divergence"] = _replica_divergence(engine, ctx)
             if ctx.rank == 0:
                 _save_progress(folder, engine, progress)
                 if epoch_end:
@@ -256,16 +246,16 @@ def _save_epoch_files(spec, engine, epoch: int, metrics: dict, logger) -> None:
 
 
 def _save_epoch_extras(spec, engine, epoch: int) -> None:
-    """RWKV-PEFT's per-epoch extras (merged model, peft folder, init_pissa.pth), made in scratch, then stored."""
+    """RWKV-PEFT's per-epoch extras (merged model, peft folder `adapter/`, init_pissa.pth), made in scratch as
+    they go in run storage, then stored."""
     files = {method.name: method.file_tensors() for method in engine.module.methods}
     with tempfile.TemporaryDirectory() as scratch:
-        os.makedirs(os.path.join(scratch, "run"))
-        write_epoch_outputs(spec.peft, spec.model.path, os.path.join(scratch, "run"), files, epoch - 1, lambda _: None)
+        write_epoch_outputs(spec.peft, spec.model.path, scratch, os.path.join(scratch, "adapter"), files, epoch - 1,
+                            lambda _: None)
         for folder, _, names in os.walk(scratch):
             for name in names:
                 local = os.path.join(folder, name)
-                top, *rest = os.path.relpath(local, scratch).split(os.sep)
-                where = ["adapter", *rest] if top == "run-adapter" else rest  # <proj_dir>-adapter/ -> adapter/
+                where = os.path.relpath(local, scratch).split(os.sep)
                 with open(local, "rb") as f:
                     storage.write_bytes(storage.join(storage.run_dir(spec), *where), f.read())
 
@@ -287,15 +277,6 @@ def _save_progress(folder, engine, progress) -> None:
         method.save(os.path.join(folder, f"{method.name}.pth"))
     with open(os.path.join(folder, "progress.json"), "w") as f:
         json.dump({"step": progress.step, "best_val_loss": progress.best_val_loss}, f)
-
-
-def _replica_divergence(engine, ctx) -> float:
-    """Largest difference of the trainable tensors between ranks: 0 when gradients are all-reduced."""
-    flat = torch.cat([p.detach().float().reshape(-1).to(ctx.device) for p in engine.module.trainable_parameters()])
-    high, low = flat.clone(), flat.clone()
-    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
-    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
-    return (high - low).abs().max().item()
 
 
 def _rng_state() -> dict:

@@ -1,0 +1,53 @@
+"""The driver side of Serve: `rwkvray serve SPEC.yaml` (`run_server`) and the import path for `serve run` /
+`serve deploy` (`app_builder`). Both read the API key here, on the driver, and hand it to the application."""
+import os
+import signal
+import time
+from typing import Optional
+
+from rwkvray.errors import UserError
+from rwkvray.spec import ServeConfig, ServeSpec, load_spec, spec_from_dict
+
+
+def read_api_key(config: ServeConfig) -> Optional[str]:
+    """The API key from the environment; a configured but unset variable is an error (never serve open)."""
+    if config.api_key_env is None:
+        return None
+    key = os.environ.get(config.api_key_env, "")
+    if not key:
+        raise UserError(f"serve.api_key_env: the environment variable {config.api_key_env} is not set "
+                        "(set it, or remove api_key_env to serve without a key)")
+    return key
+
+
+def app_builder(args: dict):
+    """Import path for `serve run` / `serve deploy`: args are the fields of a serve block, or {"spec": PATH}
+    naming a job spec with a serve block."""
+    from rwkvray.serve.app import build_app
+    if set(args) == {"spec"}:
+        config = load_spec(args["spec"], kind=ServeSpec).serve
+    else:
+        config = spec_from_dict({"serve": dict(args)}, "serve app args").serve
+    return build_app(config, read_api_key(config))
+
+
+def run_server(spec, address: Optional[str] = None) -> None:
+    """`rwkvray serve SPEC.yaml`: deploy on the cluster at `address` (or a local Ray), print the URL, and
+    serve until Ctrl-C, which removes the application."""
+    from ray import serve
+
+    from rwkvray.launch.ray_session import ray_session
+    from rwkvray.serve.app import APP_NAME, build_app
+    config = spec.serve
+    with ray_session(address):
+        app = build_app(config, read_api_key(config))  # after connecting: use_gpu "auto" asks the cluster
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        print(f"serving {config.model_name} at http://{config.host}:{config.port}/v1 "
+              f"(states from {config.states_dir}); Ctrl-C to stop", flush=True)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop acts like Ctrl-C
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.delete(APP_NAME)
