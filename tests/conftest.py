@@ -1,10 +1,22 @@
 import pytest
+import torch
 
 from rwkvray.model.checkpoint import save_checkpoint
 from rwkvray.model.init import default_dims, default_dims_x060, init_weights
 from tests.helpers import TINY, random_model, saved_base, token_batch
 
 pytest_plugins = ["tests.triton_interp"]  # the Triton interpreter for FLA's kernels when there is no GPU
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: without it they are skipped, with one reason (benchmarks/gpu_check.sh runs
+    them with `pytest -m gpu`)."""
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="marked gpu: needs CUDA")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(no_gpu)
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +34,12 @@ def make_tiny_model(tmp_path_factory):
         return made[n_layer, n_embd, version]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def tiny_model(make_tiny_model):
+    """A 2-layer, 128-wide x070 checkpoint file (see make_tiny_model)."""
+    return make_tiny_model(2, 128)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from rwkvray.spec import spec_from_dict
 from rwkvray.model.checkpoint import save_checkpoint
@@ -177,14 +178,37 @@ def spec_with(spec, **blocks: dict):
     return spec.model_copy(update={name: getattr(spec, name).model_copy(update=fields) for name, fields in blocks.items()})
 
 
-class CrashOnce:
-    """An `on_report` hook for run_on_ray: the last worker exits after reporting `step`, the first time only
-    (the marker file remembers), so Ray Train restarts the group from the last checkpoint."""
+def two_worker_spec(model_path, storage, name, stage=1):
+    """The 2-worker DeepSpeed run of the Ray Train tests: 2 epochs of 6 steps, a checkpoint every 4."""
+    return spec_from_dict({
+        "run": {"name": name, "storage_path": str(storage), "checkpoint_every_steps": 4},
+        "model": {"path": model_path},
+        "data": {"file": SAMPLE, "ctx_len": 32, "loss_mask": "qa", "eval_file": SAMPLE.replace(".jsonl", "_eval.jsonl")},
+        "optim": {"lr_init": 0.2, "lr_final": 0.05},
+        "trainer": {"epoch_count": 2, "epoch_steps": 6, "micro_bsz": 2, "precision": "fp32", "op": "torch", "seed": 7},
+        "deepspeed": {"stage": stage},
+        "scaling": {"num_workers": 2},
+    }, "test")
 
-    def __init__(self, step: int, marker: str):
-        self.step, self.marker = step, marker
 
-    def __call__(self, metrics: dict, ctx) -> None:
-        if ctx.rank == ctx.world_size - 1 and metrics.get("step") == self.step and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            os._exit(1)
+def wkv7_inputs(B, T, H, N, seed=0, dtype=torch.float64):
+    """Random WKV-7 inputs in the ranges the model produces (decay clamp, unit-norm kk), and a non-zero s0."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)
+    r, k, v = rand(B, T, H, N), rand(B, T, H, N) * 0.5, rand(B, T, H, N)
+    w = -F.softplus(-2 * rand(B, T, H, N)) - 0.5
+    kk = F.normalize(rand(B, T, H, N), dim=-1)
+    a_gate = torch.sigmoid(rand(B, T, H, N))
+    s0 = rand(B, H, N, N) * 0.3
+    return [r, w, k, v, -kk, kk * a_gate, s0]
+
+
+def wkv6_inputs(B, T, H, N, seed=0, dtype=torch.float64, decay_floor=-8.0, decay_ceiling=2.0):
+    """Random WKV-6 inputs; w spans decays from ~1 (w=-8) to ~0 (w=2: exp(-e^2) = 6e-4), as RWKV-6 allows."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)
+    r, k, v = rand(B, T, H, N), rand(B, T, H, N) * 0.5, rand(B, T, H, N)
+    w = decay_floor + (decay_ceiling - decay_floor) * torch.rand(B, T, H, N, generator=g, dtype=dtype)
+    u = rand(H, N) * 0.5
+    s0 = rand(B, H, N, N) * 0.3
+    return [r, w, k, v, u, s0]

@@ -25,13 +25,11 @@ from rwkvray.kernels import wkv7
 from rwkvray.kernels import wkv7_fla
 from rwkvray.kernels.wkv7_cuda import CUDA_DIR, first_error_line
 from rwkvray.kernels.wkv7_torch import wkv7_loop
-from tests.helpers import assert_close_to_reference, kernel_case, rel_err
-from tests.test_wkv import wkv_inputs
+from tests.helpers import assert_close_to_reference, kernel_case, rel_err, wkv7_inputs
 
 NAMES = "r w k v a b s0".split()
 BOUND = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 GPU_BOUND = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_fla = pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="needs flash-linear-attention")
 CXX = shutil.which("c++") or shutil.which("g++")
 needs_cxx = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler")
@@ -39,7 +37,7 @@ needs_cxx = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler")
 
 def case(B, T, H, dtype, device="cpu", seed=0):
     """Inputs in `dtype` (s0 fp32), upstream gradients, and the float64 reference of those rounded values."""
-    return kernel_case(wkv_inputs(B, T, H, 64, seed=seed), wkv7_loop, 6, dtype, device, seed)
+    return kernel_case(wkv7_inputs(B, T, H, 64, seed=seed), wkv7_loop, 6, dtype, device, seed)
 
 
 # ---- the CUDA kernel's source, run on the CPU ---------------------------------------------------------------
@@ -156,6 +154,7 @@ PTXAS_ENTRY = re.compile(r"Compiling entry function '_ZN4wkv7\d+(\w+?_kernel)I(\
 PTXAS_USAGE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads.*?Used (\d+) registers", re.S)
 
 
+@pytest.mark.gpu  # runs with the GPU tests: CI machines have no nvcc
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc (no GPU needed)")
 def test_cuda_kernels_fit_in_registers_without_spills(tmp_path):
     """ptxas's own report for Ampere and Hopper: every kernel under the 255-register limit, no spill traffic."""
@@ -179,9 +178,9 @@ def test_cuda_kernels_fit_in_registers_without_spills(tmp_path):
 
 def test_cuda_op_refuses_cpu_tensors_and_other_head_sizes_in_one_line():
     with pytest.raises(UserError, match=r"^WKV op 'cuda' needs CUDA tensors, got a tensor on cpu; use op 'torch'"):
-        wkv7(*wkv_inputs(1, 3, 1, 64), op="cuda")
+        wkv7(*wkv7_inputs(1, 3, 1, 64), op="cuda")
     with pytest.raises(UserError, match=r"^WKV op 'cuda' supports head size 64 only, got 32"):
-        wkv7(*wkv_inputs(1, 3, 1, 32), op="cuda")
+        wkv7(*wkv7_inputs(1, 3, 1, 32), op="cuda")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
@@ -230,7 +229,7 @@ def fla_cache():
 
 def test_fla_wrapper_converts_decay_and_state_layout_both_ways(monkeypatch, fla_cache):
     install_fake_fla(monkeypatch, fake_chunk_rwkv7)
-    inputs = [x.float().requires_grad_() for x in wkv_inputs(2, 9, 2, 64, seed=4)]
+    inputs = [x.float().requires_grad_() for x in wkv7_inputs(2, 9, 2, 64, seed=4)]
     ref_inputs = [x.double().detach().requires_grad_() for x in inputs]
     y_ref, s_ref = wkv7_loop(*ref_inputs)
     y, s = wkv7(*inputs, op="fla")
@@ -250,7 +249,7 @@ def test_fla_wrapper_asks_old_releases_for_batch_first_layout(monkeypatch, fla_c
         return y, state.transpose(-1, -2)
 
     install_fake_fla(monkeypatch, old_chunk_rwkv7)
-    inputs = wkv_inputs(1, 3, 2, 64)
+    inputs = wkv7_inputs(1, 3, 2, 64)
     y, s = wkv7(*(x.float() for x in inputs), op="fla")
     y_ref, s_ref = wkv7_loop(*inputs)
     assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-6
@@ -264,7 +263,7 @@ def test_fla_is_called_by_keyword_so_a_fork_with_its_own_order_still_works(monke
                                 None, lower_bound)
 
     install_fake_fla(monkeypatch, reordered)
-    inputs = wkv_inputs(2, 5, 2, 64, seed=2)
+    inputs = wkv7_inputs(2, 5, 2, 64, seed=2)
     y, s = wkv7(*(x.float() for x in inputs), op="fla")
     y_ref, s_ref = wkv7_loop(*inputs)
     assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-6
@@ -280,7 +279,7 @@ def test_fla_fork_that_swaps_arguments_under_our_names_is_refused(monkeypatch, f
 
     install_fake_fla(monkeypatch, swapped)
     with pytest.raises(UserError) as error:
-        wkv7(*(x.float() for x in wkv_inputs(1, 4, 1, 64)), op="fla")
+        wkv7(*(x.float() for x in wkv7_inputs(1, 4, 1, 64)), op="fla")
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith("fla ")
@@ -292,19 +291,19 @@ def test_fla_wrapper_refuses_a_chunk_rwkv7_without_initial_state(monkeypatch, fl
     install_fake_fla(monkeypatch, lambda r, w, k, v, a, b, scale=1.0: (r, None))
     with pytest.raises(UserError, match=r"has a chunk_rwkv7 without initial_state, output_final_state; "
                                         r"install fla-core>=0.6.0$"):
-        wkv7(*wkv_inputs(1, 2, 1, 64), op="fla")
+        wkv7(*wkv7_inputs(1, 2, 1, 64), op="fla")
 
 
 def test_fla_missing_is_one_clear_line(monkeypatch, fla_cache):
     for name in ("fla", "fla.ops", "fla.ops.rwkv7"):
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(UserError, match=r"^WKV op 'fla' needs flash-linear-attention \(pip install fla-core>=0.6.0\)"):
-        wkv7(*wkv_inputs(1, 2, 1, 64), op="fla")
+        wkv7(*wkv7_inputs(1, 2, 1, 64), op="fla")
 
 
 # ---- on a GPU -----------------------------------------------------------------------------------------------
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("T", [1, 15, 16, 100, 1024])
@@ -312,7 +311,7 @@ def test_cuda_op_matches_float64_loop(dtype, B, T):
     run_backend_against_loop("cuda", dtype, B, T)
 
 
-@needs_cuda
+@pytest.mark.gpu
 @needs_fla
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("T", [1, 15, 16, 100, 1024])
@@ -330,7 +329,7 @@ def run_backend_against_loop(op, dtype, B, T):
     assert_close_to_reference([y, s, *grads], reference, GPU_BOUND[dtype], NAMES)
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_cuda_op_without_grad_gives_the_same_outputs():
     xs, _, _, _ = case(2, 50, 2, torch.bfloat16, device="cuda")
     with torch.no_grad():
@@ -339,7 +338,7 @@ def test_cuda_op_without_grad_gives_the_same_outputs():
     assert torch.equal(y.detach(), y_lean) and torch.equal(s.detach(), s_lean)
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_state_tuning_step_agrees_across_ops():
     """Loss and time_state gradient of a tiny bf16 model, as in training: torch's op is the reference."""
     from rwkvray.model.loss import masked_lm_loss

@@ -7,7 +7,6 @@ from rwkvray.errors import UserError
 from rwkvray.train.graphed_engine import GraphedEngine, static_batch
 from tests.test_config import GPU, MD, load_text, workdir  # noqa: F401  (workdir is a fixture)
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -76,7 +75,7 @@ class EagerAdamW:
             group["lr"] = lr
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_replayed_steps_train_exactly_as_eager_steps():
     """Same losses and the same tuned state after a few steps, batches of varying width included."""
     from rwkvray.peft import build_peft

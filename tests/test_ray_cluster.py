@@ -5,8 +5,8 @@ import pytest
 
 from rwkvray.launch.run import run_on_ray
 from rwkvray.model.state_file import load_state
-from tests.helpers import spec_with
-from tests.test_ray_train import tiny_model, two_worker_spec  # noqa: F401  (tiny_model is a fixture)
+from tests import worker_hooks
+from tests.helpers import spec_with, two_worker_spec
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -17,13 +17,13 @@ def two_node_cluster():
     from ray.cluster_utils import Cluster
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, log_to_driver=False)
+    ray.init(address=cluster.address, log_to_driver=False, runtime_env=worker_hooks.runtime_env())
     yield cluster
     ray.shutdown()
     cluster.shutdown()
 
 
-def test_two_workers_spread_over_two_nodes(two_node_cluster, tiny_model, tmp_path):  # noqa: F811 (a fixture)
+def test_two_workers_spread_over_two_nodes(two_node_cluster, tiny_model, tmp_path):
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     spec = spec_with(two_worker_spec(tiny_model, tmp_path, "two-nodes"),
                      scaling={"placement_strategy": "STRICT_SPREAD"}, trainer={"epoch_count": 1})

@@ -6,40 +6,28 @@ import shutil
 import pytest
 import torch
 
-from rwkvray.spec import spec_from_dict
 from rwkvray.errors import UserError
 from rwkvray.launch.outputs import export_outputs
 from rwkvray.launch.run import run_on_ray
 from rwkvray.model.state_file import load_state
-from tests.helpers import CrashOnce, spec_with
+from tests import worker_hooks
+from tests.helpers import spec_with, two_worker_spec
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
-SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, log_to_driver=False)
+def fault_marker(tmp_path_factory):
+    return tmp_path_factory.mktemp("faults") / "fault-happened"
+
+
+@pytest.fixture(scope="module")
+def local_ray(fault_marker):
+    crash = {"run": "faulty", "step": 6, "marker": str(fault_marker)}  # see test_killed_worker_resumes_...
+    ray.init(address="local", num_cpus=2, log_to_driver=False, runtime_env=worker_hooks.runtime_env(crash))
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_model(make_tiny_model):
-    return make_tiny_model(2, 128)
-
-
-def two_worker_spec(model_path, storage, name, stage=1):
-    return spec_from_dict({
-        "run": {"name": name, "storage_path": str(storage), "checkpoint_every_steps": 4},
-        "model": {"path": model_path},
-        "data": {"file": SAMPLE, "ctx_len": 32, "loss_mask": "qa", "eval_file": SAMPLE.replace(".jsonl", "_eval.jsonl")},
-        "optim": {"lr_init": 0.2, "lr_final": 0.05},
-        "trainer": {"epoch_count": 2, "epoch_steps": 6, "micro_bsz": 2, "precision": "fp32", "op": "torch", "seed": 7},
-        "deepspeed": {"stage": stage},
-        "scaling": {"num_workers": 2},
-    }, "test")
 
 
 def losses(spec):
@@ -125,11 +113,12 @@ def test_checkpoint_holds_no_frozen_base(zero1_run, tiny_model):
     assert {"progress.json", "state.pth", "rng-0.pt", "rng-1.pt"} <= names
 
 
-def test_killed_worker_resumes_to_the_same_final_state(zero1_run, tiny_model, tmp_path):
+def test_killed_worker_resumes_to_the_same_final_state(zero1_run, tiny_model, tmp_path, fault_marker):
+    """The last worker of run "faulty" exits after its step-6 report (tests/worker_hooks.py)."""
     reference_spec, _ = zero1_run
     spec = spec_with(two_worker_spec(tiny_model, tmp_path, "faulty"), run={"max_failures": 1})
-    result = run_on_ray(spec, on_report=CrashOnce(step=6, marker=str(tmp_path / "fault-happened")))
-    assert (tmp_path / "fault-happened").exists()
+    result = run_on_ray(spec)
+    assert fault_marker.exists()
     assert result.error is None
     assert [json.loads(line)["step"] for line in open(os.path.join(spec.trainer.proj_dir, "metrics.jsonl"))] == list(range(1, 13))
     final = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth"))

@@ -16,7 +16,8 @@ import torch
 from rwkvray.spec import spec_from_dict
 from rwkvray.launch.run import run_on_ray
 from rwkvray.model.state_file import load_state
-from tests.helpers import CrashOnce, free_port
+from tests import worker_hooks
+from tests.helpers import free_port
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("moto.server")
@@ -48,13 +49,20 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def s3_ray(s3_server):
-    """Ray started after the AWS_* variables are set (the run's controller reads the bucket too)."""
+def fault_marker(tmp_path_factory):
+    return tmp_path_factory.mktemp("faults") / "fault-happened"
+
+
+@pytest.fixture(scope="module")
+def s3_ray(s3_server, fault_marker):
+    """Ray started after the AWS_* variables are set (the run's controller reads the bucket too); the last worker
+    of run "s3run" exits once after its step-4 report (tests/worker_hooks.py)."""
     env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
-    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    crash = {"run": "s3run", "step": 4, "marker": str(fault_marker)}
+    ray.init(address="local", num_cpus=2, log_to_driver=False, runtime_env=worker_hooks.runtime_env(crash))
     try:
         yield
     finally:
@@ -66,7 +74,7 @@ def s3_ray(s3_server):
                 os.environ[name] = value
 
 
-def test_killed_worker_resumes_from_the_bucket(s3_ray, make_tiny_model, tmp_path):
+def test_killed_worker_resumes_from_the_bucket(s3_ray, make_tiny_model, tmp_path, fault_marker):
     import pyarrow.fs
     spec = spec_from_dict({
         "run": {"name": "s3run", "storage_path": "s3://runs/rwkvray", "checkpoint_every_steps": 4, "max_failures": 1},
@@ -78,8 +86,8 @@ def test_killed_worker_resumes_from_the_bucket(s3_ray, make_tiny_model, tmp_path
         "deepspeed": {"stage": 2},
         "scaling": {"num_workers": 2},
     }, "test")
-    result = run_on_ray(spec, on_report=CrashOnce(step=4, marker=str(tmp_path / "fault-happened")))
-    assert (tmp_path / "fault-happened").exists() and result.error is None
+    result = run_on_ray(spec)
+    assert fault_marker.exists() and result.error is None
     bucket = pyarrow.fs.FileSystem.from_uri("s3://runs/rwkvray/s3run")[0]
     with bucket.open_input_stream("runs/rwkvray/s3run/rwkv-final.pth") as f:
         (tmp_path / "from-bucket.pth").write_bytes(f.read())

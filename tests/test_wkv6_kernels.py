@@ -15,15 +15,13 @@ import torch
 from rwkvray.kernels import wkv6
 from rwkvray.kernels.wkv6_torch import wkv6_loop
 from rwkvray.kernels.wkv7_cuda import CUDA_DIR
-from tests.helpers import assert_close_to_reference, kernel_case
-from tests.test_wkv6 import wkv6_inputs
+from tests.helpers import assert_close_to_reference, kernel_case, wkv6_inputs
 
 NAMES = "r w k v u s0".split()
 BOUND = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 GPU_BOUND = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
 CXX = shutil.which("c++") or shutil.which("g++")
 needs_cxx = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def case(B, T, H, dtype, device="cpu", seed=0):
@@ -89,7 +87,6 @@ def test_emulated_forward_without_backward_buffers_gives_the_same_outputs(emulat
 
 
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("B,T,H", [(1, 1, 2), (2, 100, 4), (1, 300, 2)])
 def test_cuda_kernel_matches_float64_loop(dtype, B, T, H):
@@ -101,7 +98,6 @@ def test_cuda_kernel_matches_float64_loop(dtype, B, T, H):
 
 
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="needs flash-linear-attention")
 @pytest.mark.parametrize("B,T,H", [(1, 64, 2), (2, 100, 2)])
 def test_fla_chunk_rwkv6_matches_float64_loop(B, T, H):
@@ -112,14 +108,10 @@ def test_fla_chunk_rwkv6_matches_float64_loop(B, T, H):
     assert_close_to_reference([y, s, *grads], [t.cuda() for t in reference], 5e-2, NAMES)
 
 
-def test_fla_chunk_rwkv6_under_the_triton_interpreter(request):
+def test_fla_chunk_rwkv6_under_the_triton_interpreter(triton_interpreter):
     """FLA's kernel on the CPU, called exactly as on a GPU: log-decay, [K,V] state, scale 1, by keyword."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: test_fla_chunk_rwkv6_matches_float64_loop runs the compiled kernel")
-    try:
-        request.getfixturevalue("triton_interpreter")
-    except pytest.FixtureLookupError:
-        pytest.skip("the Triton interpreter fixture (tests/triton_interp.py, issue 16) is not on this branch")
     pytest.importorskip("fla")
     xs, dy, ds, reference = case(1, 40, 1, torch.float32)
     xs = [x.requires_grad_() for x in xs]

@@ -117,7 +117,8 @@ def test_v6_state_tuning_through_ray_train_with_deepspeed(make_tiny_model, tmp_p
         "deepspeed": {"stage": 1},
         "scaling": {"num_workers": 2},
     }, "test")
-    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    from tests import worker_hooks
+    ray.init(address="local", num_cpus=2, log_to_driver=False, runtime_env=worker_hooks.runtime_env())
     try:
         result = run_on_ray(spec)
     finally:
