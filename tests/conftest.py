@@ -36,6 +36,20 @@ def make_tiny_model(tmp_path_factory):
     return make
 
 
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A cwd holding the files that specs and RWKV-PEFT flags in the tests name relatively: models (m.pth,
+    model.pth), jsonl files (d.jsonl, chats.jsonl) and binidx pairs (p, data/test-1)."""
+    for name in ("m.pth", "d.jsonl", "p.bin", "p.idx", "model.pth"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "chats.jsonl").write_text('{"text": "User: hi\\n\\nAssistant: hello"}\n')
+    (tmp_path / "data").mkdir()
+    for suffix in (".bin", ".idx"):
+        (tmp_path / "data" / ("test-1" + suffix)).write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
 @pytest.fixture(scope="module")
 def tiny_model(make_tiny_model):
     """A 2-layer, 128-wide x070 checkpoint file (see make_tiny_model)."""

@@ -31,15 +31,6 @@ TUNE_DATA = "data: {file: d.jsonl, holdout_fraction: 0.1}\n"
 GPU = "scaling: {use_gpu: true}\n"
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    """A cwd holding a model, a jsonl file and a binidx pair, which the specs below name relatively."""
-    for name in ("m.pth", "d.jsonl", "p.bin", "p.idx"):
-        (tmp_path / name).write_bytes(b"x")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def load_text(text: str, workdir: Path, name: str = "job.yaml"):
     path = workdir / name
     path.write_text(text)

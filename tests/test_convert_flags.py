@@ -8,7 +8,7 @@ import torch
 from rwkvray.cli import main
 from rwkvray.compat.rwkv_peft import spec_from_train_flags
 from rwkvray.spec import load_spec
-from tests.test_peft_flags import DEMO_STATE_TUNING, TUTORIAL_APPENDIX, USER_SCRIPT, workdir  # noqa: F401
+from tests.test_peft_flags import DEMO_STATE_TUNING, TUTORIAL_APPENDIX, USER_SCRIPT
 
 SAMPLE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl"))
 # The README's RWKV-PEFT command ("Coming from RWKV-PEFT"), made small and CPU-only as its text says.

@@ -5,7 +5,7 @@ import torch
 from rwkvray.spec import OptimConfig, PeftConfig
 from rwkvray.errors import UserError
 from rwkvray.train.graphed_engine import GraphedEngine, static_batch
-from tests.test_config import GPU, MD, load_text, workdir  # noqa: F401  (workdir is a fixture)
+from tests.test_config import GPU, MD, load_text
 
 
 

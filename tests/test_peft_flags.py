@@ -39,17 +39,6 @@ USER_SCRIPT = """
 """
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    (tmp_path / "model.pth").write_bytes(b"x")
-    (tmp_path / "chats.jsonl").write_text('{"text": "User: hi\\n\\nAssistant: hello"}\n')
-    (tmp_path / "data").mkdir()
-    for suffix in (".bin", ".idx"):
-        (tmp_path / "data" / ("test-1" + suffix)).write_bytes(b"x")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def flags(text: str):
     return spec_from_train_flags(shlex.split(text))
 

@@ -13,6 +13,7 @@ from rwkvray.serve.api import ApiError, CompletionRequest, multipart_fields, par
 from rwkvray.serve.batch_engine import BatchEngine, SamplingParams
 from rwkvray.serve.rows import StopScanner
 from rwkvray.serve.states import StateStore, state_path
+from rwkvray.spec import spec_from_dict
 from rwkvray.model.state_file import save_state
 from rwkvray.text.tokenizer import get_tokenizer
 from tests.helpers import random_model
@@ -190,11 +191,14 @@ def test_rows_join_a_running_batch_and_never_write_the_mounted_state(model):
             await asyncio.sleep(0.001)
         later = await asyncio.gather(collect(engine, PROMPTS[1], mounted, SamplingParams(6)),
                                      collect(engine, PROMPTS[2], None, SamplingParams(6)))
-        return [await first, *later]
+        return [await first, *later], engine.metrics.snapshot()
 
-    texts = [text for text, _ in asyncio.run(run())]
+    results, metrics = asyncio.run(run())
+    texts = [text for text, _ in results]
     assert texts == [reference_text(model, PROMPTS[0], before, 16), reference_text(model, PROMPTS[1], before, 6),
                      reference_text(model, PROMPTS[2], None, 6)]
+    assert metrics["max_batch_rows"] == 3  # the later rows ran in the same steps as the first one
+    assert metrics["max_states_in_step"] == 2  # the mounted state and the base's zero state, in one step
     assert torch.equal(mounted, before)
 
 
@@ -479,10 +483,14 @@ def test_config_file_args_and_a_spec_path_both_build_the_app(serve_args, monkeyp
     from ray import serve
     from rwkvray.launch.serving import app_builder
     monkeypatch.setenv(serve_args["api_key_env"], "k")
-    assert isinstance(app_builder(serve_args), serve.Application)
     spec = tmp_path / "serve.yaml"
     spec.write_text(yaml.safe_dump({"serve": serve_args}))
-    assert isinstance(app_builder({"spec": str(spec)}), serve.Application)
+    expected = spec_from_dict({"serve": serve_args}, "test").serve
+    for app in (app_builder(serve_args), app_builder({"spec": str(spec)})):
+        assert isinstance(app, serve.Application)
+        gateway = app._bound_deployment  # the ingress, bound to (config, vocab_size, api_key, registry, model)
+        config, vocab_size, api_key = gateway.init_args[:3]
+        assert (gateway.name, config, vocab_size, api_key) == ("Gateway", expected, SERVE_DIMS.vocab_size, "k")
 
 
 def test_app_builder_refuses_bad_args_and_a_missing_api_key(serve_args, monkeypatch):
