@@ -167,7 +167,7 @@ GROUPS: dict[str, list[Flag]] = {
         sets("grad_clip", "optim.grad_clip", "gradient clipping, 0 for none", float),
         sets("max_failures", "run.max_failures", "worker-group restarts on failure (-1: forever)", int),
         sets("checkpoint_every_steps", "run.checkpoint_every_steps",
-             "also checkpoint every N steps (default: at each --epoch_save epoch)", int),
+             "also checkpoint every N steps (default: at each epoch end only)", int),
         sets("keep_checkpoints", "run.keep_checkpoints", "Ray Train checkpoints kept", int),
         sets("placement_strategy", "scaling.placement_strategy", "PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"),
         sets("wandb_mode", "logging.wandb_mode", "online (default with --wandb), offline or disabled"),

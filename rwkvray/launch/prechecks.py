@@ -1,7 +1,7 @@
 """What each command checks before Ray starts, and what `rwkvray validate` checks without starting anything.
 
 The spec loader already checks keys, values, that files exist and that the spec is the kind the command takes.
-Here: that the model file is an RWKV-7 checkpoint whose shape matches the spec's model.n_layer/n_embd/...
+Here: that the model file is an RWKV checkpoint (x070 or x060) whose shape matches the spec's model.n_layer/n_embd/...
 expectations, that output folders can be written, and (serve) that the API-key variable is set and the port is
 free. Ray starts only after all of these pass.
 """
@@ -72,7 +72,7 @@ def check_writable_folder(path: str, where: str) -> None:
 
 def check_serve_model(config: ServeConfig) -> None:
     from rwkvray.model.checkpoint import load_checkpoint
-    load_checkpoint(config.model)  # an RWKV-7 checkpoint, not just a file
+    load_checkpoint(config.model)  # an RWKV checkpoint, not just a file
 
 
 def before_serving(spec, address: str | None = None) -> ServeConfig:

@@ -1,4 +1,5 @@
-"""`rwkvray run`: a TorchTrainer whose workers each run the plain training loop with a DeepSpeed engine."""
+"""`rwkvray run` and `rwkvray train`: a TorchTrainer whose workers each run the plain training loop with a DeepSpeed
+engine."""
 import sys
 
 from rwkvray.files import storage

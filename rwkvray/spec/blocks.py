@@ -25,7 +25,7 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 class RunConfig(StrictModel):
     name: str = "rwkvray"
     storage_path: Annotated[str, AfterValidator(durable_folder)] = "./runs"
-    checkpoint_every_steps: PositiveInt | None = None  # None: checkpoint every trainer.epoch_save epochs
+    checkpoint_every_steps: PositiveInt | None = None  # None: checkpoint at each epoch end only
     keep_checkpoints: PositiveInt = 2
     max_failures: int = 0  # -1: retry forever
 
