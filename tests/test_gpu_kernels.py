@@ -23,7 +23,7 @@ import torch
 from rwkvray.errors import UserError
 from rwkvray.kernels import wkv7
 from rwkvray.kernels import wkv7_fla
-from rwkvray.kernels.wkv7_cuda import CUDA_DIR, first_error_line
+from rwkvray.kernels.cuda_build import CUDA_DIR, first_error_line
 from rwkvray.kernels.wkv7_torch import wkv7_loop
 from tests.helpers import assert_close_to_reference, kernel_case, rel_err, wkv7_inputs
 

@@ -14,7 +14,7 @@ import torch
 
 from rwkvray.kernels import wkv6
 from rwkvray.kernels.wkv6_torch import wkv6_loop
-from rwkvray.kernels.wkv7_cuda import CUDA_DIR
+from rwkvray.kernels.cuda_build import CUDA_DIR
 from tests.helpers import assert_close_to_reference, kernel_case, wkv6_inputs
 
 NAMES = "r w k v u s0".split()

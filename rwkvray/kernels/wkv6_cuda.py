@@ -1,4 +1,5 @@
-"""WKV-6 on our own CUDA kernels (rwkvray/kernels/cuda/wkv6*), built with ninja on first use and cached like WKV-7's.
+"""WKV-6 on our own CUDA kernels (rwkvray/kernels/cuda/wkv6*), built with ninja on first use and cached (see
+cuda_build.py).
 
 The initial state s0 is an input with a gradient (ds0), as in RWKV-PEFT's wkv6state design; u gets its
 gradient summed over the batch.
@@ -7,7 +8,7 @@ import functools
 
 import torch
 
-from .wkv7_cuda import build_extension, compute_dtype
+from .cuda_build import build_extension, compute_dtype
 
 SOURCES = ("wkv6.cu", "wkv6_binding.cpp")
 HEADERS = ("wkv6.h", "wkv6_kernels.cuh", "wkv_device.cuh")

@@ -6,7 +6,7 @@ Called by keyword. FLA's conventions: its 4th input is the log-decay -exp(w) (ne
 """
 import functools
 
-from .wkv7_fla import import_chunk, refuse_missing
+from .fla_import import import_chunk, refuse_missing
 
 REQUIRED = ("r", "k", "v", "u", "scale", "initial_state", "output_final_state")
 

@@ -9,13 +9,13 @@ recurrence on a tiny input: a fork that keeps the names but means other things b
 arguments r, k, v, w, a, b) is refused instead of trusted.
 """
 import functools
-import importlib
-import inspect
 import math
 
 import torch
 
 from rwkvray.errors import UserError
+
+from .fla_import import import_chunk, installed_version, refuse_missing
 
 LOG_DECAY_FLOOR = -math.exp(-0.5)  # w <= -0.5, so -exp(w) >= -exp(-0.5): FLA's `lower_bound` (as its own RWKV7 layer)
 REQUIRED = ("r", "w", "k", "v", "a", "b", "scale", "initial_state", "output_final_state")
@@ -69,21 +69,6 @@ def checked_kernel(device: torch.device, head_size: int, dtype: torch.dtype):
                         f"r, w, k, v, a, b (rwkv-fla orders them r, k, v, w, a, b); install fla-core>=0.6.0")
 
 
-def import_chunk(op: str):
-    """`fla.ops.<op>.chunk_<op>` and its parameters; one clear line if fla is not installed."""
-    try:
-        chunk = getattr(importlib.import_module(f"fla.ops.{op}"), f"chunk_{op}")
-    except (ImportError, AttributeError) as error:
-        raise UserError(f"WKV op 'fla' needs flash-linear-attention (pip install fla-core>=0.6.0): {error}") from None
-    return chunk, inspect.signature(chunk).parameters
-
-
-def refuse_missing(op: str, missing: list):
-    if missing:
-        raise UserError(f"fla {installed_version()} has a chunk_{op} without {', '.join(missing)}; "
-                        f"install fla-core>=0.6.0")
-
-
 def self_check_inputs(N: int, T: int = 3):
     """One head over a few steps, float64 on the CPU, in the ranges the model produces."""
     g = torch.Generator().manual_seed(0)
@@ -97,13 +82,3 @@ def self_check_inputs(N: int, T: int = 3):
 
 def relative_error(got, ref) -> float:
     return ((got.double().cpu() - ref).abs().max() / ref.abs().max()).item()
-
-
-def installed_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    for package in ("fla-core", "flash-linear-attention"):
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            continue
-    return "(unknown version)"

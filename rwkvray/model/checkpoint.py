@@ -13,7 +13,7 @@ import torch
 
 from rwkvray.files.atomic import write_atomically
 from rwkvray.model.checkpoint_x060 import block_shapes_x060, infer_dims_x060, is_x060
-from rwkvray.model.dims import ModelDimsX060, ModelDimsX070, RWKVDims
+from rwkvray.model.dims import ModelDimsX070, RWKVDims
 from rwkvray.errors import UserError
 
 TIME_STATE_KEY = "blocks.{}.att.time_state"
