@@ -5,7 +5,7 @@ from rwkvray.files import storage
 from rwkvray.spec import check_model_expectations
 from rwkvray.launch.outputs import copy_to_proj_dir, export_outputs
 from rwkvray.launch.ray_session import off_main_thread, worker_env
-from rwkvray.launch.resume import check_rerun
+from rwkvray.launch.resume import check_rerun, newest_intact_checkpoint
 from rwkvray.train.loop import ReportHook, WorkerContext, train
 
 # Ray Train turns a worker's print into a log record and, since Ray replaces the worker's sys.stdout, also prints
@@ -33,8 +33,15 @@ def build_trainer(spec, callbacks=(), on_report: ReportHook | None = None):
         run_config=RunConfig(name=spec.run.name, storage_path=spec.run.storage_path, callbacks=list(callbacks),
                              worker_runtime_env={"env_vars": {**worker_env(scaling.use_gpu), **PLAIN_PRINT}},
                              failure_config=FailureConfig(max_failures=spec.run.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=ray_checkpoints_kept(spec))),
     )
+
+
+def ray_checkpoints_kept(spec) -> int:
+    """How many checkpoints Ray keeps so that it never deletes the last intact one: run.keep_checkpoints, plus
+    the newest (it gets its manifest only after Ray registers it and deletes the oldest), plus the damaged ones
+    newer than the newest intact checkpoint (Ray counts them as checkpoints)."""
+    return spec.run.keep_checkpoints + 1 + newest_intact_checkpoint(spec, storage.run_dir(spec))[0]
 
 
 def warn_if_cluster_too_small(spec) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from rwkvray.files import storage
 from rwkvray.spec import TuneSpec, check_model_expectations
+from rwkvray.train.checkpoints import report_with_manifest, resume_from_intact
 from rwkvray.train.data import TokenBatcher, eval_batches, load_documents, split_holdout
 from rwkvray.train.metrics import RunLogger
 from rwkvray.model.rwkv7 import load_model
@@ -34,9 +35,11 @@ class WorkerContext:
     `on_report(metrics, ctx)`, when given, runs on every worker after each report (a caller's monitor, or a test
     that kills a worker there)."""
 
-    def __init__(self, session, rank: int, world_size: int, device: torch.device, on_report: ReportHook | None = None):
+    def __init__(self, session, rank: int, world_size: int, device: torch.device, on_report: ReportHook | None = None,
+                 manifest_last: bool = True):
         self.session, self.rank, self.world_size, self.device = session, rank, world_size, device
         self.on_report = on_report
+        self.manifest_last = manifest_last  # Ray Train: written into the stored checkpoint after every upload
 
     @classmethod
     def ray_train_worker(cls, on_report: ReportHook | None = None) -> "WorkerContext":
@@ -52,16 +55,13 @@ class WorkerContext:
         import ray.tune
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         _join_single_process_group(device)
-        return cls(ray.tune, 0, 1, device)
+        return cls(ray.tune, 0, 1, device, manifest_last=False)
 
     def resume(self, load) -> None:
-        checkpoint = self.session.get_checkpoint()
-        if checkpoint:
-            with checkpoint.as_directory() as folder:
-                load(folder)
+        resume_from_intact(self.session, self.rank, load)
 
     def report(self, metrics: dict, checkpoint_dir: str) -> None:
-        self.session.report(metrics, checkpoint=self.session.Checkpoint.from_directory(checkpoint_dir))
+        report_with_manifest(self.session, self.rank, metrics, checkpoint_dir, self.manifest_last)
         if self.on_report is not None:
             self.on_report(metrics, self)
 
