@@ -18,9 +18,10 @@ const app = {
 // ------------------------------------------------------------------ API
 
 class ApiFailure extends Error {
-  constructor(status, message) {
+  constructor(status, message, code = null) {
     super(message);
     this.status = status;
+    this.code = code;
   }
 }
 
@@ -37,12 +38,13 @@ async function api(path, options = {}) {
   }
   if (!response.ok) {
     let message = response.status + " " + response.statusText;
+    let code = null;
     try {
       const body = await response.json();
-      if (body && body.error && body.error.message) message = body.error.message;
+      if (body && body.error && body.error.message) ({ message, code } = body.error);
     } catch (_) { /* not JSON: keep the status line */ }
     if (response.status === 401) askForKey(message);
-    throw new ApiFailure(response.status, message);
+    throw new ApiFailure(response.status, message, code);
   }
   return response;
 }
@@ -336,13 +338,29 @@ async function showCard(name) {
   }
 }
 
+// Sends an upload or a blend; when its name is taken (409 state_exists), asks before sending it again with
+// replace (the server keeps the old one as NAME.prev).
+async function askBeforeReplacing(send) {
+  try {
+    return await send(false);
+  } catch (err) {
+    if (err.code !== "state_exists") throw err;
+    if (!window.confirm(err.message.replace(/; send .*/, "") + ". Replace it? The current one is kept as a "
+                        + "previous version.")) throw new ApiFailure(409, "Not replaced.", err.code);
+    return await send(true);
+  }
+}
+
 function uploadFile(file) {
   const name = $("upload-name").value.trim() || file.name.replace(/\.pth$/i, "");
-  const form = new FormData();
-  form.append("name", name);
-  form.append("file", file, file.name);
   return stateAction(async () => {
-    await api("/v1/states", { method: "POST", body: form });
+    await askBeforeReplacing((replace) => {
+      const form = new FormData();
+      form.append("name", name);
+      form.append("file", file, file.name);
+      if (replace) form.append("replace", "true");
+      return api("/v1/states", { method: "POST", body: form });
+    });
     $("upload-name").value = "";
   }, "Uploaded and mounted " + name + ".");
 }
@@ -395,7 +413,8 @@ async function createBlend() {
     say("Pick at least two different states to blend.", true);
     return;
   }
-  await stateAction(() => postJson("/v1/states", { name, blend }), "Blend " + name + " mounted.");
+  await stateAction(() => askBeforeReplacing((replace) => postJson("/v1/states", { name, blend, replace })),
+                    "Blend " + name + " mounted.");
 }
 
 // ------------------------------------------------------------------ wiring
