@@ -113,3 +113,14 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(uninterrupted, 
         f"job.yaml: run 'damaged': none of its 2 checkpoint(s) in {storage.run_dir(stopped)} is intact (newest: "
         f"{newest}: no {MANIFEST} (the checkpoint was not completely written)); to start the run over, delete "
         f"{storage.run_dir(stopped)} or use a new run.name")
+
+
+def test_a_data_file_broken_under_the_run_stops_it_in_one_line(s3_ray, model, tmp_path):
+    """The driver's data check passed earlier (run_on_ray is what runs after it); the worker meets the bad line."""
+    data = tmp_path / "changed.jsonl"
+    data.write_text('{"text": "User: hi\\n\\nAssistant: hello"}\n{"text": \n')
+    spec = job(model, str(tmp_path / "runs"), "changed", 1, tmp_path / "out")
+    spec = spec.model_copy(update={"data": spec.data.model_copy(update={"file": str(data)})})
+    with pytest.raises(UserError) as stopped:
+        run_on_ray(spec)
+    assert str(stopped.value) == f"a worker stopped: {data}:2: not valid JSON (Expecting value at column 10)"

@@ -1,6 +1,7 @@
 """`rwkvray run`: a TorchTrainer whose workers each run the plain training loop with a DeepSpeed engine."""
 import sys
 
+from rwkvray.errors import UserError
 from rwkvray.files import storage
 from rwkvray.spec import check_model_expectations
 from rwkvray.launch.outputs import copy_to_proj_dir, export_outputs
@@ -44,6 +45,16 @@ def ray_checkpoints_kept(spec) -> int:
     return spec.run.keep_checkpoints + 1 + newest_intact_checkpoint(spec, storage.run_dir(spec))[0]
 
 
+def raise_worker_user_error(err: Exception) -> None:
+    """A worker that stopped on bad input (a data file changed under the run, say) ends the run with its one
+    line, not with Ray's report of the failed worker group."""
+    for failure in getattr(err, "worker_failures", {}).values():
+        for _ in range(8):  # the error as raised, under Ray's wrappers
+            if isinstance(failure, UserError):
+                raise UserError(f"a worker stopped: {failure}") from None
+            failure = getattr(failure, "cause", None) or getattr(failure, "__cause__", None)
+
+
 def warn_if_cluster_too_small(spec) -> None:
     """Ray waits, silently, for GPUs no node has yet (an autoscaler may add them): say so at once."""
     import ray
@@ -70,6 +81,10 @@ def run_on_ray(spec, address: str | None = None, allow_changed_spec: bool = Fals
         return None
     with ray_session(address):
         warn_if_cluster_too_small(spec)
-        result = off_main_thread(build_trainer(spec, on_report=on_report).fit)
+        try:
+            result = off_main_thread(build_trainer(spec, on_report=on_report).fit)
+        except Exception as err:
+            raise_worker_user_error(err)
+            raise
         export_outputs(spec, result.checkpoint)
     return result
