@@ -6,7 +6,6 @@ step-4 checkpoint is damaged three ways (cut to half, its manifest gone, one fil
 resumes from step 2 and ends with the state of one uninterrupted 6-step run.
 """
 import os
-import tempfile
 
 import pytest
 import torch

@@ -306,6 +306,7 @@ def test_blend_of_two_states_becomes_a_column_choice(server, api, page, script_e
     asked = []  # the same name again: the page asks, and replaces only when the answer is yes
     for answer, said in ((False, "Not replaced."), (True, "Blend mix mounted.")):
         page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept() if answer else dialog.dismiss()))
+        page.select_option("#blend-state-2", "")  # the list was redrawn: its empty third row picked a state
         page.fill("#blend-weight-0", "0.6")
         page.fill("#blend-weight-1", "0.4")
         page.eval_on_selector("#message", "box => { box.textContent = ''; }")
