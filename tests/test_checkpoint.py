@@ -174,6 +174,23 @@ def test_refuses_files_that_are_not_checkpoints(tmp_path):
     assert refusal(tmp_path, {"foo": torch.zeros(2)}) == "PATH: missing key 'emb.weight'"
 
 
+def test_refuses_a_pickle_of_objects_without_running_it(tmp_path):
+    ran = tmp_path / "ran"
+    trap = {"emb.weight": torch.zeros(2), "x": Trap(str(ran))}
+    assert refusal(tmp_path, trap) == "PATH: holds objects other than tensors; it was not loaded"
+    assert not ran.exists()
+
+
+class Trap:
+    """Unpickling it would create a file: the proof that the load ran code."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
 def test_truncated_rwkv6_is_refused_at_its_first_missing_key(tmp_path):
     rwkv6 = {"emb.weight": torch.zeros(10, 8), "blocks.0.att.time_maa_x": torch.zeros(1, 1, 8),
              "blocks.0.att.time_decay": torch.zeros(1, 1, 8), "blocks.0.att.time_faaaa": torch.zeros(2, 4)}

@@ -306,3 +306,16 @@ def test_split_holdout():
     assert (len(tiny_train), len(tiny_val)) == (1, 1)
     with pytest.raises(UserError, match=r"^holdout fraction must be between 0 and 1 \(got 1.5\)$"):
         split_holdout(docs, 1.5, seed=0)
+
+
+def test_scan_streams_with_progress_and_accepts_good_files(tmp_path):
+    from rwkvray.train.data import scan_jsonl
+    data = tmp_path / "big.jsonl"
+    data.write_text('{"text": "User: hi\\n\\nAssistant: hello"}\n' * 1000)
+    said = []
+    assert scan_jsonl(str(data), "qa", say=lambda line, flush: said.append(line), progress_from=1) == []
+    size = data.stat().st_size
+    assert said == [f"checking big.jsonl: {p}% of {size / 2**20:.0f} MiB" for p in range(10, 101, 10)]
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n\n")
+    assert scan_jsonl(str(blank), "none") == [f"{blank}: no documents (the file has no non-blank lines)"]

@@ -304,6 +304,20 @@ def test_blend_of_two_states_becomes_a_column_choice(server, api, page, script_e
     assert "mix" in page.eval_on_selector("#col-0-model", "s => [...s.options].map(o => o.value)")
     assert "mix" in [entry["name"] for entry in api.get("/v1/states").json()["mounted"]]
 
+    asked = []  # the same name again: the page asks, and replaces only when the answer is yes
+    for answer, said in ((False, "Not replaced."), (True, "Blend mix mounted.")):
+        page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept() if answer else dialog.dismiss()))
+        page.select_option("#blend-state-2", "")  # the list was redrawn: its empty third row picked a state
+        page.fill("#blend-weight-0", "0.6")
+        page.fill("#blend-weight-1", "0.4")
+        page.eval_on_selector("#message", "box => { box.textContent = ''; }")
+        page.click("#blend-button")
+        page.wait_for_selector("#message:not(:empty)")
+        assert page.text_content("#message") == said
+    assert asked == ["state 'mix' already exists. Replace it? The current one is kept as a previous version."] * 2
+    assert api.get("/v1/states/mix").json()["card"]["blend"] == {"alpha": 0.6, "beta": 0.4}
+    assert api.get("/v1/states/mix.prev").json()["card"]["blend"] == {"alpha": 0.7, "beta": 0.3}
+
     page.select_option("#col-2-model", "mix")  # a new choice starts a fresh history in that column
     page.fill("#max-tokens", str(MAX_TOKENS))
     page.fill("#prompt", PROMPT)

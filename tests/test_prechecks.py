@@ -247,3 +247,34 @@ def test_gpus_a_local_ray_instance_cannot_have_are_refused_before_it_starts(caps
         2, "", f"error: {spec}: serve.use_gpu: 1 replica(s) need a GPU each and this machine has 0, with no --address "
                "or RAY_ADDRESS naming a cluster that has them (use_gpu: auto serves on the CPU)\n")
     assert not ray_started()
+
+
+# ---------------------------------------------------------------- data files
+
+
+def test_every_bad_data_line_is_listed_before_ray_starts(capsys, write_spec, tiny_model, tmp_path):
+    good = '{"text": "User: hi\\n\\nAssistant: hello"}\n'
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes((good * 3 + '{"text": "unterminated\n' + good + '{"text": "User: no reply"}\n' + "\n").encode()
+                     + b"\xff\xfe\n" + good.encode())
+    spec = write_spec({"model": {"path": tiny_model}, "data": {"file": str(data), "loss_mask": "qa"}})
+    code, out, err = cli(capsys, "run", spec)
+    assert (code, out) == (2, "")
+    assert err == (f"error: {spec}: data.file: {data} has bad lines; nothing was started:\n"
+                   f"{data}:4: not valid JSON (Unterminated string starting at at column 10)\n"
+                   f"{data}:6: loss_mask 'qa' needs an assistant turn ('Assistant:') and this line has none\n"
+                   f"{data}:8: not valid UTF-8\n")
+    assert not ray_started()
+
+
+def test_the_data_check_stops_listing_at_its_cap(capsys, write_spec, tiny_model, tmp_path):
+    from rwkvray.train.data import MAX_LISTED_PROBLEMS
+    data = tmp_path / "all-bad.jsonl"
+    data.write_text("[1]\n" * (MAX_LISTED_PROBLEMS + 5))
+    spec = write_spec({"model": {"path": tiny_model}, "data": {"file": str(data)}})
+    code, _, err = cli(capsys, "run", spec)
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == MAX_LISTED_PROBLEMS + 2
+    assert lines[1] == f'{data}:1: expected a JSON object with exactly one of "text" or "messages"'
+    assert lines[-1] == f"{data}: stopped after {MAX_LISTED_PROBLEMS} bad lines; there may be more"
+    assert not ray_started()

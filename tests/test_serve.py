@@ -16,6 +16,7 @@ from rwkvray.cli import main as rwkvray_main
 from rwkvray.spec import spec_from_dict
 from rwkvray.text.chat import REPLY_END, render_chat
 from rwkvray.model.state_file import save_state
+from rwkvray.serve.proxy_guard import proxy_env
 from tests.test_serve_units import PROMPTS, random_state, reference_text, serve_model, state_bytes
 
 pytestmark = pytest.mark.ray
@@ -81,6 +82,8 @@ def server(tmp_path_factory):
         save_state(random_state(STATE_SEEDS[name]), str(folder / "states" / f"{name}.pth"))
     save_state(random_state(9), str(folder / "secret.pth"))  # valid, but outside states_dir
     os.environ[KEY_ENV] = KEY
+    guard = proxy_env(KEY_ENV)  # as `rwkvray serve` sets it before Ray starts: Ray's proxy guards /-/routes
+    os.environ.update(guard)
     config = spec_from_dict({"serve": {
         "model": str(folder / f"{BASE}.pth"), "states_dir": str(folder / "states"), "api_key_env": KEY_ENV,
         "max_batch_size": 8, "max_mounted_states": 4, "batch_wait_ms": 5.0, "max_tokens_cap": MAX_TOKENS_CAP,
@@ -95,7 +98,8 @@ def server(tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
-        del os.environ[KEY_ENV]
+        for name in (KEY_ENV, *guard):
+            del os.environ[name]
 
 
 def completion(client: httpx.Client, model: str, prompt: str, **fields) -> httpx.Response:
@@ -152,6 +156,13 @@ def test_api_key_is_required_everywhere_but_healthz(server):
                 response = client.request(method, path, json={"model": BASE, "prompt": "x"})
                 assert response.status_code == 401, (key, method, path)
                 assert error_of(response)["code"] == "invalid_api_key"
+            ray_routes = client.get("/-/routes")  # Ray's proxy answers it, before our app
+            assert ray_routes.status_code == 401 and error_of(ray_routes)["code"] == "invalid_api_key"
+            for listing in ("/openapi.json", "/docs", "/redoc"):
+                assert client.get(listing).status_code == 404, listing
+    with server.client() as client:
+        assert client.get("/-/routes").json() == {"/": "rwkvray"}
+        assert client.get("/openapi.json").status_code == 404  # not served at all
 
 
 def test_caps_and_bad_requests_are_400_and_unknown_model_404(server):
@@ -340,7 +351,7 @@ def test_a_state_card_naming_another_base_is_409_unless_forced(server):
                          "base_match": True}  # a matching card: no warning
         unknown = client.post("/v1/states", json={"name": "x", "forse": True})
         assert unknown.status_code == 400 and error_of(unknown)["message"] == (
-            "unknown key 'forse' in the /v1/states body (allowed: name, data, card, force, blend)")
+            "unknown key 'forse' in the /v1/states body (allowed: name, data, card, force, blend, replace)")
 
 
 def test_blends_mount_as_states_and_record_their_recipe(server):
@@ -388,3 +399,58 @@ def test_an_uploaded_state_survives_a_restart(server):
     with server.client() as client:
         text = completion(client, "kept", PROMPTS[1], max_tokens=6, temperature=0).json()["choices"][0]["text"]
     assert text == reference_text(server.model, PROMPTS[1], random_state(8), 6)
+
+
+def test_uploads_and_blends_never_overwrite_silently(server):
+    card = {"method": "state", "note": "first"}
+    first, second = state_bytes(random_state(11)), state_bytes(random_state(12))
+    with server.client() as client:
+        upload = lambda data, **extra: client.post("/v1/states", json={
+            "name": "kept1", "data": base64.b64encode(data).decode(), **extra})
+        assert upload(first, card=card).status_code == 200
+        taken = upload(second)
+        assert taken.status_code == 409 and error_of(taken) == {
+            "message": "state 'kept1' already exists; send \"replace\": true to replace it (the current one is then "
+                       "kept as 'kept1.prev')", "type": "invalid_request_error", "param": "name", "code": "state_exists"}
+        assert (server.states_dir / "kept1.pth").read_bytes() == first
+        assert json.loads((server.states_dir / "kept1.json").read_text()) == card
+        assert upload(second, replace=True).json()["card"] is None
+        assert (server.states_dir / "kept1.pth").read_bytes() == second and not (server.states_dir / "kept1.json").exists()
+        assert (server.states_dir / "kept1.prev.pth").read_bytes() == first
+        assert json.loads((server.states_dir / "kept1.prev.json").read_text()) == card
+        text = lambda name: completion(client, name, PROMPTS[0], max_tokens=5, temperature=0).json()["choices"][0]["text"]
+        assert text("kept1.prev") == reference_text(server.model, PROMPTS[0], random_state(11), 5)  # servable
+
+        blend = lambda name, weights, **extra: client.post("/v1/states", json={"name": name, "blend": weights, **extra})
+        assert blend("kept1", {"alpha": 1.0}).status_code == 409
+        itself = blend("kept1", {"kept1": 2.0}, replace=True)
+        assert itself.status_code == 400 and error_of(itself)["message"] == (
+            "the blend 'kept1' names itself among its states; give the result a new name")
+        assert (server.states_dir / "kept1.pth").read_bytes() == second
+        assert blend("kept1", {"alpha": 1.0}, replace=True).json()["card"]["blend"] == {"alpha": 1.0}
+        assert (server.states_dir / "kept1.prev.pth").read_bytes() == second
+        assert not (server.states_dir / "kept1.prev.json").exists()  # the replaced one had no card
+        mount = client.post("/v1/states", json={"name": "alpha", "replace": True})
+        assert mount.status_code == 400 and error_of(mount)["param"] == "replace"
+
+
+def test_bad_fields_are_named(server):
+    with server.client() as client:
+        seed = completion(client, BASE, "hi", seed=2**64)
+        assert seed.status_code == 400 and error_of(seed)["message"] == (
+            "seed: must be an integer from -9223372036854775808 to 9223372036854775807 (int64)")
+        files = {"file": ("x.pth", state_bytes(random_state(4)), "application/octet-stream")}
+        card = client.post("/v1/states", data={"name": "carded", "card": "{nope"}, files=files)
+        assert card.status_code == 400 and error_of(card)["param"] == "card"
+        assert error_of(card)["message"].startswith("the multipart field `card` is not valid JSON (")
+        buffer = io.BytesIO()
+        torch.save({"blocks.0.att.time_state": os.system}, buffer)
+        pickled = upload_json(client, "trap", buffer.getvalue())
+        assert error_of(pickled)["message"] == "state 'trap': holds objects other than tensors; it was not loaded"
+        save_state(random_state(3), str(server.states_dir / "badcard.pth"))
+        (server.states_dir / "badcard.json").write_text("{oops")
+        refused = client.post("/v1/states", json={"name": "badcard"})
+        message = error_of(refused)["message"]
+        assert refused.status_code == 400 and message.startswith("state 'badcard': its card badcard.json is not valid "
+                                                                  "JSON (")
+        assert str(server.states_dir) not in message

@@ -25,7 +25,7 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts) if is_uri(base) else os.path.join(base, *parts)
 
 
-def _filesystem(path: str):
+def filesystem(path: str):
     import pyarrow.fs
     if not is_uri(path):
         return pyarrow.fs.LocalFileSystem(), path
@@ -37,7 +37,7 @@ def write_bytes(path: str, payload: bytes) -> None:
     if not is_uri(path):
         write_bytes_atomically(path, payload)
         return
-    fs, inner = _filesystem(path)
+    fs, inner = filesystem(path)
     with fs.open_output_stream(inner) as f:
         f.write(payload)
 
@@ -45,7 +45,7 @@ def write_bytes(path: str, payload: bytes) -> None:
 def read_bytes(path: str) -> bytes | None:
     """The file's content, or None when it does not exist."""
     import pyarrow.fs
-    fs, inner = _filesystem(path)
+    fs, inner = filesystem(path)
     if fs.get_file_info(inner).type != pyarrow.fs.FileType.File:
         return None
     with fs.open_input_stream(inner) as f:
@@ -55,7 +55,7 @@ def read_bytes(path: str) -> bytes | None:
 def list_files(folder: str) -> list[str]:
     """Names of the plain files directly in `folder` (none if it does not exist)."""
     import pyarrow.fs
-    fs, inner = _filesystem(folder)
+    fs, inner = filesystem(folder)
     if fs.get_file_info(inner).type != pyarrow.fs.FileType.Directory:
         return []
     infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=False))

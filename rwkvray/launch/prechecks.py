@@ -2,7 +2,8 @@
 
 The spec loader already checks keys, values, that files exist and that the spec is the kind the command takes.
 Here: that the model file is an RWKV checkpoint (x070 or x060) whose shape matches the spec's model.n_layer/n_embd/...
-expectations, that output folders can be written, and (serve) that the API-key variable is set and the port is
+expectations, that every line of the data files reads as the workers will read it, that output folders can be
+written, and (serve) that the API-key variable is set and the port is
 free. Ray starts only after all of these pass.
 """
 import errno
@@ -30,8 +31,26 @@ def checked_model_dims(spec) -> RWKVDims:
 def before_training(spec, tune: bool = False, address: str | None = None) -> None:
     """`run`, `tune` and `train`: everything checkable on this machine."""
     checked_model_dims(spec)
+    check_data_files(spec)
     check_output_folders(spec)
     check_local_gpus(spec, tune, address)
+
+
+def check_data_files(spec) -> None:
+    """Every line of the jsonl data (and eval) files, or the binidx index, checked as the workers will read them;
+    all bad lines (up to a cap) in one error, each as `file:line: reason`."""
+    from rwkvray.train.data import check_binidx, scan_jsonl
+    data = spec.data
+    for key, path in (("data.file", data.file), ("data.eval_file", data.eval_file)):
+        if path is None:
+            continue
+        if data.type == "binidx":
+            check_binidx(path)
+            continue
+        problems = scan_jsonl(path, data.loss_mask)
+        if problems:
+            raise UserError(f"{spec.source}: {spec.key_name(key)}: {path} has bad lines; nothing was started:\n"
+                            + "\n".join(problems))
 
 
 def check_local_gpus(spec, tune: bool, address: str | None) -> None:

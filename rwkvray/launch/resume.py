@@ -6,9 +6,11 @@ different spec is refused, naming the changed keys, unless the user allows it. S
 """
 import hashlib
 import json
+import posixpath
 
 from rwkvray.files import storage
 from rwkvray.errors import UserError
+from rwkvray.files.manifest import checkpoint_folders, storage_problem
 from rwkvray.train.metrics import read_metrics
 
 # keys that may change between a run and its resumption: where things go, retries, logging, hardware
@@ -74,6 +76,32 @@ def check_rerun(spec, allow_changed_spec: bool = False) -> int | None:
     if step is not None and step >= total:
         print(f"run {spec.run.name!r} already complete at step {step}/{total}")
     elif step is not None:
+        step = intact_checkpoint_step(spec, run) or step
         print(f"resuming run {spec.run.name!r} from step {step}/{total}")
     write_record(run, keys)
     return step
+
+
+def intact_checkpoint_step(spec, run: str) -> int | None:
+    """The step of the run's newest intact checkpoint (None when it has no checkpoint)."""
+    return newest_intact_checkpoint(spec, run)[1]
+
+
+def newest_intact_checkpoint(spec, run: str) -> tuple[int, int | None]:
+    """(how many checkpoints are newer than the newest intact one, its step). Intact here is the quick check:
+    every file there with the size its manifest gives; the workers also compare checksums and print a warning
+    for each checkpoint they skip. A run with checkpoints and none intact is a UserError: Ray cannot resume it."""
+    fs, folder = storage.filesystem(run)
+    names = checkpoint_folders(fs, folder)
+    for skipped, name in enumerate(names):
+        problem = storage_problem(fs, posixpath.join(folder, name))
+        if problem is None:
+            with fs.open_input_stream(posixpath.join(folder, name, "progress.json")) as f:
+                return skipped, json.loads(f.read())["step"]
+        if skipped == 0:
+            newest_problem = problem
+    if names:
+        raise UserError(f"{spec.source}: run {spec.run.name!r}: none of its {len(names)} checkpoint(s) in {run} is "
+                        f"intact (newest: {names[0]}: {newest_problem}); to start the run over, delete {run} "
+                        "or use a new run.name")
+    return 0, None

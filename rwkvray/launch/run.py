@@ -2,11 +2,12 @@
 engine."""
 import sys
 
+from rwkvray.errors import UserError
 from rwkvray.files import storage
 from rwkvray.spec import check_model_expectations
 from rwkvray.launch.outputs import copy_to_proj_dir, export_outputs
 from rwkvray.launch.ray_session import off_main_thread, worker_env
-from rwkvray.launch.resume import check_rerun
+from rwkvray.launch.resume import check_rerun, newest_intact_checkpoint
 from rwkvray.train.loop import WorkerContext, train
 
 # Ray Train turns a worker's print into a log record and, since Ray replaces the worker's sys.stdout, also prints
@@ -33,8 +34,25 @@ def build_trainer(spec, callbacks=()):
         run_config=RunConfig(name=spec.run.name, storage_path=spec.run.storage_path, callbacks=list(callbacks),
                              worker_runtime_env={"env_vars": {**worker_env(scaling.use_gpu), **PLAIN_PRINT}},
                              failure_config=FailureConfig(max_failures=spec.run.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=ray_checkpoints_kept(spec))),
     )
+
+
+def ray_checkpoints_kept(spec) -> int:
+    """How many checkpoints Ray keeps so that it never deletes the last intact one: run.keep_checkpoints, plus
+    the newest (it gets its manifest only after Ray registers it and deletes the oldest), plus the damaged ones
+    newer than the newest intact checkpoint (Ray counts them as checkpoints)."""
+    return spec.run.keep_checkpoints + 1 + newest_intact_checkpoint(spec, storage.run_dir(spec))[0]
+
+
+def raise_worker_user_error(err: Exception) -> None:
+    """A worker that stopped on bad input (a data file changed under the run, say) ends the run with its one
+    line, not with Ray's report of the failed worker group."""
+    for failure in getattr(err, "worker_failures", {}).values():
+        for _ in range(8):  # the error as raised, under Ray's wrappers
+            if isinstance(failure, UserError):
+                raise UserError(f"a worker stopped: {failure}") from None
+            failure = getattr(failure, "cause", None) or getattr(failure, "__cause__", None)
 
 
 def warn_if_cluster_too_small(spec) -> None:
@@ -63,6 +81,10 @@ def run_on_ray(spec, address: str | None = None, allow_changed_spec: bool = Fals
         return None
     with ray_session(address):
         warn_if_cluster_too_small(spec)
-        result = off_main_thread(build_trainer(spec).fit)
+        try:
+            result = off_main_thread(build_trainer(spec).fit)
+        except Exception as err:
+            raise_worker_user_error(err)
+            raise
         export_outputs(spec, result.checkpoint)
     return result

@@ -38,7 +38,9 @@ def run_server(spec, address: Optional[str] = None) -> None:
 
     from rwkvray.launch.ray_session import ray_session
     from rwkvray.serve.app import APP_NAME, build_app
+    from rwkvray.serve.proxy_guard import proxy_env
     config = spec.serve
+    os.environ.update(proxy_env(config.api_key_env))  # before a local Ray starts: its proxy guards /-/routes
     with ray_session(address):
         app = build_app(config, read_api_key(config))  # after connecting: use_gpu "auto" asks the cluster
         serve.start(http_options={"host": config.host, "port": config.port})

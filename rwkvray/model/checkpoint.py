@@ -5,6 +5,7 @@ read from the tensors (see `infer_dims`); every expected key is checked for pres
 not a plain x070 or x060 model (RWKV-4/5, DeepEmbed 7a/7b, stray keys) is refused with one line.
 """
 import os
+import pickle
 import re
 import zipfile
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from rwkvray.model.dims import ModelDimsX070, RWKVDims
 from rwkvray.errors import UserError
 
 TIME_STATE_KEY = "blocks.{}.att.time_state"
+WEIGHTS_ONLY_REFUSAL = "GLOBAL "  # torch.load(weights_only)'s words for a pickle that names a class or function
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _TIME_STATE = re.compile(r"^blocks\.(\d+)\.att\.time_state$")
 # Layer 0 of RWKV-LM has value-residual parameters too, but the forward pass never uses them.
@@ -55,6 +57,10 @@ def read_tensor_dict(path: str) -> dict[str, torch.Tensor]:
     mmap = zipfile.is_zipfile(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if WEIGHTS_ONLY_REFUSAL in str(err):  # a pickle of Python objects: loading it could run code
+            raise UserError(f"{path}: holds objects other than tensors; it was not loaded") from None
+        raise UserError(f"{path}: not a PyTorch checkpoint (torch.load cannot read it)") from None
     except Exception:
         raise UserError(f"{path}: not a PyTorch checkpoint (torch.load cannot read it)") from None
     if not isinstance(loaded, dict):

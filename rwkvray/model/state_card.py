@@ -59,10 +59,10 @@ def read_card(state_path: str) -> dict | None:
     with open(path, encoding="utf-8") as f:
         try:
             card = json.load(f)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(card, dict):
-        raise ValueError(f"{path}: a state card must be a JSON object")
+        raise ValueError(f"{path}: not a JSON object (a state card must be one)")
     return card
 
 

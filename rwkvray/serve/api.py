@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 MAX_STOP_STRINGS = 4
 MAX_JSON_BYTES = 8 * 2**20  # request bodies other than state uploads
+INT64 = (-2**63, 2**63 - 1)  # the sampler's torch.Generator takes a 64-bit seed
 
 
 class ApiError(Exception):
@@ -72,6 +73,13 @@ class OpenAIRequest(BaseModel):
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
         return stops
+
+    @field_validator("seed")
+    @classmethod
+    def int64_seed(cls, seed: Optional[int]) -> Optional[int]:
+        if seed is not None and not INT64[0] <= seed <= INT64[1]:
+            raise ValueError(f"must be an integer from {INT64[0]} to {INT64[1]} (int64)")
+        return seed
 
     @field_validator("n")
     @classmethod
@@ -183,13 +191,14 @@ async def read_json(request) -> dict:
     return json_object(await read_body(request, MAX_JSON_BYTES, too_large))
 
 
-def json_object(body: bytes) -> dict:
+def json_object(body: bytes, what: str = "the body", param: Optional[str] = None) -> dict:
+    """`body` parsed as a JSON object; `what` and `param` name it in the 400 (a multipart field, say)."""
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise bad_request(f"the body is not valid JSON ({err})") from None
+        raise bad_request(f"{what} is not valid JSON ({err})", param) from None
     if not isinstance(payload, dict):
-        raise bad_request("the body must be a JSON object")
+        raise bad_request(f"{what} must be a JSON object", param)
     return payload
 
 

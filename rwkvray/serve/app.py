@@ -48,7 +48,8 @@ BASE64_OVERHEAD = 4 / 3
 ENGINE_QUEUE_FACTOR = 2  # requests a model replica accepts per batch slot (the extra ones wait to join)
 BASE_STATE_KEY = "@base"  # the prefix cache's name for the base model's own state (not a state name)
 
-fastapi_app = FastAPI(title="rwkvray", docs_url=None, redoc_url=None)
+# no /docs, /redoc or /openapi.json: they would list every route to callers without the API key
+fastapi_app = FastAPI(title="rwkvray", docs_url=None, redoc_url=None, openapi_url=None)
 add_playground(fastapi_app)
 
 
@@ -193,7 +194,8 @@ class Gateway:
     async def mount_state(self, request: Request) -> dict:
         """JSON {"name"} mounts NAME.pth from states_dir; {"name", "data": base64, "card"?} or multipart (fields
         `name`, `file`, `card`?) uploads a state file; {"name", "blend": {STATE: WEIGHT, ...}} mounts a weighted
-        sum of states. `"force": true` mounts a state whose card names another base model."""
+        sum of states. `"force": true` mounts a state whose card names another base model; `"replace": true`
+        lets an upload or blend replace an existing state (kept as NAME.prev), else that is a 409."""
         self.authorize(request)
         limit = int(self.max_upload_bytes * BASE64_OVERHEAD) + 2**16  # room for base64 or multipart framing
         body = await read_body(request, limit, upload_too_large(self.max_upload_bytes))
@@ -206,16 +208,16 @@ class Gateway:
             if payload.get("data") is not None:
                 payload["data"] = decode_base64(payload["data"])
         name, data, card = check_name(payload.get("name")), payload.get("data"), payload.get("card")
-        force, blend = payload.get("force", False), payload.get("blend")
-        check_mount_options(data, card, force, blend)
+        force, blend, replace = payload.get("force", False), payload.get("blend"), payload.get("replace", False)
+        check_mount_options(data, card, force, blend, replace)
         self.state_ids.pop(name, None)
         if blend is not None:
-            return await ask_registry(self.registry, "blend", name, blend)
+            return await ask_registry(self.registry, "blend", name, blend, replace)
         if data is None:
             return await ask_registry(self.registry, "mount", name, force)
         if len(data) > self.max_upload_bytes:
             raise upload_too_large(self.max_upload_bytes)
-        return await ask_registry(self.registry, "upload", name, data, card, force)
+        return await ask_registry(self.registry, "upload", name, data, card, force, replace)
 
     @fastapi_app.get("/v1/states/{name}")
     async def state(self, name: str, request: Request) -> dict:

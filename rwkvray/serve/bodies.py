@@ -3,7 +3,7 @@ refused, as the spec loader refuses them)."""
 from rwkvray.serve.api import bad_request, json_object
 from rwkvray.serve.states import check_name
 
-STATES_BODY_KEYS = ("name", "data", "card", "force", "blend")
+STATES_BODY_KEYS = ("name", "data", "card", "force", "blend", "replace")
 
 
 def refuse_unknown_keys(payload: dict) -> None:
@@ -14,26 +14,32 @@ def refuse_unknown_keys(payload: dict) -> None:
 
 
 def multipart_payload(fields: dict[str, bytes]) -> dict:
-    """A multipart upload as the JSON body's keys: `file` is `data`, `card` is JSON text, `force` true/false."""
-    known = {"name", "file", "card", "force"}
+    """A multipart upload as the JSON body's keys: `file` is `data`, `card` is JSON text, `force` and `replace`
+    true/false."""
+    known = {"name", "file", "card", "force", "replace"}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise bad_request(f"unknown field '{unknown[0]}' in the multipart upload (allowed: file, name, card, force)",
-                          unknown[0])
+        raise bad_request(f"unknown field '{unknown[0]}' in the multipart upload (allowed: file, name, card, force, "
+                          "replace)", unknown[0])
     if "file" not in fields:
         raise bad_request("multipart upload needs a `file` field", "file")
     payload = {"name": fields.get("name", b"").decode("utf-8", "replace"), "data": fields["file"]}
     if "card" in fields:
-        payload["card"] = json_object(fields["card"])
-    if "force" in fields:
-        payload["force"] = {"true": True, "false": False}.get(fields["force"].decode("latin-1").strip().lower(),
-                                                              fields["force"])
+        payload["card"] = json_object(fields["card"], "the multipart field `card`", "card")
+    for flag in ("force", "replace"):
+        if flag in fields:
+            payload[flag] = {"true": True, "false": False}.get(fields[flag].decode("latin-1").strip().lower(),
+                                                               fields[flag])
     return payload
 
 
-def check_mount_options(data, card, force, blend) -> None:
-    if not isinstance(force, bool):
-        raise bad_request("`force` must be true or false", "force")
+def check_mount_options(data, card, force, blend, replace=False) -> None:
+    for flag, value in (("force", force), ("replace", replace)):
+        if not isinstance(value, bool):
+            raise bad_request(f"`{flag}` must be true or false", flag)
+    if replace and data is None and blend is None:
+        raise bad_request("`replace` goes with an upload (`data`) or a `blend`: mounting by name writes nothing",
+                          "replace")
     if card is not None and (data is None or not isinstance(card, dict)):
         raise bad_request("`card` must be a JSON object, sent with `data`", "card")
     if blend is None:

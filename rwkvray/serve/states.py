@@ -8,6 +8,9 @@ Semantics:
   until it is mounted again by POST. Mounting again re-reads the file (the way to pick up a retrained state).
 - Uploads and blends are checked fully, then written atomically into states_dir (with their card, if any),
   so a restart or a second replica sees them: they become known states like any dropped-in file.
+- Nothing is overwritten silently: writing to a name that has a file answers 409 unless the body says
+  `"replace": true`; then the old file and its card are kept as `NAME.prev.pth` / `NAME.prev.json`
+  (rwkvray/files/versions.py), a known state of its own. A blend may not name itself among its parents.
 - A state whose card (NAME.json, see rwkvray/model/state_card.py) names another base model than the loaded one is
   refused with 409 unless the mount asks for `force`; a state without a card is served with a warning.
 
@@ -26,7 +29,7 @@ from typing import Optional
 import torch
 
 from rwkvray import __version__
-from rwkvray.files.atomic import write_atomically
+from rwkvray.files.versions import NameTaken, previous_path, write_new_version
 from rwkvray.model.dims import RWKVDims
 from rwkvray.errors import UserError
 from rwkvray.serve.api import ApiError, bad_request, not_found
@@ -137,26 +140,30 @@ class StateStore:
         with self.lock:
             return self._add(name, "states_dir", time_state, warning, card).describe()
 
-    def upload(self, name: str, data: bytes, card: Optional[dict] = None, force: bool = False) -> dict:
+    def upload(self, name: str, data: bytes, card: Optional[dict] = None, force: bool = False,
+               replace: bool = False) -> dict:
         """Check a state file sent by a client fully (weights_only load, keys, shapes, its card's base), write it
-        (and its card) atomically into states_dir, and mount it."""
+        (and its card) atomically into states_dir, and mount it. See `_write_version` for `replace`."""
         self._check_not_base(name)
         if len(data) > self.max_upload_bytes:
             raise upload_too_large(self.max_upload_bytes)
         warning = self._check_card(name, card, force)
         path = state_path(self.states_dir, name)
         with self.lock:
-            write_atomically(path, lambda tmp: self._write_checked(tmp, data, name))
+            self._write_version(name, path, lambda tmp: self._write_checked(tmp, data, name), replace)
             time_state = self._read(path, name)
             self._replace_card(path, card)
             return self._add(name, "upload", time_state, warning, card).describe()
 
-    def blend(self, name: str, weights: dict[str, float]) -> dict:
+    def blend(self, name: str, weights: dict[str, float], replace: bool = False) -> dict:
         """Mount NAME as the weighted sum of mounted (or known) states, and keep it in states_dir with a card
-        that records the recipe."""
+        that records the recipe. See `_write_version` for `replace`."""
         self._check_not_base(name)
         if not weights:
             raise bad_request("`blend` needs at least one state", "blend")
+        if name in weights:
+            raise bad_request(f"the blend '{name}' names itself among its states; give the result a new name",
+                              "blend", "blend_names_itself")
         parents = {parent: self.fetch(self.resolve(parent)) for parent in weights}
         time_state = sum(weight * parents[parent] for parent, weight in weights.items())
         if not torch.isfinite(time_state).all():
@@ -164,7 +171,7 @@ class StateStore:
         path = state_path(self.states_dir, name)
         card = {"base": self.base, "method": "blend", "blend": dict(weights), "rwkvray_version": __version__}
         with self.lock:
-            save_state(time_state, path)
+            self._write_version(name, path, lambda tmp: save_state(time_state, tmp), replace)
             self._replace_card(path, card)
             return self._add(name, "blend", time_state.float(), None, card).describe()
 
@@ -241,6 +248,17 @@ class StateStore:
             return None
         return theirs["sha256"] == self.base["sha256"]
 
+    def _write_version(self, name: str, path: str, write, replace: bool) -> None:
+        """Write NAME's file; an existing one is a 409 unless `replace`, and then kept as NAME.prev (with its
+        card)."""
+        try:
+            write_new_version(path, write, replace, (card_path(path),))
+        except NameTaken:
+            previous = os.path.basename(previous_path(path))[: -len(STATE_SUFFIX)]
+            raise ApiError(409, f"state '{name}' already exists; send \"replace\": true to replace it (the current "
+                                f"one is then kept as '{previous}')", "invalid_request_error", "name",
+                           "state_exists") from None
+
     def _write_checked(self, tmp: str, data: bytes, name: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -272,10 +290,13 @@ class StateStore:
 
 
 def read_state_card(path: str, name: str) -> Optional[dict]:
+    """The card beside a state; a bad one is a 400 naming the state (never the server's own path)."""
     try:
         return read_card(path)
     except ValueError as err:
-        raise bad_request(f"state '{name}': card {err}", "name", "invalid_state_card") from None
+        problem = str(err).removeprefix(f"{card_path(path)}: ")
+        raise bad_request(f"state '{name}': its card {name}.json is {problem}", "name",
+                          "invalid_state_card") from None
 
 
 def describe_base(base: dict) -> str:

@@ -20,6 +20,8 @@ from rwkvray.text.chat import REPLY_START, chat_segments, text_segments
 from rwkvray.text.tokenizer import EOS_ID
 
 DATA_TYPES = ("jsonl", "binidx")
+MAX_LISTED_PROBLEMS = 20  # a data check lists this many bad lines, then stops
+PROGRESS_BYTES = 64 * 2**20  # a data check of a larger file prints its progress
 LOSS_MASKS = ("none", "qa")
 
 BINIDX_MAGIC = b"MMIDIDX\x00\x00"
@@ -69,15 +71,46 @@ def read_jsonl(path: str, loss_mask: str, tokenizer) -> list[Document]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                raise UserError(f"{where}: not valid UTF-8") from None
+            line = decode_line(raw, where)
             if line:
                 documents.append(line_document(parse_line(line, where), loss_mask, tokenizer, where))
     if not documents:
         raise UserError(f"{path}: no documents (the file has no non-blank lines)")
     return documents
+
+
+def scan_jsonl(path: str, loss_mask: str, say=print, limit: int = MAX_LISTED_PROBLEMS,
+               progress_from: int = PROGRESS_BYTES) -> list[str]:
+    """Every problem read_jsonl would stop at, as `file:line: reason` (at most `limit`, then one more line saying
+    so), without tokenizing: one streaming pass, with a progress line per tenth of a large file."""
+    problems, documents, size = [], 0, os.path.getsize(path)
+    next_mark = size // 10 if size >= progress_from else None
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = decode_line(raw, where)
+                if line:
+                    line_segments(parse_line(line, where), loss_mask, where)
+                    documents += 1
+            except UserError as err:
+                problems.append(str(err))
+                if len(problems) == limit:
+                    return problems + [f"{path}: stopped after {limit} bad lines; there may be more"]
+            if next_mark is not None and f.tell() >= next_mark:
+                say(f"checking {os.path.basename(path)}: {100 * f.tell() // size}% of {size / 2**20:.0f} MiB",
+                    flush=True)
+                next_mark += size // 10
+    if not documents and not problems:
+        problems.append(f"{path}: no documents (the file has no non-blank lines)")
+    return problems
+
+
+def decode_line(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise UserError(f"{where}: not valid UTF-8") from None
 
 
 def parse_line(line: str, where: str) -> dict:
@@ -93,16 +126,21 @@ def parse_line(line: str, where: str) -> dict:
 
 
 def line_document(record: dict, loss_mask: str, tokenizer, where: str) -> Document:
+    segments = line_segments(record, loss_mask, where)
+    if loss_mask == "none":
+        tokens = tokenizer.encode("".join(text for text, _ in segments)) + [EOS_ID]
+        return Document(np.array(tokens, dtype=np.int64), np.ones(len(tokens), dtype=np.float32))
+    return segmented_document(segments, tokenizer)
+
+
+def line_segments(record: dict, loss_mask: str, where: str) -> list[tuple[str, bool]]:
     try:
         segments = text_segments(record["text"]) if "text" in record else chat_segments(record["messages"])
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
-    if loss_mask == "none":
-        tokens = tokenizer.encode("".join(text for text, _ in segments)) + [EOS_ID]
-        return Document(np.array(tokens, dtype=np.int64), np.ones(len(tokens), dtype=np.float32))
-    if not any(is_reply for _, is_reply in segments):
+    if loss_mask == "qa" and not any(is_reply for _, is_reply in segments):
         raise UserError(f"{where}: loss_mask 'qa' needs an assistant turn ('{REPLY_START}') and this line has none")
-    return segmented_document(segments, tokenizer)
+    return segments
 
 
 def segmented_document(segments: list[tuple[str, bool]], tokenizer) -> Document:
@@ -133,17 +171,8 @@ def read_binidx(path: str) -> list[Document]:
     """Documents of a Megatron .bin/.idx pair. Index layout (little endian): magic, u64 version, u8 dtype
     code, u64 sequence count, u64 doc_idx count, i32 sizes[n], i64 byte pointers[n], i64 doc_idx[m]; a
     document is the sequences doc_idx[d] .. doc_idx[d+1], stored contiguously."""
-    prefix = binidx_prefix(path)
-    idx_path, bin_path = prefix + ".idx", prefix + ".bin"
-    for needed in (idx_path, bin_path):
-        if not os.path.isfile(needed):
-            raise UserError(f"binidx file not found: {needed}")
-    dtype, sizes, pointers, doc_idx = read_binidx_index(idx_path)
+    bin_path, dtype, sizes, pointers, doc_idx = check_binidx(path)
     bin_size = os.path.getsize(bin_path)
-    if len(sizes) and int((pointers + sizes.astype(np.int64) * dtype.itemsize).max()) > bin_size:
-        raise UserError(f"{bin_path}: shorter than its index says (truncated .bin?)")
-    if len(doc_idx) < 2:
-        raise UserError(f"{idx_path}: no documents in the binidx index")
     data = np.asarray(np.memmap(bin_path, dtype=dtype, mode="r")) if bin_size else np.zeros(0, dtype)
     documents = []
     for first, end in zip(doc_idx[:-1].tolist(), doc_idx[1:].tolist()):
@@ -151,6 +180,21 @@ def read_binidx(path: str) -> list[Document]:
         length = int(sizes[first:end].sum())
         documents.append(Document(data[start : start + length], np.broadcast_to(np.float32(1.0), (length,))))
     return documents
+
+
+def check_binidx(path: str) -> tuple[str, np.dtype, np.ndarray, np.ndarray, np.ndarray]:
+    """The .bin path and the checked index of a binidx pair (the index is read, the .bin only measured)."""
+    prefix = binidx_prefix(path)
+    idx_path, bin_path = prefix + ".idx", prefix + ".bin"
+    for needed in (idx_path, bin_path):
+        if not os.path.isfile(needed):
+            raise UserError(f"binidx file not found: {needed}")
+    dtype, sizes, pointers, doc_idx = read_binidx_index(idx_path)
+    if len(sizes) and int((pointers + sizes.astype(np.int64) * dtype.itemsize).max()) > os.path.getsize(bin_path):
+        raise UserError(f"{bin_path}: shorter than its index says (truncated .bin?)")
+    if len(doc_idx) < 2:
+        raise UserError(f"{idx_path}: no documents in the binidx index")
+    return bin_path, dtype, sizes, pointers, doc_idx
 
 
 def read_binidx_index(idx_path: str) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ import torch
 
 from rwkvray.files import storage
 from rwkvray.spec import TuneSpec, check_model_expectations
+from rwkvray.train.checkpoints import report_with_manifest, resume_from_intact
 from rwkvray.train.data import TokenBatcher, eval_batches, load_documents, split_holdout
 from rwkvray.train.metrics import RunLogger
 from rwkvray.model.rwkv import load_model
@@ -28,8 +29,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, 
 class WorkerContext:
     """Who this worker is, and the Ray session (ray.train or ray.tune) its checkpoints go through."""
 
-    def __init__(self, session, rank: int, world_size: int, device: torch.device):
+    def __init__(self, session, rank: int, world_size: int, device: torch.device, manifest_last: bool = True):
         self.session, self.rank, self.world_size, self.device = session, rank, world_size, device
+        self.manifest_last = manifest_last  # Ray Train: written into the stored checkpoint after every upload
 
     @classmethod
     def ray_train_worker(cls) -> "WorkerContext":
@@ -44,16 +46,13 @@ class WorkerContext:
         import ray.tune
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         _join_single_process_group(device)
-        return cls(ray.tune, 0, 1, device)
+        return cls(ray.tune, 0, 1, device, manifest_last=False)
 
     def resume(self, load) -> None:
-        checkpoint = self.session.get_checkpoint()
-        if checkpoint:
-            with checkpoint.as_directory() as folder:
-                load(folder)
+        resume_from_intact(self.session, self.rank, load)
 
     def report(self, metrics: dict, checkpoint_dir: str) -> None:
-        self.session.report(metrics, checkpoint=self.session.Checkpoint.from_directory(checkpoint_dir))
+        report_with_manifest(self.session, self.rank, metrics, checkpoint_dir, self.manifest_last)
 
 
 def _join_single_process_group(device: torch.device) -> None:

@@ -19,9 +19,10 @@ const app = {
 // ------------------------------------------------------------------ API
 
 class ApiFailure extends Error {
-  constructor(status, message) {
+  constructor(status, message, code = null) {
     super(message);
     this.status = status;
+    this.code = code;
   }
 }
 
@@ -38,12 +39,13 @@ async function api(path, options = {}) {
   }
   if (!response.ok) {
     let message = response.status + " " + response.statusText;
+    let code = null;
     try {
       const body = await response.json();
-      if (body && body.error && body.error.message) message = body.error.message;
+      if (body && body.error && body.error.message) ({ message, code } = body.error);
     } catch (_) { /* not JSON: keep the status line */ }
     if (response.status === 401) askForKey(message);
-    throw new ApiFailure(response.status, message);
+    throw new ApiFailure(response.status, message, code);
   }
   return response;
 }

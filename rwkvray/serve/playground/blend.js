@@ -49,5 +49,6 @@ async function createBlend() {
     say("Pick at least two different states to blend.", true);
     return;
   }
-  await stateAction(() => postJson("/v1/states", { name, blend }), "Blend " + name + " mounted.");
+  await stateAction(() => askBeforeReplacing((replace) => postJson("/v1/states", { name, blend, replace })),
+                    "Blend " + name + " mounted.");
 }

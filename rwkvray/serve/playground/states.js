@@ -87,13 +87,29 @@ async function showCard(name) {
   }
 }
 
+// Sends an upload or a blend; when its name is taken (409 state_exists), asks before sending it again with
+// replace (the server keeps the old one as NAME.prev).
+async function askBeforeReplacing(send) {
+  try {
+    return await send(false);
+  } catch (err) {
+    if (err.code !== "state_exists") throw err;
+    if (!window.confirm(err.message.replace(/; send .*/, "") + ". Replace it? The current one is kept as a "
+                        + "previous version.")) throw new ApiFailure(409, "Not replaced.", err.code);
+    return await send(true);
+  }
+}
+
 function uploadFile(file) {
   const name = $("upload-name").value.trim() || file.name.replace(/\.pth$/i, "");
-  const form = new FormData();
-  form.append("name", name);
-  form.append("file", file, file.name);
   return stateAction(async () => {
-    await api("/v1/states", { method: "POST", body: form });
+    await askBeforeReplacing((replace) => {
+      const form = new FormData();
+      form.append("name", name);
+      form.append("file", file, file.name);
+      if (replace) form.append("replace", "true");
+      return api("/v1/states", { method: "POST", body: form });
+    });
     $("upload-name").value = "";
   }, "Uploaded and mounted " + name + ".");
 }
