@@ -6,13 +6,18 @@ the loop itself has no hook for them.
 - an optional crash: the last worker of run `crash["run"]` exits after reporting step `crash["step"]`, the first
   time only (the file `crash["marker"]` remembers), so Ray Train restarts the group from the last checkpoint.
 """
-import functools
 import os
+import sys
 
 
 def runtime_env(crash: dict | None = None) -> dict:
     """The `runtime_env` for ray.init that installs the hooks in every worker process of the session."""
-    return {"worker_process_setup_hook": functools.partial(install, crash)}
+    import ray.cloudpickle
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import `tests`
+
+    def setup_worker():  # Ray wants a named function here
+        install(crash)
+    return {"worker_process_setup_hook": setup_worker}
 
 
 def install(crash: dict | None) -> None:
