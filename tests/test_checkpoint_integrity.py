@@ -122,4 +122,4 @@ def test_a_data_file_broken_under_the_run_stops_it_in_one_line(s3_ray, model, tm
     spec = spec.model_copy(update={"data": spec.data.model_copy(update={"file": str(data)})})
     with pytest.raises(UserError) as stopped:
         run_on_ray(spec)
-    assert str(stopped.value) == f"a worker stopped: {data}:2: not valid JSON (Expecting value at column 10)"
+    assert str(stopped.value) == f"a worker stopped: {data}:2: not valid JSON (Expecting value at column 9)"
