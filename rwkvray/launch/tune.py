@@ -138,6 +138,18 @@ def export_best(spec, results, metric: str, mode: str) -> dict:
             summary[cls.name + "_file"] = os.path.join(out_dir, name)
     with atomic_path(os.path.join(out_dir, "best.json")) as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"best trial {summary['trial']}: {metric} {summary[metric]:.4f}, params {summary['params']}")
-    print(f"wrote {os.path.join(out_dir, 'best.json')}")
+    params = ", ".join(f"{k}={_short(v)}" for k, v in summary["params"].items())
+    print(f"best trial {summary['trial']}: {metric} {summary[metric]:.4f}, {params}")
+    print(f"wrote {_shown_path(os.path.join(out_dir, 'best.json'))}")
     return summary
+
+
+def _short(value) -> str:
+    """4 significant digits, as in the trial table; best.json keeps the full values."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _shown_path(path: str) -> str:
+    """Relative to the working directory when below it (runs/demo-tune/best.json), else absolute."""
+    relative = os.path.relpath(os.path.abspath(path))
+    return os.path.abspath(path) if relative.startswith(os.pardir) else relative
