@@ -109,7 +109,7 @@ def train(spec, ctx) -> dict:
         report = _report_due(spec, progress.step)
         if report and val_docs:
             metrics["val_loss"] = evaluate(engine, val_docs, spec.data.ctx_len, spec.trainer.micro_bsz, ctx)
-        logger.log_step(**metrics)
+        logger.log_step(**metrics, report_follows=report)
         if report:
             _checkpoint_and_report(spec, engine, progress, metrics, ctx, logger)
     logger.finish()
