@@ -145,3 +145,14 @@ def test_the_kernels_probe_catches_a_top_level_kernels_folder(tmp_path):
     (tmp_path / "kernels" / "__init__.py").write_text("")
     assert kernels_found_in_project_source(tmp_path.resolve()) == [str(tmp_path.resolve() / "kernels" / "__init__.py"),
                                                                    str(tmp_path.resolve() / "kernels")]
+
+
+def test_installs_use_the_constraints_file_and_it_pins_what_the_tests_passed_with():
+    readme, ci = (REPO / "README.md").read_text(), (REPO / ".ci" / "run").read_text()
+    installs = [line for text in (readme, ci) for line in text.splitlines()
+                if line.startswith("python3 -m venv .venv") and "pip install" in line]  # the commands to run
+    assert len(installs) == 3 and all("pip install -q -c constraints.txt " in line
+                                      or "pip install -c constraints.txt " in line for line in installs), installs
+    pins = [line for line in (REPO / "constraints.txt").read_text().splitlines() if not line.startswith("#")]
+    assert "torch==2.13.0" in pins and all("==" in line for line in pins), pins
+    assert not [line for line in pins if line.startswith(("rwkvray", "-e")) or "+" in line or " @ " in line]
