@@ -72,7 +72,8 @@ def _fit_part(spec, part, finished: dict[str, int]):
                                         checkpoint_score_order=spec.tune.mode)
     tuner = tune.Tuner(trainable, param_space=ray_search_space(spec.tune),
                        tune_config=_tune_config(spec.tune, metric, part.configs(spec)),
-                       run_config=tune.RunConfig(name=part.name, storage_path=sweep_dir, checkpoint_config=checkpoints))
+                       run_config=tune.RunConfig(name=part.name, storage_path=sweep_dir, checkpoint_config=checkpoints,
+                                                 verbose=0))  # no trial tables: each trial's lines, then ours
     return list(tuner.fit())
 
 
