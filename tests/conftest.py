@@ -1,10 +1,26 @@
+import sys
+
 import pytest
+import torch
 
 from rwkvray.model.checkpoint import save_checkpoint
 from rwkvray.model.init import default_dims, default_dims_x060, init_weights
 from tests.helpers import TINY, random_model, saved_base, token_batch
 
 pytest_plugins = ["tests.triton_interp"]  # the Triton interpreter for FLA's kernels when there is no GPU
+
+
+@pytest.fixture(scope="session", autouse=True)
+def native_threads_end_with_the_session():
+    """Stop, before the interpreter exits, what a test left running in this process: a Ray connection and a
+    torch.distributed process group. Their C++ threads otherwise still run while the interpreter tears down the
+    objects they use, and pytest died after its summary ("pure virtual method called", exit 139)."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="session")
