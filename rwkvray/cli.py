@@ -1,6 +1,9 @@
 """The `rwkvray` command. Each subcommand parses its flags and hands off to the module that does the work."""
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 
 from rwkvray import __version__
 from rwkvray.errors import UserError
@@ -232,6 +235,20 @@ def interrupted_line(argv: list[str]) -> str:
     return "interrupted"
 
 
+@contextlib.contextmanager
+def ctrl_c_interrupts():
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt while a command runs, even when the process started with SIGINT
+    ignored, as a shell starts its background jobs: `kill -INT` then stops a run resumably, as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     flag_commands = {"train": cmd_train, "convert-flags": cmd_convert_flags}
@@ -240,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with ctrl_c_interrupts():
+            args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

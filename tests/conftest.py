@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -17,6 +19,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(no_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def native_threads_end_with_the_session():
+    """Stop, before the interpreter exits, what a test left running in this process: a Ray connection and a
+    torch.distributed process group. Their C++ threads otherwise still run while the interpreter tears down the
+    objects they use, and pytest died after its summary ("pure virtual method called", exit 139)."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="session")

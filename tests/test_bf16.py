@@ -14,9 +14,13 @@ SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data",
 
 @pytest.fixture(scope="module")
 def world_of_one():
+    """A gloo process group of this process alone, left before the next module: its threads must not outlive the
+    tests (see conftest.py's native_threads_end_with_the_session)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from rwkvray.train.loop import _join_single_process_group
     _join_single_process_group(torch.device("cpu"))
+    yield
+    torch.distributed.destroy_process_group()
 
 
 def bf16_spec(model_path, stage, method, lr):

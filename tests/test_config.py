@@ -380,17 +380,20 @@ def test_example_job_validates(job, tmp_path, monkeypatch):
     assert spec.source == job
 
 
-def test_example_jobs_say_what_they_promise(tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
-    for name in ("out/tiny.pth", "rwkvray/sample_data/persona.jsonl", "rwkvray/sample_data/persona_eval.jsonl"):
-        if not Path(name).exists():
-            pytest.skip(f"{name} not there yet (made by init-model / the sample data)")
-    demo = load_spec("jobs/demo_state_cpu.yaml")
+def test_example_jobs_say_what_they_promise(tmp_path, monkeypatch, make_tiny_model):
+    # a working dir laid out like the repository after `rwkvray init-model ... --out out/tiny.pth`
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "tiny.pth").symlink_to(make_tiny_model(2, 256))
+    (tmp_path / "rwkvray").mkdir()
+    (tmp_path / "rwkvray" / "sample_data").symlink_to(REPO / "rwkvray" / "sample_data")
+    monkeypatch.chdir(tmp_path)
+    demo = load_spec(str(REPO / "jobs/demo_state_cpu.yaml"))
     assert (demo.scaling.num_workers, demo.scaling.use_gpu, demo.deepspeed.stage) == (2, False, 1)
     assert (demo.trainer.precision, demo.trainer.op, demo.data.loss_mask) == ("fp32", "torch", "qa")
-    sweep = load_spec("jobs/tune_sweep.yaml")
+    assert demo.model.path == str(tmp_path / "out" / "tiny.pth")
+    sweep = load_spec(str(REPO / "jobs/tune_sweep.yaml"))
     assert set(sweep.tune.space) == {"lr_init", "lr_final", "warmup_steps"}
-    assert load_spec("jobs/serve.yaml").serve.model_name == "tiny"
+    assert load_spec(str(REPO / "jobs/serve.yaml")).serve.model_name == "tiny"
 
 
 # ---------------------------------------------------------------- cluster configs

@@ -174,23 +174,44 @@ def test_every_module_is_at_most_400_lines():
     assert not long, f"modules over {MAX_LINES} lines: " + ", ".join(f"{p} ({n})" for p, n in long.items())
 
 
-def test_import_kernels_from_the_repository_root_does_not_find_this_project():
-    probe = ("try:\n    import kernels\nexcept ModuleNotFoundError:\n    pass\nelse:\n"
+def kernels_found_in_project_source(root: pathlib.Path) -> list[str]:
+    """The files and folders that `import kernels`, run from `root`, loads from `root`'s own source: anything under
+    `root` except installed packages (a virtualenv inside the repository, as the README makes, holds Hugging Face's
+    `kernels`, which `transformers` installs)."""
+    probe = ("import site, sysconfig\n"
+             "print('installed:' + sysconfig.get_paths()['purelib'])\n"
+             "print('installed:' + sysconfig.get_paths()['platlib'])\n"
+             "for d in site.getsitepackages(): print('installed:' + d)\n"
+             "try:\n    import kernels\nexcept ModuleNotFoundError:\n    pass\nelse:\n"
              "    print(getattr(kernels, '__file__', None) or '')\n"
              "    print('\\n'.join(getattr(kernels, '__path__', [])))\n")
-    found = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
-    inside = [line for line in found.stdout.splitlines()  # a virtual environment inside the checkout is not ours
-              if line and pathlib.Path(line).resolve().is_relative_to(REPO) and "site-packages" not in line]
+    found = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True)
+    lines = found.stdout.splitlines()
+    installed = [pathlib.Path(line.removeprefix("installed:")).resolve() for line in lines
+                 if line.startswith("installed:")]
+    loaded = [pathlib.Path(line).resolve() for line in lines if line and not line.startswith("installed:")]
+    return [str(path) for path in loaded
+            if path.is_relative_to(root) and not any(path.is_relative_to(site) for site in installed)]
+
+
+def test_import_kernels_from_the_repository_root_does_not_find_this_project():
+    inside = kernels_found_in_project_source(REPO)
     assert not inside, f"`import kernels` from {REPO} loads this repository's {inside}"
 
 
-def test_no_tracked_file_points_outside_the_repository():
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.split("\0")
-    outside = "../" + "shared"  # spelled in two parts so this file does not match itself
-    hits = []
-    for name in filter(None, tracked):
-        path = REPO / name
-        if path.is_file() and outside in path.read_bytes().decode("utf-8", "replace"):
-            hits.append(name)
-    assert not hits, f"files that refer to {outside}: {', '.join(hits)}"
+def test_the_kernels_probe_catches_a_top_level_kernels_folder(tmp_path):
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("")
+    assert kernels_found_in_project_source(tmp_path.resolve()) == [str(tmp_path.resolve() / "kernels" / "__init__.py"),
+                                                                   str(tmp_path.resolve() / "kernels")]
+
+
+def test_installs_use_the_constraints_file_and_it_pins_what_the_tests_passed_with():
+    readme, ci = (REPO / "README.md").read_text(), (REPO / ".ci" / "run").read_text()
+    installs = [line for text in (readme, ci) for line in text.splitlines()
+                if line.startswith("python3 -m venv .venv") and "pip install" in line]  # the commands to run
+    assert len(installs) == 3 and all("pip install -q -c constraints.txt " in line
+                                      or "pip install -c constraints.txt " in line for line in installs), installs
+    pins = [line for line in (REPO / "constraints.txt").read_text().splitlines() if not line.startswith("#")]
+    assert "torch==2.13.0" in pins and all("==" in line for line in pins), pins
+    assert not [line for line in pins if line.startswith(("rwkvray", "-e")) or "+" in line or " @ " in line]

@@ -77,3 +77,12 @@ def test_each_line_once_and_ctrl_c_is_one_line_then_the_run_resumes(make_tiny_mo
     with open(tmp_path / "runs" / "logs" / "metrics.jsonl") as f:
         assert [json.loads(row)["step"] for row in f] == list(range(1, 61))
     assert (tmp_path / "runs" / "logs" / "rwkv-final.pth").exists()
+
+
+def test_a_step_that_prints_its_report_line_prints_no_progress_line(tmp_path, capsys, monkeypatch):
+    from rwkvray.train import metrics
+    monkeypatch.setattr(metrics, "PROGRESS_EVERY_S", 0.0)  # a progress line at every step that has no report
+    logger = metrics.RunLogger(str(tmp_path), total_steps=2)
+    logger.log_step(1, 2.0, 1e-3, 100.0)
+    logger.log_step(2, 1.5, 1e-3, 100.0, report_follows=True)  # the last step: its report line follows
+    assert capsys.readouterr().out.splitlines() == ["start at step 0 of 2", "step 1/2 loss 2.0000 lr 1.000e-03 tok/s 100"]

@@ -131,6 +131,8 @@ BAD_FLAGS = [
     ("--lr_init 1e-4 --lr_final 1e-3", "--lr_final: must be ≤ lr_init (0.0001)"),
     ("--lr_init abc", "argument --lr_init: invalid float value: 'abc'"),
     ("--bogus 1", "unrecognized arguments: --bogus 1"),
+    ("--ctx-len 64 --micro-bsz=2", "unrecognized arguments: --ctx-len 64 --micro-bsz=2 (--ctx-len is --ctx_len; "
+                                   "--micro-bsz is --micro_bsz: RWKV-PEFT's flags are spelled with underscores)"),
     ("--my_testing x052", "--my_testing: must be one of x070, x060 (got 'x052')"),
     ("--peft none", "--peft: full fine-tuning is not supported: use --peft state, lora, pissa or disha"),
     ("--peft lisa --train_type state", "--peft: must be one of state, lora, pissa, disha (got 'lisa')"),

@@ -440,6 +440,22 @@ def test_blend_is_the_weighted_sum_and_its_card_records_the_recipe(store):
     assert error_of(store.blend, "bad", {"nope": 1.0}).status == 404
 
 
+def test_a_blend_knows_its_base_only_when_every_part_was_tuned_on_it(tmp_path):
+    states_dir = tmp_path / "states"
+    states_dir.mkdir()
+    store = StateStore(str(states_dir), SERVE_DIMS, "base", max_upload_bytes=2**20, base=BASE_CARD)
+    store.upload("carded", state_bytes(random_state(1)), {"base": BASE_CARD, "method": "state"})
+    store.upload("other", state_bytes(random_state(3)), {"base": BASE_CARD, "method": "state"})
+    store.upload("bare", state_bytes(random_state(2)))
+    both = store.blend("both", {"carded": 0.5, "other": 0.5})
+    assert (both["base_match"], both["card"]["base"], "warning" in both) == (True, BASE_CARD, False)
+    mixed = store.blend("mixed", {"carded": 0.5, "bare": 0.5})
+    assert (mixed["base_match"], "base" in mixed["card"]) == (None, False)
+    assert mixed["warning"] == "blended from ['bare'], whose base model is unknown"
+    assert json.loads((states_dir / "mixed.json").read_text())["blend"] == {"carded": 0.5, "bare": 0.5}
+    assert store.info("mixed")["base_match"] is None
+
+
 # ---------------------------------------------------------------- request parsing
 
 

@@ -57,6 +57,9 @@ def test_sweep_stops_a_trial_early_and_exports_the_best_state(local_ray, tmp_pat
     assert best["val_loss"] == pytest.approx(lowest)
     assert best["trial"] == next(r["trial_id"] for r in trial_results if r["val_loss"] == lowest)
     assert best["params"]["lr_init"] in (0.3, 0.1)
+    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+    assert f"best trial {best['trial']}: val_loss {best['val_loss']:.4f}, {params}\n" in out
+    assert "Trial status" not in out and "╭" not in out  # Ray Tune's own trial tables stay off
     assert (sweep_dir / "trials" / best["trial"] / "rwkv-0.pth").exists()
 
     first_reports = sorted((r for r in trial_results if r["training_iteration"] == 1), key=lambda r: r["trial_id"])

@@ -28,7 +28,19 @@ class FlagParser(argparse.ArgumentParser):
     """Argparse that reports a bad flag as a one-line UserError instead of usage text and exit 2."""
 
     def error(self, message: str):
-        raise UserError(f"{SOURCE}: {message}")
+        raise UserError(f"{SOURCE}: {message}{self.spelling_hint(message)}")
+
+    def spelling_hint(self, message: str) -> str:
+        """For `--ctx-len`: RWKV-PEFT's flags are spelled with underscores."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        fixes = []
+        for given in message.split(":", 1)[1].split():
+            flag = given.split("=")[0]
+            underscored = "--" + flag[2:].replace("-", "_")
+            if flag.startswith("--") and underscored != flag and underscored in self._option_string_actions:
+                fixes.append(f"{flag} is {underscored}")
+        return f" ({'; '.join(fixes)}: RWKV-PEFT's flags are spelled with underscores)" if fixes else ""
 
 
 DESCRIPTIONS = {

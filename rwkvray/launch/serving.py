@@ -1,5 +1,7 @@
 """The driver side of Serve: `rwkvray serve SPEC.yaml` (`run_server`) and the import path for `serve run` /
 `serve deploy` (`app_builder`). Both read the API key here, on the driver, and hand it to the application."""
+import contextlib
+import logging
 import os
 import signal
 import time
@@ -31,6 +33,18 @@ def app_builder(args: dict):
     return build_app(config, read_api_key(config))
 
 
+@contextlib.contextmanager
+def dropped_log_line(logger_name: str, start: str):
+    """Leave out the log records of `logger_name` whose message begins with `start`, for the block's length."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(start)
+    logging.getLogger(logger_name).addFilter(keep)
+    try:
+        yield
+    finally:
+        logging.getLogger(logger_name).removeFilter(keep)
+
+
 def run_server(spec, address: Optional[str] = None) -> None:
     """`rwkvray serve SPEC.yaml`: deploy on the cluster at `address` (or a local Ray), print the URL, and
     serve until Ctrl-C, which removes the application."""
@@ -44,7 +58,8 @@ def run_server(spec, address: Optional[str] = None) -> None:
     with ray_session(address):
         app = build_app(config, read_api_key(config))  # after connecting: use_gpu "auto" asks the cluster
         serve.start(http_options={"host": config.host, "port": config.port})
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        with dropped_log_line("ray.serve", "Connecting to existing Serve app"):  # serve.run starts Serve again
+            serve.run(app, name=APP_NAME, route_prefix="/")  # and says our http_options "will not be applied"
         print(f"serving {config.model_name} at http://{config.host}:{config.port}/v1 "
               f"(states from {config.states_dir}); Ctrl-C to stop", flush=True)
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop acts like Ctrl-C

@@ -72,7 +72,8 @@ def _fit_part(spec, part, finished: dict[str, int]):
                                         checkpoint_score_order=spec.tune.mode)
     tuner = tune.Tuner(trainable, param_space=ray_search_space(spec.tune),
                        tune_config=_tune_config(spec.tune, metric, part.configs(spec)),
-                       run_config=tune.RunConfig(name=part.name, storage_path=sweep_dir, checkpoint_config=checkpoints))
+                       run_config=tune.RunConfig(name=part.name, storage_path=sweep_dir, checkpoint_config=checkpoints,
+                                                 verbose=0))  # no trial tables: each trial's lines, then ours
     return list(tuner.fit())
 
 
@@ -138,6 +139,18 @@ def export_best(spec, results, metric: str, mode: str) -> dict:
             summary[cls.name + "_file"] = os.path.join(out_dir, name)
     with atomic_path(os.path.join(out_dir, "best.json")) as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"best trial {summary['trial']}: {metric} {summary[metric]:.4f}, params {summary['params']}")
-    print(f"wrote {os.path.join(out_dir, 'best.json')}")
+    params = ", ".join(f"{k}={_short(v)}" for k, v in summary["params"].items())
+    print(f"best trial {summary['trial']}: {metric} {summary[metric]:.4f}, {params}")
+    print(f"wrote {_shown_path(os.path.join(out_dir, 'best.json'))}")
     return summary
+
+
+def _short(value) -> str:
+    """4 significant digits, as in the trial table; best.json keeps the full values."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _shown_path(path: str) -> str:
+    """Relative to the working directory when below it (runs/demo-tune/best.json), else absolute."""
+    relative = os.path.relpath(os.path.abspath(path))
+    return os.path.abspath(path) if relative.startswith(os.pardir) else relative

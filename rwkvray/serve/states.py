@@ -169,11 +169,20 @@ class StateStore:
         if not torch.isfinite(time_state).all():
             raise bad_request(f"the blend of {sorted(weights)} is not finite", "blend")
         path = state_path(self.states_dir, name)
-        card = {"base": self.base, "method": "blend", "blend": dict(weights), "rwkvray_version": __version__}
+        card = {"method": "blend", "blend": dict(weights), "rwkvray_version": __version__}
+        unknown = sorted(parent for parent in weights if not self._matches_base(parent))
+        if not unknown:  # only when every part was tuned on the loaded base is the blend's base known
+            card = {"base": self.base, **card}
+        warning = f"blended from {unknown}, whose base model is unknown" if unknown else None
         with self.lock:
             self._write_version(name, path, lambda tmp: save_state(time_state, tmp), replace)
             self._replace_card(path, card)
-            return self._add(name, "blend", time_state.float(), None, card).describe()
+            return self._add(name, "blend", time_state.float(), warning, card).describe()
+
+    def _matches_base(self, name: str) -> bool:
+        with self.lock:
+            entry = self.mounted.get(name)
+        return entry is not None and entry.base_match is True
 
     def unmount(self, name: str) -> dict:
         check_name(name)

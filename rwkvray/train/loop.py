@@ -98,7 +98,7 @@ def train(spec, ctx) -> dict:
         report = _report_due(spec, progress.step)
         if report and val_docs:
             metrics["val_loss"] = evaluate(engine, val_docs, spec.data.ctx_len, spec.trainer.micro_bsz, ctx)
-        logger.log_step(**metrics)
+        logger.log_step(**metrics, report_follows=report)
         if report:
             _checkpoint_and_report(spec, engine, progress, metrics, ctx, logger)
     logger.finish()
@@ -142,11 +142,10 @@ def _build_engine(spec, module, ctx):
         from rwkvray.train.graphed_engine import GraphedEngine
         return GraphedEngine(module, spec.optim, spec.trainer.micro_bsz, spec.data.ctx_len, ctx.device)
     from rwkvray.train.deepspeed_config import deepspeed_config
-    from rwkvray.train.deepspeed_engine import DeepSpeedEngine
-    if ctx.rank == 0:
-        where = "" if spec.scaling.use_gpu else (" (a machine's first CPU run builds DeepSpeed's communication op: "
-                                                 "about a minute, needs a C++ compiler)")
-        print(f"preparing DeepSpeed ZeRO stage {spec.deepspeed.stage}{where}", flush=True)
+    from rwkvray.train.deepspeed_engine import DeepSpeedEngine, cpu_comm_op_missing
+    if ctx.rank == 0 and ctx.device.type == "cpu" and cpu_comm_op_missing():
+        print("building DeepSpeed's CPU communication op (once per machine: about a minute, needs a C++ compiler)",
+              flush=True)
     return DeepSpeedEngine(module, spec.optim, deepspeed_config(spec))
 
 

@@ -39,7 +39,9 @@ class RunLogger:
         import wandb
         return wandb.init(project=project, name=run_name, dir=folder, config=config or {}, mode=mode)
 
-    def log_step(self, step: int, loss: float, lr: float, tokens_per_s: float, **extra) -> None:
+    def log_step(self, step: int, loss: float, lr: float, tokens_per_s: float, *, report_follows: bool = False,
+                 **extra) -> None:
+        """Without a terminal, a progress line every PROGRESS_EVERY_S, unless this step's report line follows."""
         if not self.enabled:
             return
         row = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, **extra}
@@ -47,7 +49,7 @@ class RunLogger:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
             self.bar.update(1)
-        elif time.monotonic() - self.last_line >= PROGRESS_EVERY_S or step == self.total_steps:
+        elif not report_follows and time.monotonic() - self.last_line >= PROGRESS_EVERY_S:
             self.note(f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.3e} tok/s {tokens_per_s:.0f}")
         if self.wandb:
             self.wandb.log(row, step=step)
