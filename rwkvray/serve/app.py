@@ -18,7 +18,6 @@ model replica, and the gateway then resolves the name once more.
 
 import hmac
 import os
-import signal
 import time
 from typing import AsyncIterator, Optional
 
@@ -366,8 +365,11 @@ def app_builder(args: dict):
 
 def run_server(spec, address: Optional[str] = None) -> None:
     """`rwkvray serve SPEC.yaml`: deploy on the cluster at `address` (or a local Ray), print the URL, and
-    serve until Ctrl-C, which removes the application."""
-    from rwkvray.launch.ray_session import ray_session
+    serve until Ctrl-C or SIGTERM. On a cluster that outlives this command the application is removed; a local Ray
+    instance ends with the command, and its application with it. (A SIGTERM to the process group also reaches
+    that instance's GCS and raylet, so asking its Serve controller to delete the app would wait on a GCS that is
+    gone.)"""
+    from rwkvray.launch.ray_session import owns_ray, ray_session
     config = spec.serve
     with ray_session(address):
         app = build_app(config)  # after connecting: use_gpu "auto" asks the cluster
@@ -375,9 +377,10 @@ def run_server(spec, address: Optional[str] = None) -> None:
         serve.run(app, name=APP_NAME, route_prefix="/")
         print(f"serving {config.model_name} at http://{config.host}:{config.port}/v1 "
               f"(states from {config.states_dir}); Ctrl-C to stop", flush=True)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop acts like Ctrl-C
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            serve.delete(APP_NAME)
+            if not owns_ray(address):
+                serve.delete(APP_NAME)
+            print("stopped", flush=True)
