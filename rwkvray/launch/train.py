@@ -3,7 +3,7 @@ import sys
 
 from rwkvray.files import storage
 from rwkvray.spec import check_model_expectations
-from rwkvray.launch.outputs import copy_to_proj_dir, export_outputs
+from rwkvray.launch.outputs import check_publishable, copy_to_proj_dir, export_outputs, publish_final
 from rwkvray.launch.ray_session import off_main_thread, worker_env
 from rwkvray.launch.resume import check_rerun
 from rwkvray.train.loop import ReportHook, WorkerContext, train
@@ -60,9 +60,12 @@ def run_on_ray(spec, address: str | None = None, allow_changed_spec: bool = Fals
     step = check_rerun(spec, allow_changed_spec)
     if step is not None and step >= spec.trainer.epoch_count * spec.trainer.epoch_steps:
         print(f"outputs in {copy_to_proj_dir(spec, storage.run_dir(spec))}")
+        publish_final(spec)
         return None
+    check_publishable(spec)
     with ray_session(address):
         warn_if_cluster_too_small(spec)
         result = off_main_thread(build_trainer(spec, on_report=on_report).fit)
         export_outputs(spec, result.checkpoint)
+    publish_final(spec)
     return result

@@ -17,7 +17,6 @@ state is never served from a stale cache entry, and a request that raced an unmo
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -27,13 +26,13 @@ import torch
 
 from rwkvray import __version__
 from rwkvray.files.atomic import write_atomically
+from rwkvray.files.publish import STATE_NAME
 from rwkvray.model.dims import ModelDims
 from rwkvray.errors import UserError
 from rwkvray.serve.api import ApiError, bad_request, not_found
 from rwkvray.model.state_card import card_path, read_card, write_card
 from rwkvray.model.state_file import load_state, save_state
 
-STATE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # no leading dot: no "..", no hidden files
 STATE_SUFFIX = ".pth"
 VERSION_MARK = "@"  # not a name character, so NAME@VERSION splits unambiguously
 
