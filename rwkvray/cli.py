@@ -135,6 +135,26 @@ def cmd_merge(args) -> None:
     print(f"wrote {args.out}: {len(merged)} weights merged")
 
 
+def cmd_publish(args) -> None:
+    import os
+    from rwkvray.files.publish import publish_state
+    from rwkvray.model.state_card import card_path, read_card
+    from rwkvray.model.state_file import load_state
+    path = os.path.join(args.source, "rwkv-final.pth") if os.path.isdir(args.source) else args.source
+    load_state(path)  # a state file, or one line saying what it is not
+    try:
+        card = read_card(path)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    with open(path, "rb") as f:
+        state = f.read()
+    card_bytes = None
+    if card is not None:
+        with open(card_path(path), "rb") as f:
+            card_bytes = f.read()
+    print(publish_state(state, card_bytes, args.states_dir, args.name, args.replace, "add --replace"))
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Shows each option's default after its description, where it has one worth showing."""
 
@@ -205,6 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"resume a {'run' if name == 'run' else 'sweep'} whose spec changed since it "
                                 "started (default: refuse)")
 
+    p = add_command(sub, "publish", cmd_publish, "put a tuned state, with its card, into a Serve states_dir by name")
+    p.add_argument("source", metavar="RUN_OR_STATE",
+                   help="a run's folder (its rwkv-final.pth) or a state file; its card NAME.json goes with it")
+    p.add_argument("--states-dir", required=True, metavar="DIR",
+                   help="the Serve spec's serve.states_dir (a folder, or an s3:// URI)")
+    p.add_argument("--name", required=True, help="the name requests give as `model`")
+    p.add_argument("--replace", action="store_true",
+                   help="replace a different state of that name (it is kept as NAME.prev.pth; default: refuse)")
+
     p = add_command(sub, "merge-state", cmd_merge_state, "put a state into a base checkpoint file")
     p.add_argument("--base", required=True, metavar="PTH", help="RWKV-7 checkpoint")
     p.add_argument("--state", required=True, metavar="PTH", help="state file (blocks.{i}.att.time_state)")
@@ -227,12 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def interrupted_line(argv: list[str]) -> str:
-    """What Ctrl-C leaves: training commands resume from their last checkpoint when run again."""
+def interrupted_line(argv: list[str], word: str = "interrupted") -> str:
+    """What Ctrl-C (or SIGTERM: `word` "terminated") leaves: training commands resume from their last checkpoint
+    when run again."""
     import shlex
     if argv[:1] in (["run"], ["tune"], ["train"]):
-        return f"interrupted; resume with: rwkvray {shlex.join(argv)}"
-    return "interrupted"
+        return f"{word}; resume with: rwkvray {shlex.join(argv)}"
+    return word
 
 
 @contextlib.contextmanager
@@ -262,7 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        from rwkvray.launch.ray_session import Terminated
+        if isinstance(stop, Terminated):
+            print(interrupted_line(argv, "terminated"), file=sys.stderr)
+            return 128 + signal.SIGTERM
         print(interrupted_line(argv), file=sys.stderr)
         return 130
     return 0

@@ -76,3 +76,19 @@ def test_run_refuses_bad_specs_before_starting_ray(tmp_path, tiny_model, capsys,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not ray.is_initialized()
+
+
+def test_init_model_writes_the_same_bytes_every_time_on_any_number_of_threads(tmp_path, capsys):
+    """A state tuned on one copy of a model must fit the next copy made by the same command (demo.sh, a cluster's
+    entrypoint): QR sums in a thread-dependent order, and torch.save names its archive after the file."""
+    import hashlib
+    threads, digests = torch.get_num_threads(), []
+    try:
+        for n, name in ((1, "one.pth"), (2, "two.pth"), (2, "again.pth")):
+            torch.set_num_threads(n)
+            assert main(["init-model", "--n-layer", "1", "--n-embd", "64", "--vocab-size", "1000",
+                         "--perturb", "0.2", "--out", str(tmp_path / name)]) == 0
+            digests.append(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
+    finally:
+        torch.set_num_threads(threads)
+    assert digests[0] == digests[1] == digests[2], digests

@@ -1,5 +1,6 @@
 """The README's submitted form of the demo: `ray job submit --working-dir .` of jobs/demo_state_cpu.yaml to a
-head this test starts (and stops, by PID). Its outputs must land where the docs say: ~/rwkvray/runs/<name>."""
+head this test starts (and stops, by PID). Its outputs must land where the docs say: ~/rwkvray/runs/<name>, and
+its published state in ~/rwkvray/out/states."""
 import os
 import sys
 import time
@@ -49,5 +50,8 @@ def test_submitted_demo_writes_its_outputs_under_home(head_with_home, tmp_path):
     assert f"final state file: {outputs / 'rwkv-final.pth'}" in logs
     for name in ("rwkv-0.pth", "rwkv-2.pth", "rwkv-final.pth", "rwkv-final.json", "metrics.jsonl", "loss.png"):
         assert (outputs / name).stat().st_size > 0, name
+    published = tmp_path / "home" / "rwkvray" / "out" / "states" / "persona.pth"  # run.publish: out/states
+    assert f"published persona: {published}" in logs
+    assert published.read_bytes() == (outputs / "rwkv-final.pth").read_bytes()
     assert "step 180/180: loss" in logs and "Checkpoint successfully created" not in logs
     assert "all_gather_into_tensor" not in logs and "TrainingReport(" not in logs

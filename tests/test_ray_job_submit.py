@@ -69,8 +69,8 @@ def submit(client, **job) -> str:
     return while_dashboard_starts(once)
 
 
-def test_ray_job_submit_runs_a_spec(ray_head, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+def test_ray_job_submit_runs_a_spec_and_a_resubmission_after_an_edit_resumes_it(ray_head, tmp_path):
+    from ray.job_submission import JobSubmissionClient
     work = tmp_path / "work"
     work.mkdir()
     save_checkpoint(init_weights(default_dims(1, 64), seed=0, perturb=0.2), str(work / "tiny.pth"))
@@ -82,6 +82,20 @@ def test_ray_job_submit_runs_a_spec(ray_head, tmp_path):
     (work / "job.yaml").write_text(yaml.safe_dump(spec))
 
     client = while_dashboard_starts(lambda: JobSubmissionClient(ray_head))
+    logs = submitted_logs(client, work)
+    final = tmp_path / "runs" / "submitted" / "rwkv-final.pth"
+    assert f"final state file: {final}" in logs
+    assert final.stat().st_size > 0
+
+    # any edit moves Ray's copy of the working dir (_ray_pkg_<content hash>), and with it the spec's paths
+    (work / "notes.txt").write_text("edited after the first submission\n")
+    logs = submitted_logs(client, work)
+    assert "run 'submitted' already complete at step 3/3" in logs and "different spec" not in logs
+
+
+def submitted_logs(client, work) -> str:
+    """Submit `rwkvray run job.yaml` with `work` as the working dir, wait for success; its logs."""
+    from ray.job_submission import JobStatus
     rwkvray = os.path.join(os.path.dirname(sys.executable), "rwkvray")
     job = submit(client, entrypoint=f"{rwkvray} run job.yaml", runtime_env={"working_dir": str(work)})
     deadline = time.time() + 300
@@ -90,6 +104,4 @@ def test_ray_job_submit_runs_a_spec(ray_head, tmp_path):
         time.sleep(2)
     logs = client.get_job_logs(job)
     assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
-    final = tmp_path / "runs" / "submitted" / "rwkv-final.pth"
-    assert f"final state file: {final}" in logs
-    assert final.stat().st_size > 0
+    return logs

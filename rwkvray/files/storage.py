@@ -52,6 +52,14 @@ def read_bytes(path: str) -> bytes | None:
         return f.read()
 
 
+def delete(path: str) -> None:
+    """Remove a file; nothing to do when it does not exist."""
+    import pyarrow.fs
+    fs, inner = _filesystem(path)
+    if fs.get_file_info(inner).type == pyarrow.fs.FileType.File:
+        fs.delete_file(inner)
+
+
 def list_files(folder: str) -> list[str]:
     """Names of the plain files directly in `folder` (none if it does not exist)."""
     import pyarrow.fs

@@ -7,8 +7,10 @@ every user-facing file into `trainer.proj_dir` on its own disk.
 import os
 import re
 
+from rwkvray.errors import UserError
 from rwkvray.files import storage
 from rwkvray.files.atomic import write_bytes_atomically
+from rwkvray.files.publish import different_state_there, publish_state, refusal
 from rwkvray.train.metrics import loss_plot_png, read_metrics, summarize
 from rwkvray.peft.registry import method_classes
 from rwkvray.peft.epoch_outputs import print_merge_commands
@@ -59,3 +61,28 @@ def copy_to_proj_dir(spec, run: str) -> str:
         write_bytes_atomically(os.path.join(f"{local.rstrip(os.sep)}-adapter", name),
                                storage.read_bytes(storage.join(adapter, name)))
     return local
+
+
+REPLACE_HINT = "set run.publish.replace: true"
+
+
+def check_publishable(spec) -> None:
+    """Before a run trains: refuse at once when its state could not be published without replacing another."""
+    publish = spec.run.publish
+    if publish and not publish.replace and different_state_there(publish.states_dir, publish.name):
+        raise UserError(f"{spec.source}: run.publish: {refusal(publish.states_dir, publish.name, REPLACE_HINT)}")
+
+
+def publish_final(spec) -> None:
+    """Put the run's final state and its card into run.publish.states_dir under run.publish.name, if asked."""
+    publish = spec.run.publish
+    if publish is None:
+        return
+    run = storage.run_dir(spec)
+    final = f"{method_classes(spec.peft)[0].file_prefix}-final"
+    state = storage.read_bytes(storage.join(run, final + ".pth"))
+    card = storage.read_bytes(storage.join(run, final + ".json"))
+    try:
+        print(publish_state(state, card, publish.states_dir, publish.name, publish.replace, REPLACE_HINT))
+    except UserError as err:
+        raise UserError(f"{spec.source}: run.publish: {err}") from None

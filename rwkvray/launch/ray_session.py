@@ -6,6 +6,7 @@ minutes, printing "Failed to connect to GCS" warnings, where a user wants one li
 import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -18,6 +19,34 @@ PROBE_SECONDS = 20  # how long an address that neither answers nor refuses is re
 # checkpoints and does not use the drain notices
 QUIET_CONTROLLER = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 START_HINT = "start a head there with `ray start --head`, or leave out the address to use a local Ray instance"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, the way supervisors and container runtimes stop a process: it takes Ctrl-C's path (the run stops
+    and resumes from its last checkpoint; Serve stops), and the command says which signal it was."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def stopping_on_sigterm():
+    """SIGTERM raises Terminated in the main thread while inside. Ray's core worker installs a handler of its own
+    at ray.init, which would end the process at once, past every cleanup: enter this after ray.init."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def owns_ray(address: str | None) -> bool:
+    """Whether this command starts (and ends) a Ray instance of its own rather than joining a cluster."""
+    return resolve_address(address)[0] == "local"
 
 
 def worker_env(use_gpu: bool) -> dict:
@@ -47,7 +76,8 @@ def ray_session(address: str | None = None, env_vars: dict | None = None):
     except ConnectionError as err:
         raise UserError(f"{named_by}: cannot join a Ray cluster ({first_line(err)}); {START_HINT}") from None
     try:
-        yield
+        with stopping_on_sigterm():
+            yield
     finally:
         # explicitly, before interpreter exit: otherwise Ray Train's placement-group cleaner races the
         # shutting-down GCS and prints a traceback

@@ -7,6 +7,7 @@ different spec is refused, naming the changed keys, unless the user allows it. S
 import hashlib
 import json
 import posixpath
+import re
 
 from rwkvray.files import storage
 from rwkvray.errors import UserError
@@ -14,8 +15,12 @@ from rwkvray.files.manifest import checkpoint_folders, storage_problem
 from rwkvray.train.metrics import read_metrics
 
 # keys that may change between a run and its resumption: where things go, retries, logging, hardware
-FREE_KEYS = ("run.max_failures", "run.keep_checkpoints", "run.storage_path", "trainer.proj_dir", "logging.",
-             "scaling.", "serve.")
+FREE_KEYS = ("run.max_failures", "run.keep_checkpoints", "run.storage_path", "run.publish", "trainer.proj_dir",
+             "logging.", "scaling.", "serve.")
+# Under `ray job submit --working-dir`, paths resolve inside Ray's copy of that folder, named after a hash of its
+# content: any edited file moves it. Paths inside it are compared relative to it.
+JOB_PACKAGE = re.compile(r"^.*/runtime_resources/working_dir_files/[^/]+(?=/|$)")
+JOB_WORKING_DIR = "<job working dir>"
 
 
 def training_keys(spec, free: tuple[str, ...] = FREE_KEYS + ("tune.",)) -> dict:
@@ -30,7 +35,13 @@ def training_keys(spec, free: tuple[str, ...] = FREE_KEYS + ("tune.",)) -> dict:
                 flat[prefix + key] = value
 
     walk(spec.model_dump(mode="json"), "")
-    return {k: v for k, v in flat.items() if not k.startswith(free)}
+    return comparable({k: v for k, v in flat.items() if not k.startswith(free)})
+
+
+def comparable(keys: dict) -> dict:
+    """The keys with paths inside a Ray job's working dir made relative to it (records made before this rule
+    hold the full paths, and compare equal too)."""
+    return {k: JOB_PACKAGE.sub(JOB_WORKING_DIR, v) if isinstance(v, str) else v for k, v in keys.items()}
 
 
 def spec_hash(keys: dict) -> str:
@@ -38,6 +49,7 @@ def spec_hash(keys: dict) -> str:
 
 
 def changed_keys(keys: dict, stored: dict) -> list[str]:
+    stored = comparable(stored)
     return sorted(k for k in set(keys) | set(stored) if keys.get(k) != stored.get(k))
 
 

@@ -5,7 +5,7 @@ import sys
 from rwkvray.errors import UserError
 from rwkvray.files import storage
 from rwkvray.spec import check_model_expectations
-from rwkvray.launch.outputs import copy_to_proj_dir, export_outputs
+from rwkvray.launch.outputs import check_publishable, copy_to_proj_dir, export_outputs, publish_final
 from rwkvray.launch.ray_session import off_main_thread, worker_env
 from rwkvray.launch.resume import check_rerun, newest_intact_checkpoint
 from rwkvray.train.loop import WorkerContext, train
@@ -78,7 +78,9 @@ def run_on_ray(spec, address: str | None = None, allow_changed_spec: bool = Fals
     step = check_rerun(spec, allow_changed_spec)
     if step is not None and step >= spec.trainer.epoch_count * spec.trainer.epoch_steps:
         print(f"outputs in {copy_to_proj_dir(spec, storage.run_dir(spec))}")
+        publish_final(spec)
         return None
+    check_publishable(spec)
     with ray_session(address):
         warn_if_cluster_too_small(spec)
         try:
@@ -87,4 +89,5 @@ def run_on_ray(spec, address: str | None = None, allow_changed_spec: bool = Fals
             raise_worker_user_error(err)
             raise
         export_outputs(spec, result.checkpoint)
+    publish_final(spec)
     return result

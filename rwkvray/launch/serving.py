@@ -3,7 +3,6 @@
 import contextlib
 import logging
 import os
-import signal
 import time
 from typing import Optional
 
@@ -47,10 +46,13 @@ def dropped_log_line(logger_name: str, start: str):
 
 def run_server(spec, address: Optional[str] = None) -> None:
     """`rwkvray serve SPEC.yaml`: deploy on the cluster at `address` (or a local Ray), print the URL, and
-    serve until Ctrl-C, which removes the application."""
+    serve until Ctrl-C or SIGTERM. On a cluster that outlives this command the application is removed; a local Ray
+    instance ends with the command, and its application with it. (A SIGTERM to the process group also reaches
+    that instance's GCS and raylet, so asking its Serve controller to delete the app would wait on a GCS that is
+    gone.)"""
     from ray import serve
 
-    from rwkvray.launch.ray_session import ray_session
+    from rwkvray.launch.ray_session import owns_ray, ray_session
     from rwkvray.serve.app import APP_NAME, build_app
     from rwkvray.serve.proxy_guard import proxy_env
     config = spec.serve
@@ -62,9 +64,10 @@ def run_server(spec, address: Optional[str] = None) -> None:
             serve.run(app, name=APP_NAME, route_prefix="/")  # and says our http_options "will not be applied"
         print(f"serving {config.model_name} at http://{config.host}:{config.port}/v1 "
               f"(states from {config.states_dir}); Ctrl-C to stop", flush=True)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop acts like Ctrl-C
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            serve.delete(APP_NAME)
+            if not owns_ray(address):
+                serve.delete(APP_NAME)
+            print("stopped", flush=True)

@@ -150,8 +150,14 @@ def check_weights(weights: dict[str, torch.Tensor], dims: RWKVDims) -> None:
 
 
 def save_checkpoint(weights: dict, path: str) -> None:
-    """torch.save a dict of tensors atomically (temp file in the same folder, then os.replace)."""
-    write_atomically(path, lambda tmp: torch.save(weights, tmp))
+    """torch.save a dict of tensors atomically (temp file in the same folder, then os.replace). Saved through a
+    file object, the archive's inner folder is "archive", not the temp file's random name: the same weights give
+    the same bytes."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(weights, f)
+
+    write_atomically(path, write)
 
 
 def _block_shapes(i: int, dims: ModelDimsX070) -> dict[str, tuple[int, ...]]:

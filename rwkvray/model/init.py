@@ -6,6 +6,7 @@ changes the residual stream and the WKV state (hence state tuning) cannot change
 `perturb > 0` adds Gaussian noise of that std to every zero-initialised matrix (att.output, ffn.value and the
 w1/a1/v1/g1 LoRA inputs) so demos and tests get a non-trivial model; the rest of the init is unchanged.
 """
+import contextlib
 import math
 
 import torch
@@ -55,7 +56,8 @@ def init_weights(dims: RWKVDims, seed: int = 0, perturb: float = 0.0,
     """Every key of a BlinkDL x070 checkpoint (plus the unused blocks.0.att.v0/v1/v2 that RWKV-LM writes), or of
     an x060 one when `dims` is ModelDimsX060.
 
-    Random draws come from one generator seeded with `seed`, in key order, so a seed gives the same weights.
+    Random draws come from one generator seeded with `seed`, in key order, so a seed gives the same weights,
+    bit for bit, on any number of threads.
     RWKV-LM divides by L-1 for the w0 ramp; a one-layer model uses ratio 0 there.
     """
     generator = torch.Generator().manual_seed(seed)
@@ -182,4 +184,17 @@ def _layer_norm(key: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _orthogonal(shape: tuple[int, ...], gain: float, generator: torch.Generator) -> torch.Tensor:
-    return torch.nn.init.orthogonal_(torch.empty(shape), gain=gain, generator=generator)
+    """The QR behind it sums in an order that depends on the number of threads (a Ray job's OMP_NUM_THREADS, a
+    busy machine): one thread, in float64 and rounded once by the caller, gives the same weights every time."""
+    with _one_thread():
+        return torch.nn.init.orthogonal_(torch.empty(shape, dtype=torch.float64), gain=gain, generator=generator)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

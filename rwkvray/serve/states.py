@@ -20,7 +20,6 @@ state is never served from a stale cache entry, and a request that raced an unmo
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Optional
 import torch
 
 from rwkvray import __version__
+from rwkvray.files.publish import STATE_NAME
 from rwkvray.files.versions import NameTaken, previous_path, write_new_version
 from rwkvray.model.dims import RWKVDims
 from rwkvray.errors import UserError
@@ -36,7 +36,6 @@ from rwkvray.serve.api import ApiError, bad_request, not_found
 from rwkvray.model.state_card import card_path, read_card, write_card
 from rwkvray.model.state_file import load_state, save_state
 
-STATE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # no leading dot: no "..", no hidden files
 STATE_SUFFIX = ".pth"
 VERSION_MARK = "@"  # not a name character, so NAME@VERSION splits unambiguously
 

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from rwkvray.errors import UserError
+from rwkvray.files.publish import NAME_RULE, STATE_NAME
 from rwkvray.files.storage import is_uri
 from rwkvray.spec.fields import (TARGETS, ExistingFile, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                                  StrictModel, Targets)
@@ -22,12 +23,28 @@ from rwkvray.spec.wording import SpecProblem
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
+class PublishConfig(StrictModel):
+    """Where a finished run puts its final state for Serve: `states_dir/NAME.pth` with its card (files/publish.py)."""
+
+    states_dir: Annotated[str, AfterValidator(durable_folder)]  # a Serve spec's serve.states_dir, or a URI
+    name: str  # the `model` that requests name
+    replace: bool = False  # replace a different state of that name (kept as NAME.prev.pth); default: refuse
+
+    @field_validator("name")
+    @classmethod
+    def state_name(cls, name: str) -> str:
+        if not STATE_NAME.fullmatch(name):
+            raise ValueError(f"use {NAME_RULE}")
+        return name
+
+
 class RunConfig(StrictModel):
     name: str = "rwkvray"
     storage_path: Annotated[str, AfterValidator(durable_folder)] = "./runs"
     checkpoint_every_steps: PositiveInt | None = None  # None: checkpoint at each epoch end only
     keep_checkpoints: PositiveInt = 2
     max_failures: int = 0  # -1: retry forever
+    publish: PublishConfig | None = None  # none: the final state stays in the run's folder only
 
     @field_validator("name")
     @classmethod

@@ -91,6 +91,13 @@ class TrainSpec(Spec):
         return self
 
     @model_validator(mode="after")
+    def publishable(self) -> TrainSpec:
+        if self.run.publish and (self.peft.method != "state" or self.peft.combine_state):
+            raise SpecProblem("run.publish", "publishes a state for Serve, which serves states alone: needs "
+                              "peft.method: state (without combine_state)")
+        return self
+
+    @model_validator(mode="after")
     def capturable_step(self) -> TrainSpec:
         """A captured step has one shape, one micro-batch per optimizer step and no DeepSpeed around it."""
         if not self.trainer.cuda_graph:
@@ -120,6 +127,9 @@ class TuneSpec(TrainSpec):
 
     @model_validator(mode="after")
     def every_trial_valid(self) -> TuneSpec:
+        if self.run.publish:
+            raise SpecProblem("run.publish", "publishes the final state of `rwkvray run`; a sweep keeps its best "
+                              "trial's state as best_state.pth: publish that with `rwkvray publish`")
         if self.tune.gpus_per_trial > 0 and not self.scaling.use_gpu:
             raise SpecProblem("tune.gpus_per_trial", "needs scaling.use_gpu: true")
         if self.tune.metric == "val_loss" and not (self.data.eval_file or self.data.holdout_fraction > 0):
