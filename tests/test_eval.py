@@ -190,3 +190,19 @@ def test_a_bad_row_is_one_line_naming_file_and_line(tmp_path, tokenizer, row, me
     with pytest.raises(UserError) as err:
         read_items(str(path), tokenizer)
     assert str(err.value) == message.replace("bad.jsonl", str(path))
+
+
+def test_an_rwkv6_model_and_state_score_the_same_way(make_tiny_model, tokenizer, items):
+    model = load_model(make_tiny_model(1, 64, "x060"))[0]
+    torch.manual_seed(4)
+    states = {"base": None, "tuned": torch.randn(1, *model.dims.state_shape)}
+
+    async def run():
+        return await evaluate(BatchEngine(model, tokenizer, max_batch_size=4), items, states, 6, batch_size=4)
+    found = by_key(asyncio.run(run()))
+    tokens = tokenizer.encode(ROWS[4]["text"])
+    for name, time_state in states.items():
+        assert found[name, 4].values["loss"] == pytest.approx(-direct_logprobs(model, tokens, time_state).mean().item(),
+                                                              rel=1e-5)
+        text = tokenizer.decode(list(generate_tokens(model, items[2].prompt, time_state, 6, temperature=0.0)))
+        assert found[name, 2].prediction == text.split(ANSWER_END)[0].strip()
