@@ -97,6 +97,8 @@ def plot(results: list[dict], path: str) -> None:
         errors = [[scale * (row["value"] - row["ci95"][0]) for row in rows],
                   [scale * (row["ci95"][1] - row["value"]) for row in rows]]
         ax.bar([row["state"] for row in rows], values, yerr=errors, capsize=4, color="#4c72b0")
+        if scale == 100:
+            ax.set_ylim(0, 100)
         ax.set_title(f"{data}\n{metric}{' (%)' if scale == 100 else ''}", fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.tight_layout()
