@@ -107,3 +107,22 @@ def test_a_state_of_another_shape_is_refused(files, make_tiny_model, capsys):
     wide = make_tiny_model(1, 128)
     assert main(["eval", "--model", wide, "--data", QUIZ, "--state", f"narrow={files['loud']}"]) == 2
     assert "state shape [1, 1, 64, 64] (L,H,N,N) does not fit the model's [1, 2, 64, 64]" in capsys.readouterr().err
+
+
+def test_the_eval_block_makes_an_eval_spec_and_other_commands_say_so(files, tmp_path, capsys):
+    spec = tmp_path / "eval.yaml"
+    spec.write_text(f"model: {{path: {files['model']}}}\neval: {{data: [{QUIZ}], states: {{base: x.pth}}}}\n")
+    assert main(["eval", str(spec)]) == 2
+    assert capsys.readouterr().err == (f"error: {spec}: eval.states: 'base' is the base model, always scored; name "
+                                       "the states otherwise\n")
+    spec.write_text(f"model: {{path: {files['model']}}}\neval: {{data: [{QUIZ}]}}\n")
+    assert main(["run", str(spec)]) == 2
+    assert capsys.readouterr().err == (f"error: {spec}: data: required for rwkvray run (this is an eval spec, for "
+                                       "rwkvray eval)\n")
+    train = tmp_path / "train.yaml"
+    train.write_text(f"model: {{path: {files['model']}}}\ndata: {{file: {QUIZ}}}\n")
+    assert main(["eval", str(train)]) == 2
+    assert capsys.readouterr().err == (f"error: {train}: eval: required for rwkvray eval (this is a train spec, "
+                                       "for rwkvray run)\n")
+    assert main(["eval", str(train), "--model", files["model"]]) == 2
+    assert capsys.readouterr().err == "error: --model: give either a spec file or the flags, not both\n"

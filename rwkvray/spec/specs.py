@@ -184,5 +184,6 @@ def expect_kind(spec: Spec, wanted: type[Spec]) -> Spec:
         return spec
     missing = next(name for name, field in wanted.model_fields.items()
                    if field.is_required() and name not in type(spec).model_fields)
+    article = "an" if spec.kind[0] in "aeiou" else "a"
     raise UserError(f"{spec.source}: {missing}: required for {wanted.command} "
-                    f"(this is a {spec.kind} spec, for {spec.command})")
+                    f"(this is {article} {spec.kind} spec, for {spec.command})")
