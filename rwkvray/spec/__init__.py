@@ -17,7 +17,8 @@ from rwkvray.spec.tune_block import TUNABLE_KEYS, TuneConfig
 from rwkvray.spec.wording import nested_model
 
 __all__ = [
-    "TARGETS", "TUNABLE_KEYS", "DataConfig", "DeepSpeedBlock", "EvalConfig", "EvalSpec", "LoggingConfig", "ModelConfig", "OptimConfig",
+    "TARGETS", "TUNABLE_KEYS", "DataConfig", "DeepSpeedBlock", "EvalConfig", "EvalSpec", "LoggingConfig",
+    "ModelConfig", "OptimConfig",
     "PeftConfig", "RunConfig", "ScalingConfig", "ServeConfig", "ServeSpec", "Spec", "SpecLoader", "TrainSpec",
     "TrainerConfig", "TuneConfig", "TuneSpec", "check_model_expectations", "expect_kind", "load_spec",
     "nested_model", "spec_from_dict", "strategy_to_deepspeed",

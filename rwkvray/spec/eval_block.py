@@ -16,7 +16,8 @@ MAX_EVAL_TOKENS = 4096
 
 class EvalConfig(StrictModel):
     data: Annotated[list[ExistingFile], Field(min_length=1)]  # eval jsonl files (rows: see rwkvray/eval/items.py)
-    states: dict[str, Annotated[str, AfterValidator(absolute)]] = Field(default_factory=dict)  # name: file or run folder
+    # name: a state file or a run folder (its rwkv-final.pth)
+    states: dict[str, Annotated[str, AfterValidator(absolute)]] = Field(default_factory=dict)
     max_tokens: Annotated[int, Field(ge=1, le=MAX_EVAL_TOKENS)] = 64  # per generation row
     batch_size: PositiveInt = 16  # sequences per forward, and rows the engine decodes together
     out: Annotated[str, AfterValidator(absolute)] | None = None  # results JSON (the PNG chart goes beside it)
