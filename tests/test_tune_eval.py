@@ -2,6 +2,7 @@
 import asyncio
 import json
 import os
+import re
 
 import pytest
 
@@ -92,5 +93,5 @@ def test_best_trial_follows_the_eval_metric_not_val_loss(local_ray, tmp_path, ca
      "metric one of mc_acc, exact, contains, loss (got 'eval/quiz.jsonl/bleu')"),
 ])
 def test_an_eval_metric_names_a_file_and_metric_of_the_eval_block(tmp_path, change, message):
-    with pytest.raises(UserError, match=f"^test: {message}"):
+    with pytest.raises(UserError, match="^" + re.escape(f"test: {message}") + "$"):
         eval_sweep(tmp_path, **change)
