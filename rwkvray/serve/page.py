@@ -11,7 +11,8 @@ from fastapi.responses import RedirectResponse, Response
 
 from rwkvray.serve.api import not_found
 
-PAGE_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+PAGE_FILES = {"index.html": "text/html", "app.js": "text/javascript", "evaluate.js": "text/javascript",
+              "style.css": "text/css"}
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
                                "frame-ancestors 'none'",
