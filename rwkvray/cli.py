@@ -117,6 +117,11 @@ def cmd_serve(args) -> None:
     run_server(spec, address=args.address)
 
 
+def cmd_eval(args) -> None:
+    from rwkvray.eval.command import eval_command
+    eval_command(args)
+
+
 def cmd_merge_state(args) -> None:
     from rwkvray.model.state_file import merge_state
     merge_state(args.base, args.state, args.out)
@@ -234,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace", action="store_true",
                    help="replace a different state of that name (it is kept as NAME.prev.pth; default: refuse)")
 
+    p = add_command(sub, "eval", cmd_eval, "score the base model and tuned states on eval rows (jsonl), on Ray")
+    add_eval_flags(p)
+
     p = add_command(sub, "merge-state", cmd_merge_state, "put a state into a base checkpoint file")
     p.add_argument("--base", required=True, metavar="PTH", help="RWKV-7 checkpoint")
     p.add_argument("--state", required=True, metavar="PTH", help="state file (blocks.{i}.att.time_state)")
@@ -254,6 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="cast every tensor (default: keep the base's dtypes)")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha, for RWKV-PEFT LoRA files (ours store it)")
     return parser
+
+
+def add_eval_flags(p: argparse.ArgumentParser) -> None:
+    from rwkvray.eval.runner import DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS
+    p.add_argument("spec", nargs="?", help="a spec with model and eval blocks, instead of the flags below")
+    p.add_argument("--model", metavar="PTH", help="the base checkpoint (always scored, as state base)")
+    p.add_argument("--state", action="append", default=[], metavar="NAME=PATH",
+                   help="a state to score: a state file or a run folder (its rwkv-final.pth); repeatable")
+    p.add_argument("--data", action="append", default=[], metavar="FILE.jsonl",
+                   help="eval rows: multiple choice, generation, text or chat; repeatable")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="greedy tokens per generation row")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="sequences per forward, and generation rows decoded together")
+    p.add_argument("--out", metavar="JSON", help="results file (a PNG bar chart is written beside it)")
+    p.add_argument("--details", metavar="JSONL", help="one row per item and state")
+    p.add_argument("--address", metavar="HOST:PORT",
+                   help="Ray head to join (default: $RAY_ADDRESS, else a local Ray instance)")
 
 
 def interrupted_line(argv: list[str], word: str = "interrupted") -> str:

@@ -32,8 +32,16 @@ FORBIDDEN = {
     "compat": ours("kernels", "model", "text", "peft", "train", "launch", "serve", "cli"),
     "cli": (),  # the command line: the one place that puts the layers together
 }
+# Testing states (`rwkvray eval`, /v1/evals, the sweep's eval metric): scored on Serve's engine, so it sits beside
+# serve; serve and launch may use it, nothing below them.
+FORBIDDEN["eval"] = ours("peft", "train", "launch", "compat", "cli")
+for lower in ("errors", "files", "spec", "kernels", "model", "text", "peft", "train", "compat"):
+    FORBIDDEN[lower] += ours("eval")
 # Narrow exceptions to the table, each with its reason.
-ALLOWED: dict[str, tuple[str, ...]] = {}
+ALLOWED = {
+    "eval": ("rwkvray.launch.ray_session",  # `rwkvray eval` joins or starts Ray the way `run` does
+             "rwkvray.train.data"),  # chat rows are masked exactly as loss_mask qa trains
+}
 
 
 def layer(path: pathlib.Path) -> str:

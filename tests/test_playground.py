@@ -326,3 +326,64 @@ def test_blend_of_two_states_becomes_a_column_choice(server, api, page, script_e
     assert page.text_content("#col-2-output .reply") == greedy_chat_reply(api, "mix")
     assert greedy_chat_reply(api, "mix") not in (greedy_chat_reply(api, "alpha"), greedy_chat_reply(api, "beta"))
     assert script_errors == []
+
+
+EVAL_ROWS = [
+    {"prompt": "User: Who are you?\n\nAssistant:", "choices": [" Orbit", " a cat", " nobody"], "answer": 0},
+    {"prompt": "The sea is", "choices": [" blue", " green", " loud"], "answer": 0},
+    {"prompt": "User: Tell me about the sea.\n\nAssistant:", "reference": "waves"},
+    {"text": "The sea is deep and blue."},
+]
+
+
+def eval_cell(row: dict) -> str:
+    """A results row as the Evaluate table shows it (accuracies in percent)."""
+    scale, digits = (100, 1) if row["metric"] != "loss" else (1, 3)
+    return " ".join([f"{scale * row['value']:.{digits}f}",
+                     f"[{scale * row['ci95'][0]:.{digits}f}, {scale * row['ci95'][1]:.{digits}f}]"])
+
+
+def test_evaluate_panel_scores_states_against_base(server, api, page, script_errors):
+    from playwright.sync_api import expect
+    connect(page, server[0])
+    page.fill("#eval-rows", '{"prompt": "Q", "choices": ["a", "b"], "answer": 7}')
+    page.eval_on_selector("#message", "box => { box.textContent = ''; }")
+    page.click("#eval-run")
+    page.wait_for_selector("#message.error:not(:empty)")
+    assert page.text_content("#message") == 'rows[0]: "answer" must be an index into choices, 0 to 1 (got 7)'
+
+    jsonl = "\n".join(json.dumps(row) for row in EVAL_ROWS) + "\n"
+    transfer = page.evaluate_handle(
+        """(text) => { const t = new DataTransfer(); t.items.add(new File([text], 'quiz.jsonl')); return t; }""",
+        jsonl)
+    page.dispatch_event("#eval-drop", "drop", {"dataTransfer": transfer})
+    expect(page.locator("#eval-rows")).to_have_value(jsonl)  # the dropped file's text, read by the page
+    page.check("#eval-states input[value='alpha']")
+    page.check("#eval-states input[value='beta']")
+    page.fill("#eval-max-tokens", "8")
+    page.click("#eval-run")
+    page.wait_for_selector("#eval-results:not([hidden])")
+
+    expected = api.post("/v1/evals", json={"states": ["alpha", "beta"], "rows": EVAL_ROWS, "max_tokens": 8}).json()
+    headers = page.locator("#eval-table th").all_text_contents()
+    assert headers[:4] == ["state", "rows mc_acc %", "rows exact %", "rows contains %"]
+    assert [h for h in headers if h in (BASE, "base", "alpha", "beta")] == ["base", "alpha", "beta"]
+    assert page.locator("#eval-table td").all_text_contents() == [eval_cell(row) for row in expected["results"]]
+    comparisons = page.locator("#eval-comparisons li").all_text_contents()
+    assert len(comparisons) == 8 and comparisons[0].startswith("alpha vs base: rows mc_acc ")
+    assert " pts (95% CI " in comparisons[0] and comparisons[-1].startswith("beta vs base: rows loss ")
+
+    predictions = {}
+    for row in expected["details"]:
+        if "prediction" in row:
+            predictions.setdefault(row["index"], set()).add(json.dumps(row["prediction"]))
+    disagreeing = sorted(index for index, seen in predictions.items() if len(seen) > 1)
+    assert 2 in disagreeing  # the states' greedy answers differ
+    items = page.locator("#eval-disagree details")
+    assert [int(i) for i in items.evaluate_all("ds => ds.map(d => d.dataset.index)")] == disagreeing
+    generation = page.locator("#eval-disagree details[data-index='2']")
+    generation.locator("summary").click()
+    texts = generation.locator("pre").all_text_contents()
+    assert [text.split(":")[0] for text in texts] == ["base", "alpha", "beta"]
+    assert [text.endswith("✓") for text in texts] == [r["correct"] for r in expected["details"] if r["index"] == 2]
+    assert script_errors == []

@@ -147,7 +147,7 @@ def test_validate_names_the_kind_of_spec(capsys, write_spec, tiny_model, tmp_pat
     tune = write_spec({"model": {"path": tiny_model}, "data": {"file": SAMPLE, "holdout_fraction": 0.2},
                        "tune": {"space": {"lr_init": {"loguniform": [1e-3, 1e-1]}}}}, "tune.yaml")
     assert cli(capsys, "validate", tune) == (
-        0, f"{tune}: ok, a tune spec ({TRAINING_BLOCKS}, tune); model n_layer 2, n_embd 64\n", "")
+        0, f"{tune}: ok, a tune spec ({TRAINING_BLOCKS}, tune, eval); model n_layer 2, n_embd 64\n", "")
     serve = write_spec({"serve": {"model": tiny_model, "states_dir": str(tmp_path / "states")}}, "serve.yaml")
     assert cli(capsys, "validate", serve) == (0, f"{serve}: ok, a serve spec (serve)\n", "")
     assert cli(capsys, "validate", "--no-check-files", serve) == (0, f"{serve}: ok, a serve spec (serve); files not checked\n", "")

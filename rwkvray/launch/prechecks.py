@@ -128,7 +128,8 @@ def validate_file(path: str, check_files: bool = True) -> str:
         spec = load_spec(path, check_files=check_files)
     except RayServeConfigFile:
         return validate_ray_serve_config(path, check_files)
-    summary = f"{path}: ok, a {spec.kind} spec ({', '.join(type(spec).model_fields)})"
+    article = "an" if spec.kind[0] in "aeiou" else "a"
+    summary = f"{path}: ok, {article} {spec.kind} spec ({', '.join(type(spec).model_fields)})"
     if not check_files:
         return f"{summary}; files not checked"
     if isinstance(spec, ServeSpec):

@@ -19,11 +19,20 @@ from rwkvray.train.loop import WorkerContext, train
 METRIC_KEYS = {"val_loss": "val_loss", "train_loss": "loss"}  # spec metric -> key the training loop reports
 
 
+def metric_key(metric: str) -> str:
+    """The reported key of tune.metric (an eval/<file>/<metric> is reported under its own name)."""
+    return METRIC_KEYS.get(metric, metric)
+
+
 def run_trial(config: dict, spec) -> None:
     import ray.tune
     trial_spec = spec_for_trial(spec, config, ray.tune.get_context().get_trial_id())
     if spec.scaling.num_workers == 1:
-        train(trial_spec, WorkerContext.tune_trial(spec.tune.gpus_per_trial > 0))
+        ctx = WorkerContext.tune_trial(spec.tune.gpus_per_trial > 0)
+        if spec.eval is not None:
+            from rwkvray.launch.tune_eval import EvalReportingContext
+            ctx = EvalReportingContext(ctx, trial_spec)
+        train(trial_spec, ctx)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -47,8 +56,9 @@ def run_sweep(spec, address: str | None = None, allow_changed_spec: bool = False
         with ray_session(address, worker_env(use_gpu=not trial_on_cpu)):
             results = off_main_thread(lambda: [r for part in plan.parts for r in _fit_part(spec, part, plan.done)])
     total_steps = spec.trainer.epoch_count * spec.trainer.epoch_steps
-    metric = METRIC_KEYS[sweep.metric]
-    print(trial_table(results, metric, sweep.mode, list(sweep.space), total_steps))
+    metric = metric_key(sweep.metric)
+    beside = ["val_loss"] if metric.startswith("eval/") else []  # an eval metric is shown beside val_loss
+    print(trial_table(results, metric, sweep.mode, list(sweep.space), total_steps, beside))
     return export_best(spec, results, metric, sweep.mode)
 
 
@@ -67,7 +77,7 @@ def _fit_part(spec, part, finished: dict[str, int]):
     trainable = tune.with_resources(functools.partial(run_trial, spec=spec), _trial_resources(spec))
     if done is not None:
         return list(tune.Tuner.restore(storage.join(sweep_dir, part.name), trainable, resume_errored=True).fit())
-    metric = METRIC_KEYS[spec.tune.metric]
+    metric = metric_key(spec.tune.metric)
     checkpoints = tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
                                         checkpoint_score_order=spec.tune.mode)
     tuner = tune.Tuner(trainable, param_space=ray_search_space(spec.tune),
@@ -99,9 +109,10 @@ def _tune_config(sweep, metric: str, configs: list[dict]):
                            search_alg=search)
 
 
-def trial_table(results, metric: str, mode: str, params: list[str], total_steps: int) -> str:
-    """One line per trial: its sampled values, best metric, reports made and how it ended."""
-    header = ["trial", *params, f"best {metric}", "reports", "status"]
+def trial_table(results, metric: str, mode: str, params: list[str], total_steps: int, beside: tuple = ()) -> str:
+    """One line per trial: its sampled values, best metric (and the best of the metrics `beside` it, minimised),
+    reports made and how it ended."""
+    header = ["trial", *params, f"best {metric}", *(f"best {key}" for key in beside), "reports", "status"]
     rows = [header]
     for result in results:
         best = _best_value(result, metric, mode)
@@ -109,9 +120,14 @@ def trial_table(results, metric: str, mode: str, params: list[str], total_steps:
         status = "error" if result.error else ("finished" if finished else "stopped early")
         rows.append([str(result.metrics.get("trial_id", "?")),
                      *(f"{result.config.get(p):.4g}" for p in params),
-                     "-" if best is None else f"{best:.4f}", str(len(result.metrics_dataframe)), status])
+                     shown(best), *(shown(_best_value(result, key, "min")) for key in beside),
+                     str(len(result.metrics_dataframe)), status])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def shown(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _best_value(result, metric: str, mode: str):

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rwkvray.eval.scoring import evaluate
 from rwkvray.model.checkpoint import load_checkpoint
 from rwkvray.spec import ServeConfig
 from rwkvray.text.chat import REPLY_END, render_chat
@@ -37,6 +38,7 @@ from rwkvray.serve.api import (ApiError, ChatCompletionRequest, CompletionReques
                                new_id, parse_request, read_body, read_json, sse_events, strip_reply_space, usage)
 from rwkvray.serve.bodies import check_mount_options, multipart_payload, refuse_unknown_keys
 from rwkvray.serve.batch_engine import BatchEngine, Chunk, SamplingParams
+from rwkvray.serve.evals import run_evals
 from rwkvray.serve.metrics import EngineMetrics, mounted_states_gauge
 from rwkvray.serve.page import add_playground
 from rwkvray.serve.states import StateStore, check_name, upload_too_large
@@ -140,6 +142,12 @@ class StateModel:
         async for chunk in self.engine.generate(prompt, time_state, params, key):
             texts.append(chunk.text)
         return Chunk("".join(texts), chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens)
+
+    async def evaluate(self, items, state_ids: dict, max_tokens: int):
+        """POST /v1/evals on this replica: every state (NAME@VERSION, None for the base) in the same batches."""
+        states = {name: self.base_state if mid is None else await self.cached_state(mid)
+                  for name, mid in state_ids.items()}
+        return await evaluate(self.engine, items, states, max_tokens, self.engine.max_batch_size)
 
     async def stats(self) -> dict:
         return {**self.engine.metrics.snapshot(), "device": str(self.device), "op": self.model.op,
@@ -245,6 +253,11 @@ class Gateway:
         except UserError as err:
             raise bad_request(str(err), "messages") from None
         return await self.answer(req, prompt, "messages", chat=True)
+
+    @fastapi_app.post("/v1/evals")
+    async def evals(self, request: Request) -> dict:
+        self.authorize(request)
+        return await run_evals(self, await read_json(request))
 
     def authorize(self, request: Request) -> None:
         if self.api_key is None:

@@ -11,9 +11,10 @@ from fastapi.responses import RedirectResponse, Response
 
 from rwkvray.serve.api import not_found
 
-# app.js holds the shared parts and the wiring; compare.js, states.js and blend.js one panel each
+# app.js holds the shared parts and the wiring; compare.js, states.js, blend.js and evaluate.js one panel each
 PAGE_FILES = {"index.html": "text/html", "style.css": "text/css", "app.js": "text/javascript",
-              "compare.js": "text/javascript", "states.js": "text/javascript", "blend.js": "text/javascript"}
+              "compare.js": "text/javascript", "states.js": "text/javascript", "blend.js": "text/javascript",
+              "evaluate.js": "text/javascript"}
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
                                "frame-ancestors 'none'",

@@ -11,12 +11,14 @@ from rwkvray.spec.deepspeed_block import DeepSpeedBlock, strategy_to_deepspeed
 from rwkvray.spec.fields import TARGETS
 from rwkvray.spec.load import SpecLoader, load_spec, spec_from_dict
 from rwkvray.spec.serve_block import ServeConfig
-from rwkvray.spec.specs import ServeSpec, Spec, TrainSpec, TuneSpec, expect_kind
+from rwkvray.spec.eval_block import EvalConfig
+from rwkvray.spec.specs import EvalSpec, ServeSpec, Spec, TrainSpec, TuneSpec, expect_kind
 from rwkvray.spec.tune_block import TUNABLE_KEYS, TuneConfig
 from rwkvray.spec.wording import nested_model
 
 __all__ = [
-    "TARGETS", "TUNABLE_KEYS", "DataConfig", "DeepSpeedBlock", "LoggingConfig", "ModelConfig", "OptimConfig",
+    "TARGETS", "TUNABLE_KEYS", "DataConfig", "DeepSpeedBlock", "EvalConfig", "EvalSpec", "LoggingConfig",
+    "ModelConfig", "OptimConfig",
     "PeftConfig", "RunConfig", "ScalingConfig", "ServeConfig", "ServeSpec", "Spec", "SpecLoader", "TrainSpec",
     "TrainerConfig", "TuneConfig", "TuneSpec", "check_model_expectations", "expect_kind", "load_spec",
     "nested_model", "spec_from_dict", "strategy_to_deepspeed",

@@ -13,7 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from rwkvray.errors import RayServeConfigFile, UserError
-from rwkvray.spec.specs import ServeSpec, Spec, TrainSpec, TuneSpec, expect_kind
+from rwkvray.spec.specs import EvalSpec, ServeSpec, Spec, TrainSpec, TuneSpec, expect_kind
 from rwkvray.spec.wording import format_validation_error, yaml_type
 
 RAY_SERVE_CONFIG_KEYS = ("applications", "http_options")
@@ -85,13 +85,16 @@ def read_yaml(path: str) -> dict:
 
 
 def spec_kind(blocks: dict, source: str) -> type[Spec]:
-    """TuneSpec with a tune block, ServeSpec with a serve block alone, else TrainSpec."""
+    """TuneSpec with a tune block, ServeSpec with a serve block alone, EvalSpec with an eval block and no data
+    block, else TrainSpec."""
     if "serve" in blocks:
         others = [key for key in blocks if key != "serve"]
         if others:
             raise UserError(f"{source}: serve: a serve spec holds the serve block alone (this one also has "
                             f"{', '.join(others)}): train or tune from a spec of its own")
         return ServeSpec
+    if "eval" in blocks and "data" not in blocks and "tune" not in blocks:
+        return EvalSpec
     return TuneSpec if "tune" in blocks else TrainSpec
 
 

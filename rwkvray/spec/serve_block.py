@@ -29,6 +29,7 @@ class ServeConfig(StrictModel):
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     max_tokens_cap: PositiveInt = 1024
     max_prompt_tokens: PositiveInt = 8192
+    max_eval_rows: PositiveInt = 1000  # rows per POST /v1/evals
     max_upload_mb: PositiveFloat = 64.0
     use_gpu: Annotated[Literal["auto", True, False], strict_choice("auto", True, False)] = "auto"
     default_temperature: Annotated[float, Field(ge=0)] = 1.0

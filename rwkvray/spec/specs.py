@@ -1,4 +1,5 @@
-"""A spec per command: TrainSpec (`rwkvray run` and `train`), TuneSpec (`tune`) and ServeSpec (`serve`).
+"""A spec per command: TrainSpec (`rwkvray run` and `train`), TuneSpec (`tune`), ServeSpec (`serve`) and
+EvalSpec (`eval`).
 
 Each holds only the blocks its command reads, all required or defaulted. A validated spec is frozen: a changed
 one (a Tune trial's) is made with model_copy(update=...).
@@ -16,6 +17,7 @@ from rwkvray.files.storage import is_uri
 from rwkvray.spec.blocks import (DataConfig, LoggingConfig, ModelConfig, OptimConfig, PeftConfig, RunConfig,
                                  ScalingConfig, TrainerConfig)
 from rwkvray.spec.deepspeed_block import DeepSpeedBlock
+from rwkvray.spec.eval_block import EvalConfig
 from rwkvray.spec.fields import GPU_OPS, StrictModel
 from rwkvray.spec.serve_block import ServeConfig
 from rwkvray.spec.tune_block import TuneConfig, sampled_range
@@ -124,6 +126,28 @@ class TuneSpec(TrainSpec):
     command: ClassVar[str] = "rwkvray tune"
 
     tune: TuneConfig
+    eval: EvalConfig | None = None  # data scored on each report, for a tune.metric eval/<file>/<metric>
+
+    @model_validator(mode="after")
+    def eval_metric_has_its_data(self) -> TuneSpec:
+        if not self.tune.metric.startswith("eval/"):
+            if self.eval is not None:
+                raise SpecProblem("eval", f"is scored only for a tune.metric eval/<file>/<metric> (tune.metric is "
+                                  f"{self.tune.metric}); use rwkvray eval to score states")
+            return self
+        file_name = self.tune.metric.split("/")[1]
+        if self.eval is None:
+            raise SpecProblem("tune.metric", f"{self.tune.metric} needs an eval block whose data has {file_name}")
+        names = [os.path.basename(path) for path in self.eval.data]
+        if file_name not in names:
+            raise SpecProblem("tune.metric", f"{file_name} is not one of eval.data's files ({', '.join(names)})")
+        for key in ("out", "details"):
+            if getattr(self.eval, key) is not None:
+                raise SpecProblem(f"eval.{key}", "is written by rwkvray eval; a sweep reports eval metrics to Tune")
+        if self.peft.method != "state" or self.scaling.num_workers != 1:
+            raise SpecProblem("tune.metric", "an eval metric scores each trial's state: it needs peft.method: state "
+                              "and scaling.num_workers: 1")
+        return self
 
     @model_validator(mode="after")
     def every_trial_valid(self) -> TuneSpec:
@@ -154,11 +178,22 @@ class ServeSpec(Spec):
     serve: ServeConfig
 
 
+class EvalSpec(Spec):
+    """The base model and what to score it on, with which states (`rwkvray eval SPEC`)."""
+
+    kind: ClassVar[str] = "eval"
+    command: ClassVar[str] = "rwkvray eval"
+
+    model: ModelConfig
+    eval: EvalConfig
+
+
 def expect_kind(spec: Spec, wanted: type[Spec]) -> Spec:
     """The spec, when it is the kind `wanted.command` needs (a TuneSpec trains too); else one line saying so."""
     if isinstance(spec, wanted):
         return spec
     missing = next(name for name, field in wanted.model_fields.items()
                    if field.is_required() and name not in type(spec).model_fields)
+    article = "an" if spec.kind[0] in "aeiou" else "a"
     raise UserError(f"{spec.source}: {missing}: required for {wanted.command} "
-                    f"(this is a {spec.kind} spec, for {spec.command})")
+                    f"(this is {article} {spec.kind} spec, for {spec.command})")

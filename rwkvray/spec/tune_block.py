@@ -34,8 +34,11 @@ class SchedulerConfig(StrictModel):
         return self
 
 
+EVAL_METRICS = ("mc_acc", "exact", "contains", "loss")  # what an eval file reports (rwkvray/eval/items.py)
+
+
 class TuneConfig(StrictModel):
-    metric: Literal["val_loss", "train_loss"] = "val_loss"
+    metric: str = "val_loss"  # val_loss, train_loss or eval/<file>/<metric> (scored on the eval block's data)
     mode: Literal["min", "max"] = "min"
     num_samples: PositiveInt = 4
     max_concurrent_trials: PositiveInt = 2
@@ -53,6 +56,16 @@ class TuneConfig(StrictModel):
         if not space:
             raise ValueError(f"must name at least one of {', '.join(TUNABLE_KEYS)}")
         return {key: parse_distribution(key, value) for key, value in space.items()}
+
+    @field_validator("metric")
+    @classmethod
+    def known_metric(cls, metric: str) -> str:
+        parts = metric.split("/")
+        if metric in ("val_loss", "train_loss") or (len(parts) == 3 and parts[0] == "eval" and parts[1]
+                                                     and parts[2] in EVAL_METRICS):
+            return metric
+        raise ValueError(f"must be val_loss, train_loss or eval/<file>/<metric> with metric one of "
+                         f"{', '.join(EVAL_METRICS)} (got {metric!r})")
 
     @field_validator("gpus_per_trial")
     @classmethod
