@@ -118,7 +118,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from rwkvray.eval.command import eval_command
+    from rwkvray.launch.evaluate import eval_command
     eval_command(args)
 
 
@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
-    from rwkvray.eval.runner import DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS
+    from rwkvray.eval.job import DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS
     p.add_argument("spec", nargs="?", help="a spec with model and eval blocks, instead of the flags below")
     p.add_argument("--model", metavar="PTH", help="the base checkpoint (always scored, as state base)")
     p.add_argument("--state", action="append", default=[], metavar="NAME=PATH",

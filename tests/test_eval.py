@@ -15,7 +15,7 @@ from rwkvray.eval.scoring import ANSWER_END, Record, evaluate, score_batch
 from rwkvray.model.loss import masked_lm_loss
 from rwkvray.model.rwkv import load_model
 from rwkvray.peft.state import from_time_state
-from rwkvray.serve.batch_engine import BatchEngine
+from rwkvray.engine.batch_engine import BatchEngine
 from rwkvray.text.generate import generate_tokens, start_state
 from rwkvray.text.tokenizer import get_tokenizer
 from rwkvray.train.data import assemble_batch, line_document

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from rwkvray.cli import build_parser, main
-from rwkvray.eval.command import job_from_flags, job_from_spec
+from rwkvray.launch.evaluate import job_from_flags, job_from_spec
 from rwkvray.eval.metrics import summarize
-from rwkvray.eval.runner import load_states, read_all_items
+from rwkvray.eval.job import load_states, read_all_items
 from rwkvray.eval.scoring import evaluate
 from rwkvray.model.rwkv import load_model
 from rwkvray.model.state_file import save_state
-from rwkvray.serve.batch_engine import BatchEngine
+from rwkvray.engine.batch_engine import BatchEngine
 from rwkvray.text.tokenizer import get_tokenizer
 
 QUIZ = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona_quiz.jsonl")

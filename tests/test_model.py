@@ -9,7 +9,7 @@ from rwkvray.model.checkpoint import load_checkpoint, save_checkpoint
 from rwkvray.model.init import default_dims_x060, init_weights
 from rwkvray.model.rwkv import RNNState, RWKV, load_model
 from rwkvray.peft.state import from_time_state
-from rwkvray.serve.slot_pool import state_rows
+from rwkvray.engine.slot_pool import state_rows
 from tests.helpers import TINY, TINY_X060, assert_parallel_equals_rnn, random_model
 
 VERSIONS = pytest.mark.parametrize("dims", [TINY, TINY_X060], ids=lambda dims: dims.version)

@@ -10,8 +10,8 @@ import torch
 from rwkvray.model.dims import ModelDimsX070
 from rwkvray.text.generate import generate_tokens
 from rwkvray.serve.api import ApiError, CompletionRequest, multipart_fields, parse_request
-from rwkvray.serve.batch_engine import BatchEngine, SamplingParams
-from rwkvray.serve.rows import StopScanner
+from rwkvray.engine.batch_engine import BatchEngine, SamplingParams
+from rwkvray.engine.rows import StopScanner
 from rwkvray.serve.states import StateStore, state_path
 from rwkvray.spec import spec_from_dict
 from rwkvray.model.state_file import save_state

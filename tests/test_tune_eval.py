@@ -8,14 +8,14 @@ import pytest
 
 from rwkvray.errors import UserError
 from rwkvray.eval.metrics import summarize, value_of
-from rwkvray.eval.runner import read_all_items
+from rwkvray.eval.job import read_all_items
 from rwkvray.eval.scoring import evaluate
 from rwkvray.launch.tune import run_sweep
 from rwkvray.model.checkpoint import save_checkpoint
 from rwkvray.model.init import default_dims, init_weights
 from rwkvray.model.rwkv import load_model
 from rwkvray.model.state_file import load_state
-from rwkvray.serve.batch_engine import BatchEngine
+from rwkvray.engine.batch_engine import BatchEngine
 from rwkvray.spec import spec_from_dict
 from rwkvray.text.tokenizer import get_tokenizer
 

@@ -10,7 +10,7 @@ import torch
 from rwkvray.spec import spec_from_dict
 from rwkvray.model.dims import ModelDimsX060
 from rwkvray.text.generate import generate_tokens
-from rwkvray.serve.batch_engine import BatchEngine, SamplingParams
+from rwkvray.engine.batch_engine import BatchEngine, SamplingParams
 from rwkvray.model.state_file import load_state
 from rwkvray.text.tokenizer import get_tokenizer
 from tests.helpers import random_model

@@ -27,10 +27,10 @@ import torch
 
 from rwkvray.text.generate import sample
 from rwkvray.model.rwkv import RWKV
-from rwkvray.serve.metrics import EngineMetrics
-from rwkvray.serve.prefix_cache import CachedPrefix, PrefixCache, prefix_digests
-from rwkvray.serve.rows import Chunk, Row, SamplingParams
-from rwkvray.serve.slot_pool import SlotPool
+from rwkvray.engine.metrics import EngineMetrics
+from rwkvray.engine.prefix_cache import CachedPrefix, PrefixCache, prefix_digests
+from rwkvray.engine.rows import Chunk, Row, SamplingParams
+from rwkvray.engine.slot_pool import SlotPool
 from rwkvray.text.tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 256

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from rwkvray.model.rwkv import RNNState, RWKV
-from rwkvray.serve.prefix_cache import CachedPrefix
+from rwkvray.engine.prefix_cache import CachedPrefix
 
 
 def state_rows(state: RNNState, index) -> RNNState:

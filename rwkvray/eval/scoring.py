@@ -14,9 +14,9 @@ from typing import Callable, Optional
 import torch
 
 from rwkvray.eval.items import Item, Scored
-from rwkvray.serve.batch_engine import BatchEngine
-from rwkvray.serve.rows import SamplingParams
-from rwkvray.serve.slot_pool import SlotPool
+from rwkvray.engine.batch_engine import BatchEngine
+from rwkvray.engine.rows import SamplingParams
+from rwkvray.engine.slot_pool import SlotPool
 
 ANSWER_END = "\n\n"  # a generated answer ends at the first blank line
 

@@ -6,11 +6,11 @@ import os
 import torch
 
 from rwkvray.eval.metrics import summarize
-from rwkvray.eval.runner import read_all_items
+from rwkvray.eval.job import read_all_items
 from rwkvray.eval.scoring import evaluate
 from rwkvray.model.rwkv import load_model
 from rwkvray.model.state_file import load_state
-from rwkvray.serve.batch_engine import BatchEngine
+from rwkvray.engine.batch_engine import BatchEngine
 from rwkvray.text.tokenizer import get_tokenizer
 from rwkvray.train.loop import WorkerContext
 

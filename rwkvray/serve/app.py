@@ -37,9 +37,9 @@ from rwkvray.serve.api import (ApiError, ChatCompletionRequest, CompletionReques
                                chat_body, completion_body, decode_base64, json_object, model_card, multipart_fields,
                                new_id, parse_request, read_body, read_json, sse_events, strip_reply_space, usage)
 from rwkvray.serve.bodies import check_mount_options, multipart_payload, refuse_unknown_keys
-from rwkvray.serve.batch_engine import BatchEngine, Chunk, SamplingParams
+from rwkvray.engine.batch_engine import BatchEngine, Chunk, SamplingParams
 from rwkvray.serve.evals import run_evals
-from rwkvray.serve.metrics import EngineMetrics, mounted_states_gauge
+from rwkvray.engine.metrics import EngineMetrics, mounted_states_gauge
 from rwkvray.serve.page import add_playground
 from rwkvray.serve.states import StateStore, check_name, upload_too_large
 from rwkvray.model.state_card import base_fingerprint

@@ -12,7 +12,7 @@ from rwkvray.errors import UserError
 from rwkvray.eval.items import parse_rows
 from rwkvray.eval.metrics import BASE, compare_with_base, summarize
 from rwkvray.eval.report import detail_rows
-from rwkvray.eval.runner import DEFAULT_MAX_TOKENS
+from rwkvray.eval.job import DEFAULT_MAX_TOKENS
 from rwkvray.serve.api import ApiError, bad_request
 from rwkvray.serve.states import check_name
 
