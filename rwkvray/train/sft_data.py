@@ -18,8 +18,10 @@ FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 def load_rows(path: str, split: str):
     """The split of the dataset at `path` (a file or a save_to_disk folder), as a `datasets.Dataset`."""
-    import datasets
-
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("sft data is read with the datasets package: pip install 'rwkvray[sft]'") from None
     datasets.disable_progress_bars()
     if os.path.isdir(path):
         loaded = datasets.load_from_disk(path)
