@@ -48,10 +48,8 @@ def test_the_yaml_holds_what_the_flags_set_as_typed(workdir, capsys):
 
 
 def test_flags_that_change_nothing_are_warned_once_with_the_reason(workdir, capsys):
-    # the demo script gives --dataload pad twice
     text, err = convert(shlex.split(DEMO_STATE_TUNING + " --pre_ffn 0 --num_workers 4"), capsys)
     assert err.splitlines() == [
-        "warning: --dataload: no effect here: rwkvray samples pieces of whole documents (like pad)",
         "warning: --pre_ffn: no effect here: RWKV-PEFT declares it, but none of its models reads it",
         "warning: --num_workers: no effect here: a DataLoader setting, and each Ray worker makes its batches in "
         "its own process",

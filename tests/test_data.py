@@ -111,9 +111,10 @@ def test_qa_line_without_assistant_turn(tmp_path):
 
 
 def test_unknown_options():
-    with pytest.raises(UserError, match=r"^data_type must be one of jsonl, binidx \(got 'csv'\)$"):
+    with pytest.raises(UserError, match=r"^data_type must be one of jsonl, binidx, sft, utf-8, utf-16le, numpy, "
+                                        r"uint16, dummy \(got 'csv'\)$"):
         load_documents("x", data_type="csv")
-    with pytest.raises(UserError, match=r"^loss_mask must be one of none, qa \(got 'all'\)$"):
+    with pytest.raises(UserError, match=r"^loss_mask must be one of none, qa, se \(got 'all'\)$"):
         load_documents("x", loss_mask="all")
 
 
@@ -227,7 +228,7 @@ def test_binidx_document_spanning_several_sequences(tmp_path):
 
 
 def test_binidx_rejects_qa_mask(tmp_path):
-    with pytest.raises(UserError, match=r"^loss_mask 'qa' needs jsonl data; binidx holds tokens only \(x\)$"):
+    with pytest.raises(UserError, match=r"^loss_mask 'qa' does not apply to binidx data \(x\)$"):
         load_documents("x", data_type="binidx", loss_mask="qa")
 
 

@@ -48,6 +48,7 @@ def test_tutorial_appendix_maps_to_the_spec(workdir):
     assert spec.model.path == str(workdir / "model.pth")
     assert (spec.model.n_layer, spec.model.n_embd, spec.model.vocab_size) == (24, 1024, 65536)
     assert (spec.data.type, spec.data.file, spec.data.loss_mask, spec.data.ctx_len) == ("binidx", str(workdir / "data" / "test-1"), "none", 512)
+    assert spec.data.dataload == "pad"  # each document's first ctx_len tokens, as RWKV-PEFT samples them
     assert (spec.peft.method, spec.peft.combine_state) == ("lora", False)
     assert (spec.peft.lora.r, spec.peft.lora.alpha, spec.peft.lora.dropout) == (32, 64.0, 0.01)
     assert (spec.trainer.epoch_steps, spec.trainer.epoch_count, spec.trainer.epoch_save, spec.trainer.micro_bsz) == (1000, 1, 1, 4)
@@ -170,9 +171,13 @@ BAD_FLAGS = [
     ("--peft lora --merge 2", "--merge: must be 0 or 1 (got 2)"),
     ("--peft bone --disha_config '{\"mode\":\"bat\",\"r\":8}' --merge 0",
      "--merge: false writes a Hugging Face peft folder, and peft has no form of DiSHA bat (its MiSS bat cuts the weight differently): use merge: true, or mode: bone"),
-    ("--dataload get", "--dataload: 'get' is not supported: rwkvray samples pieces of whole documents (like pad)"),
-    ("--loss_mask se", "--loss_mask: must be one of none, qa (got 'se')"),
-    ("--data_type sft", "--data_type: must be one of jsonl, binidx (got 'sft')"),
+    ("--dataload get", "--dataload: 'get' is not supported (use pad or only; leave it out for every piece of every document)"),
+    ("--loss_mask all", "--loss_mask: must be one of none, qa, se (got 'all')"),
+    ("--data_type csv", "--data_type: must be one of jsonl, binidx, sft, utf-8, utf-16le, numpy, uint16, dummy (got 'csv')"),
+    ("--dataload only --micro_bsz 2", "--dataload: only gives each sample its document's own length: needs a micro-batch of 1 (got 2); pad pads them into a batch"),
+    ("--loss_mask se --mask_id '{\"mask0\": \"\"}'", "--mask_id mask0: must not be empty"),
+    ("--sft_split test", "--sft_split: is read only by type: sft"),
+    ("--data_type dummy", "--data_file: dummy data makes its own tokens: leave file out"),
     ("--dim_att 512 --n_embd 1024", "--dim_att: must be 0 or --n_embd (1024)"),
     ("--my_exit 1 --epoch_count 5", "--my_exit: would stop after epoch 1: set --epoch_count instead"),
 ]
@@ -193,8 +198,8 @@ def test_missing_and_unknown_files(workdir):
         flags("--load_model nope.pth --data_file chats.jsonl")
     assert str(caught.value) == f"train flags: --load_model: file not found: {workdir / 'nope.pth'}"
     with pytest.raises(UserError) as caught:
-        flags("--load_model model.pth --data_file notes.txt")
-    assert str(caught.value) == "train flags: --data_type: not given, and notes.txt is neither a .jsonl file nor a binidx prefix: pass --data_type"
+        flags("--load_model model.pth --data_file notes.txt")  # RWKV-PEFT's default type: utf-8 text
+    assert str(caught.value) == f"train flags: --data_file: file not found: {workdir / 'notes.txt'}"
 
 
 def test_help_still_prints_help(capsys):

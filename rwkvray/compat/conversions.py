@@ -58,6 +58,16 @@ def loss_mask(value: str, flags: Namespace, name: str) -> str:
     return "none" if value == "pad" else value  # padding never counts here
 
 
+def mask_id(value: dict, flags: Namespace, name: str) -> Any:
+    """data.mask_id's mask0/mask1; RWKV-PEFT's scripts pass --mask_id with every loss mask, and only se reads it."""
+    if flags.loss_mask != "se":
+        return SKIP
+    for key in value:
+        if key not in ("mask0", "mask1"):
+            raise flag_error(f"{name} {key}", "unknown key (use mask0 and mask1)")
+    return Entries((key, text, f"--{name} {key}") for key, text in value.items())
+
+
 def lr_schedule(value: str, flags: Namespace, name: str) -> str:
     return "cos_decay" if value == "cos" else value
 
@@ -84,7 +94,8 @@ def proj_dir(value: str, flags: Namespace, name: str) -> tuple:
 
 
 def data_type(value: str | None, flags: Namespace, name: str) -> Any:
-    """--data_type, or when it is absent, the type the --data_file path shows."""
+    """--data_type, or when it is absent, the type the --data_file path shows: jsonl, numpy or binidx, else utf-8
+    (RWKV-PEFT's default)."""
     if value is not None:
         return value
     path = flags.data_file
@@ -92,10 +103,12 @@ def data_type(value: str | None, flags: Namespace, name: str) -> Any:
         return SKIP
     if path.endswith(".jsonl"):
         return "jsonl"
+    if path.endswith(".npy"):
+        return "numpy"
     prefix = os.path.splitext(path)[0] if path.endswith((".bin", ".idx")) else path
     if os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"):
         return "binidx"
-    raise flag_error(name, f"not given, and {path} is neither a .jsonl file nor a binidx prefix: pass --data_type")
+    return "utf-8"
 
 
 def dim_att(value: int, flags: Namespace, name: str) -> Any:
@@ -165,14 +178,15 @@ def must_be(accepted: tuple, why: str):
     return check
 
 
-DATALOAD_WHY = "rwkvray samples pieces of whole documents (like pad)"
+STREAM_TYPES = ("utf-8", "utf-16le", "numpy", "uint16", "dummy")
 
 
 def dataload(value: str, flags: Namespace, name: str) -> Any:
-    must_be(("pad", "only"), DATALOAD_WHY)(value, flags, name)
-    if value == "only" and (flags.micro_bsz or 1) != 1:
-        raise flag_error(name, "only needs --micro_bsz 1")
-    return SKIP
+    """pad or only; RWKV-PEFT reads token streams (which have no documents) in random windows whatever it says."""
+    if value not in ("pad", "only"):
+        raise flag_error(name, f"{value!r} is not supported (use pad or only; leave it out for every piece of every "
+                         "document)")
+    return SKIP if data_type(flags.data_type, flags, "data_type") in STREAM_TYPES else value
 
 
 def my_exit(value: int, flags: Namespace, name: str) -> Any:

@@ -75,7 +75,8 @@ LOADER = "a DataLoader setting, and each Ray worker makes its batches in its own
 GROUPS: dict[str, list[Flag]] = {
     "common flags": [
         Flag("load_model", "base RWKV-7 checkpoint", "model.path", aliases=("model",), options={"metavar": "PTH"}),
-        Flag("data_file", ".jsonl file or binidx prefix", "data.file", aliases=("data",), options={"metavar": "PATH"}),
+        Flag("data_file", "the --data_type's file (a binidx prefix; for sft also a save_to_disk folder; none for "
+             "dummy)", "data.file", aliases=("data",), options={"metavar": "PATH"}),
         Flag("proj_dir", "local copy of the state/adapter files; without --storage_path the run's checkpoints go to "
              "<proj_dir>/<--name> too (default: ./runs/<--name>)", ("trainer.proj_dir", "run.storage_path"),
              to_spec.proj_dir, options={"metavar": "DIR"}),
@@ -95,11 +96,21 @@ GROUPS: dict[str, list[Flag]] = {
         sets("precision", "trainer.precision", "bf16, fp16, fp32 or tf32"),
     ],
     "model and data": [
-        Flag("data_type", "jsonl or binidx (default: from the file name)", "data.type", to_spec.data_type, always=True),
-        sets("loss_mask", "data.loss_mask", "none, pad (same as none: padding never counts) or qa (default: none)",
+        Flag("data_type", "jsonl, binidx, sft (a Hugging Face dataset), utf-8 or utf-16le (text), numpy (.npy "
+             "token ids), uint16 (raw token file) or dummy (synthetic) (default: jsonl, numpy or binidx from the "
+             "file name, else utf-8)", "data.type", to_spec.data_type, always=True),
+        sets("loss_mask", "data.loss_mask", "none, pad (same as none: padding never counts), qa (jsonl chats: the "
+             "replies) or se (from each --mask_id mask1 text to the next mask0 text) (default: none)",
              convert=to_spec.loss_mask),
-        Flag("dataload", "pad or only (no effect: rwkvray samples whole-document pieces)", ignored=to_spec.DATALOAD_WHY,
+        sets("mask_id", "data.mask_id", "--loss_mask se: the texts that turn the loss off and on; read only "
+             "with se, like RWKV-PEFT (default: '{\"mask0\": \"0\", \"mask1\": \"1\"}')", json_object,
+             to_spec.mask_id, metavar="JSON"),
+        sets("dataload", "data.dataload", "pad: each document's first --ctx_len tokens, padded; only: the same, one "
+             "document per sample (--micro_bsz 1) (default: every --ctx_len piece of every document)",
              convert=to_spec.dataload),
+        sets("sft_field", "data.sft_field", "sft: the instruction and response columns (default: query response)",
+             nargs="+", metavar="COLUMN"),
+        sets("sft_split", "data.sft_split", "sft: the split, e.g. train or train[:1000]"),
         sets("vocab_size", "model.vocab_size", "checked against the checkpoint (default and 0: not checked)", int,
              to_spec.zero_means_auto),
         sets("n_layer", "model.n_layer", "checked against the checkpoint (default: not checked)", int),
@@ -183,9 +194,6 @@ GROUPS: dict[str, list[Flag]] = {
                 "keeps frozen"),
         ignored("ds_bucket_mb", int, "DeepSpeed keeps its own bucket sizes (a job spec sets them in deepspeed.config)"),
         ignored("chunk_ctx", int, "read only by --train_type infctx, which rwkvray does not offer"),
-        ignored("sft_split", str, "read only for --data_type sft, which rwkvray does not offer"),
-        ignored("sft_field", str, "read only for --data_type sft, which rwkvray does not offer", nargs="+"),
-        ignored("mask_id", json_object, "read only by --loss_mask se, which rwkvray does not offer"),
         *(ignored(name, int, LOADER) for name in ("num_workers", "prefetch_factor")),
         Flag("persistent_workers", f"no effect here: {LOADER}", ignored=LOADER, options={"action": "store_true"}),
         ignored("avg_loss", int, "rwkvray logs every step's loss to metrics.jsonl"),

@@ -10,6 +10,8 @@ import errno
 import os
 import socket
 
+import numpy as np
+
 import yaml
 
 from rwkvray.spec import ServeConfig, ServeSpec, check_model_expectations, load_spec, spec_from_dict
@@ -30,27 +32,39 @@ def checked_model_dims(spec) -> RWKVDims:
 
 def before_training(spec, tune: bool = False, address: str | None = None) -> None:
     """`run`, `tune` and `train`: everything checkable on this machine."""
-    checked_model_dims(spec)
-    check_data_files(spec)
+    dims = checked_model_dims(spec)
+    check_data_files(spec, dims.vocab_size)
     check_output_folders(spec)
     check_local_gpus(spec, tune, address)
 
 
-def check_data_files(spec) -> None:
-    """Every line of the jsonl data (and eval) files, or the binidx index, checked as the workers will read them;
-    all bad lines (up to a cap) in one error, each as `file:line: reason`."""
+def check_data_files(spec, vocab_size: int) -> None:
+    """The data (and eval) files, checked as the workers will read them: every jsonl line (all bad lines, up to a
+    cap, in one error, each as `file:line: reason`), a binidx index, a text file's encoding, token ids below the
+    model's vocab_size, an sft dataset's split and columns."""
     from rwkvray.train.data import check_binidx, scan_jsonl
+    from rwkvray.train.sft_data import sft_rows
+    from rwkvray.train.token_files import STREAM_TYPES, check_stream, check_token_ids
     data = spec.data
     for key, path in (("data.file", data.file), ("data.eval_file", data.eval_file)):
         if path is None:
             continue
-        if data.type == "binidx":
-            check_binidx(path)
-            continue
-        problems = scan_jsonl(path, data.loss_mask)
-        if problems:
-            raise UserError(f"{spec.source}: {spec.key_name(key)}: {path} has bad lines; nothing was started:\n"
-                            + "\n".join(problems))
+        where = f"{spec.source}: {spec.key_name(key)}"
+        try:
+            if data.type == "binidx":
+                bin_path, dtype = check_binidx(path)[:2]
+                if os.path.getsize(bin_path):
+                    check_token_ids(bin_path, np.memmap(bin_path, dtype=dtype, mode="r"), vocab_size)
+            elif data.type == "sft":
+                sft_rows(path, data.sft_split, data.sft_field)
+            elif data.type in STREAM_TYPES:
+                check_stream(path, data.type, vocab_size)
+        except UserError as e:
+            raise UserError(f"{where}: {e}; nothing was started") from None
+        if data.type == "jsonl":
+            problems = scan_jsonl(path, "none" if data.loss_mask == "se" else data.loss_mask)
+            if problems:
+                raise UserError(f"{where}: {path} has bad lines; nothing was started:\n" + "\n".join(problems))
 
 
 def check_local_gpus(spec, tune: bool, address: str | None) -> None:

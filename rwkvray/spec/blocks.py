@@ -83,11 +83,35 @@ def check_model_expectations(model: ModelConfig, dims, source: str) -> None:
         raise UserError(f"{source}: model {model.path} has {'; '.join(mismatches)}")
 
 
+DATA_TYPES = ("jsonl", "binidx", "sft", "utf-8", "utf-16le", "numpy", "uint16", "dummy")
+STREAM_TYPES = ("utf-8", "utf-16le", "numpy", "uint16", "dummy")  # one token stream, no documents
+
+
+class MaskMarkers(StrictModel):
+    """loss_mask se: the loss stops counting at each mask0 text and counts again from each mask1 text."""
+
+    mask0: str = "0"
+    mask1: str = "1"
+
+    @field_validator("mask0", "mask1")
+    @classmethod
+    def not_empty(cls, text: str) -> str:
+        if not text:
+            raise ValueError("must not be empty")
+        return text
+
+
 class DataConfig(StrictModel):
-    type: Literal["jsonl", "binidx"] = "jsonl"
-    file: str
+    type: Literal[DATA_TYPES] = "jsonl"
+    file: str | None = None  # every type but dummy reads one
     ctx_len: Annotated[int, Field(ge=2)] = 512
-    loss_mask: Literal["none", "qa"] = "none"
+    loss_mask: Literal["none", "qa", "se"] = "none"
+    mask_id: MaskMarkers = Field(default_factory=MaskMarkers)
+    # pieces: every ctx_len piece of every document; pad and only (RWKV-PEFT's): each document's first piece only
+    dataload: Literal["pieces", "pad", "only"] = "pieces"
+    sft_field: Annotated[list[str], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: ["query", "response"])
+    sft_split: str = "train"
     eval_file: str | None = None
     holdout_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
@@ -100,8 +124,20 @@ class DataConfig(StrictModel):
 
     @model_validator(mode="after")
     def consistent(self) -> DataConfig:
-        if self.loss_mask == "qa" and self.type == "binidx":
-            raise SpecProblem("loss_mask", "qa needs jsonl data (binidx holds tokens only)")
+        if (self.file is None) != (self.type == "dummy"):
+            raise SpecProblem("file", "dummy data makes its own tokens: leave file out" if self.file else "required")
+        if self.loss_mask == "qa" and self.type != "jsonl":
+            raise SpecProblem("loss_mask", f"qa needs jsonl data ({self.type} has no chat turns)")
+        if self.loss_mask == "se" and self.type == "sft":
+            raise SpecProblem("loss_mask", "se does not apply to sft data (sft counts the response only)")
+        if "mask_id" in self.model_fields_set and self.loss_mask != "se":
+            raise SpecProblem("mask_id", "is read only by loss_mask: se")
+        if self.dataload != "pieces" and self.type in STREAM_TYPES:
+            raise SpecProblem("dataload", f"{self.dataload} takes the first piece of each document, and {self.type} "
+                              "data is one token stream: leave dataload at pieces")
+        for key in ("sft_field", "sft_split"):
+            if key in self.model_fields_set and self.type != "sft":
+                raise SpecProblem(key, "is read only by type: sft")
         if self.eval_file and self.holdout_fraction > 0:
             raise SpecProblem("holdout_fraction", "set either eval_file or holdout_fraction, not both")
         return self

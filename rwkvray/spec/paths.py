@@ -72,7 +72,10 @@ def existing_file(path: str, info: ValidationInfo) -> str:
 
 
 def data_path(path: str, data_type: str | None, info: ValidationInfo) -> str:
-    """A jsonl file must exist; a binidx prefix (with or without .bin/.idx) needs both its .bin and .idx."""
+    """A data file must exist (sft data may be a save_to_disk folder instead); a binidx prefix (with or without
+    .bin/.idx) needs both its .bin and .idx."""
+    if data_type == "sft" and os.path.isdir(absolute(path)):
+        return absolute(path)
     if data_type != "binidx":
         resolved = absolute(path)
         binidx_instead = not os.path.exists(resolved) and os.path.isfile(resolved + ".bin")

@@ -100,6 +100,13 @@ class TrainSpec(Spec):
         return self
 
     @model_validator(mode="after")
+    def whole_document_samples(self) -> TrainSpec:
+        if self.data.dataload == "only" and self.trainer.micro_bsz != 1:
+            raise SpecProblem("data.dataload", "only gives each sample its document's own length: needs a "
+                              f"micro-batch of 1 (got {self.trainer.micro_bsz}); pad pads them into a batch")
+        return self
+
+    @model_validator(mode="after")
     def capturable_step(self) -> TrainSpec:
         """A captured step has one shape, one micro-batch per optimizer step and no DeepSpeed around it."""
         if not self.trainer.cuda_graph:

@@ -1,4 +1,5 @@
-"""Training data: load documents (jsonl text/chat or Megatron binidx), cut them into pieces, and build
+"""Training data: load documents (jsonl text/chat, Megatron binidx, sft datasets, or one token stream: see
+token_files.py), cut them into pieces, and build
 batches that are a pure function of (seed, step, rank), so any Ray worker can resume at the same position.
 
 A Document's `mask[i]` says whether predicting `tokens[i]` from `tokens[:i]` counts toward the loss.
@@ -18,11 +19,14 @@ import torch
 from rwkvray.errors import UserError
 from rwkvray.text.chat import REPLY_START, chat_segments, text_segments
 from rwkvray.text.tokenizer import EOS_ID
+from rwkvray.train.sft_data import sft_rows, sft_segments
+from rwkvray.train.token_files import STREAM_TYPES, read_stream
 
-DATA_TYPES = ("jsonl", "binidx")
+DATA_TYPES = ("jsonl", "binidx", "sft", *STREAM_TYPES)
 MAX_LISTED_PROBLEMS = 20  # a data check lists this many bad lines, then stops
 PROGRESS_BYTES = 64 * 2**20  # a data check of a larger file prints its progress
-LOSS_MASKS = ("none", "qa")
+LOSS_MASKS = ("none", "qa", "se")
+DEFAULT_MARKERS = ("0", "1")  # RWKV-PEFT's --mask_id default: mask0 "0" turns the loss off, mask1 "1" on
 
 BINIDX_MAGIC = b"MMIDIDX\x00\x00"
 BINIDX_VERSION = 1
@@ -48,20 +52,50 @@ class Batch:
 # ---------------------------------------------------------------- loading
 
 
-def load_documents(path: str, data_type: str = "jsonl", loss_mask: str = "none", tokenizer=None) -> list[Document]:
+def load_documents(path: str | None, data_type: str = "jsonl", loss_mask: str = "none", tokenizer=None,
+                   markers: tuple[str, str] = DEFAULT_MARKERS, sft_split: str = "train",
+                   sft_field: Sequence[str] = ("query", "response")) -> list[Document]:
+    """The documents of a data file; `markers` (loss_mask se), `sft_split` and `sft_field` (sft) as RWKV-PEFT's
+    --mask_id mask0/mask1, --sft_split and --sft_field."""
     if data_type not in DATA_TYPES:
         raise UserError(f"data_type must be one of {', '.join(DATA_TYPES)} (got {data_type!r})")
     if loss_mask not in LOSS_MASKS:
         raise UserError(f"loss_mask must be one of {', '.join(LOSS_MASKS)} (got {loss_mask!r})")
+    if loss_mask == "qa" and data_type != "jsonl" or loss_mask == "se" and data_type == "sft":
+        raise UserError(f"loss_mask {loss_mask!r} does not apply to {data_type} data ({path})")
+    tokenizer = tokenizer or default_tokenizer()
     if data_type == "binidx":
-        if loss_mask != "none":
-            raise UserError(f"loss_mask {loss_mask!r} needs jsonl data; binidx holds tokens only ({path})")
-        return read_binidx(path)
-    if tokenizer is None:
-        from rwkvray.text.tokenizer import get_tokenizer
+        documents = read_binidx(path)
+    elif data_type == "sft":
+        return [segmented_document(sft_segments(*row), tokenizer) for row in sft_rows(path, sft_split, sft_field)]
+    elif data_type in STREAM_TYPES:
+        tokens = read_stream(path, data_type, lambda: tokenizer)
+        documents = [Document(tokens, np.broadcast_to(np.float32(1.0), (len(tokens),)))]
+    else:
+        documents = read_jsonl(path, "none" if loss_mask == "se" else loss_mask, tokenizer)
+    if loss_mask == "se":
+        off, on = (np.array(tokenizer.encode(marker), dtype=np.int64) for marker in markers)
+        documents = [Document(d.tokens, marker_mask(d.tokens, off, on)) for d in documents]
+    return documents
 
-        tokenizer = get_tokenizer()
-    return read_jsonl(path, loss_mask, tokenizer)
+
+def default_tokenizer():
+    from rwkvray.text.tokenizer import get_tokenizer
+
+    return get_tokenizer()
+
+
+def marker_mask(tokens: np.ndarray, off: np.ndarray, on: np.ndarray) -> np.ndarray:
+    """RWKV-PEFT's loss_mask se: from each `on` marker (its tokens included) the loss counts, from each `off`
+    marker it does not; it starts off, and a document with no counted token counts every token."""
+    events = np.full(len(tokens), -1, dtype=np.int8)
+    for marker, value in ((on, 1), (off, 0)):  # off second: where both match, off wins, as upstream checks it first
+        if 0 < len(marker) <= len(tokens):
+            windows = np.lib.stride_tricks.sliding_window_view(np.asarray(tokens), len(marker))
+            events[:len(windows)][(windows == marker).all(axis=1)] = value
+    last = np.maximum.accumulate(np.where(events >= 0, np.arange(len(tokens)), -1))
+    mask = np.where(last >= 0, events[np.maximum(last, 0)], 0).astype(np.float32)
+    return mask if mask.any() else np.ones(len(tokens), dtype=np.float32)
 
 
 def read_jsonl(path: str, loss_mask: str, tokenizer) -> list[Document]:
@@ -221,10 +255,11 @@ def read_binidx_index(idx_path: str) -> tuple[np.dtype, np.ndarray, np.ndarray, 
 # ---------------------------------------------------------------- pieces and batches
 
 
-def piece_spans(documents: Sequence[Document], ctx_len: int) -> np.ndarray:
+def piece_spans(documents: Sequence[Document], ctx_len: int, first_only: bool = False) -> np.ndarray:
     """[N, 3] rows (doc, start, end): each document cut into pieces of at most ctx_len + 1 tokens, consecutive
-    pieces sharing one token so every target is predicted exactly once. Pieces with no counted target are
-    left out (state tuning restarts every piece from the learned state, so they add no gradient)."""
+    pieces sharing one token so every target is predicted exactly once; with first_only, only each document's
+    first piece (RWKV-PEFT's dataload pad/only). Pieces with no counted target are left out (state tuning
+    restarts every piece from the learned state, so they add no gradient)."""
     if ctx_len < 1:
         raise UserError(f"ctx_len must be at least 1 (got {ctx_len})")
     lengths = np.array([len(d.tokens) for d in documents], dtype=np.int64)
@@ -233,8 +268,9 @@ def piece_spans(documents: Sequence[Document], ctx_len: int) -> np.ndarray:
     first_piece = np.repeat(np.cumsum(counts) - counts, counts)
     starts = (np.arange(len(doc_ids)) - first_piece) * ctx_len
     ends = np.minimum(starts + ctx_len + 1, lengths[doc_ids])
-    has_target = [bool(documents[d].mask[s + 1 : e].any()) for d, s, e in zip(doc_ids, starts, ends)]
-    return np.stack([doc_ids, starts, ends], axis=1)[np.array(has_target, dtype=bool)].reshape(-1, 3)
+    keep = [bool(documents[d].mask[s + 1 : e].any()) and (s == 0 or not first_only)
+            for d, s, e in zip(doc_ids, starts, ends)]
+    return np.stack([doc_ids, starts, ends], axis=1)[np.array(keep, dtype=bool)].reshape(-1, 3)
 
 
 def assemble_batch(documents: Sequence[Document], spans: np.ndarray) -> Batch:
@@ -256,15 +292,15 @@ def assemble_batch(documents: Sequence[Document], spans: np.ndarray) -> Batch:
 class TokenBatcher:
     """Batches as a pure function of (seed, step, rank): pieces are drawn with replacement by a generator
     seeded with those three numbers, so a resumed run gets the same batches and the draw does not depend
-    on how many documents there are."""
+    on how many documents there are. first_only: each document's first piece only (RWKV-PEFT's dataload pad)."""
 
-    def __init__(self, documents: Sequence[Document], ctx_len: int, seed: int):
+    def __init__(self, documents: Sequence[Document], ctx_len: int, seed: int, first_only: bool = False):
         if seed < 0:
             raise UserError(f"seed must be non-negative (got {seed})")
         self.documents = documents
         self.ctx_len = ctx_len
         self.seed = seed
-        self.spans = piece_spans(documents, ctx_len)
+        self.spans = piece_spans(documents, ctx_len, first_only)
         if len(self.spans) == 0:
             raise UserError("no training pieces: every document is shorter than 2 tokens or has no counted target")
 

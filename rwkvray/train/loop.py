@@ -81,7 +81,8 @@ def train(spec, ctx) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
     module = _build_module(spec, ctx.device)
     train_docs, val_docs = _load_data(spec)
-    batcher = TokenBatcher(train_docs, spec.data.ctx_len, seed=trainer.seed)
+    batcher = TokenBatcher(train_docs, spec.data.ctx_len, seed=trainer.seed,
+                           first_only=spec.data.dataload != "pieces")
     engine = _build_engine(spec, module, ctx)
     engine.module.train()  # adapter dropout on; the frozen base has no dropout of its own
     progress = Progress()
@@ -127,12 +128,17 @@ def _build_module(spec, device):
 
 def _load_data(spec):
     data = spec.data
-    docs = load_documents(data.file, data.type, data.loss_mask)
+    docs = documents_of(data, data.file)
     if data.eval_file:
-        return docs, load_documents(data.eval_file, data.type, data.loss_mask)  # validated as the same type
+        return docs, documents_of(data, data.eval_file)  # validated as the same type
     if data.holdout_fraction > 0:
         return split_holdout(docs, data.holdout_fraction, spec.trainer.seed)
     return docs, []
+
+
+def documents_of(data, path):
+    return load_documents(path, data.type, data.loss_mask, markers=(data.mask_id.mask0, data.mask_id.mask1),
+                          sft_split=data.sft_split, sft_field=data.sft_field)
 
 
 def _build_engine(spec, module, ctx):
@@ -261,12 +267,14 @@ def _save_epoch_extras(spec, engine, epoch: int) -> None:
 def state_card(spec, dims, method: str, metrics: dict) -> dict:
     from rwkvray import __version__
     return {"base": base_fingerprint(spec.model.path, dims), "method": method,
-            "data": {"file": os.path.basename(spec.data.file), "size": _data_size(spec.data)},
+            "data": {"file": os.path.basename(spec.data.file or "dummy"), "size": _data_size(spec.data)},
             "steps": metrics.get("step"), "loss": metrics.get("loss"), "val_loss": metrics.get("val_loss"),
             "rwkvray_version": __version__}
 
 
 def _data_size(data) -> int:
+    if data.type == "dummy" or os.path.isdir(data.file):  # no file, or an sft save_to_disk folder
+        return 0
     return os.path.getsize(data.file + ".bin" if data.type == "binidx" else data.file)
 
 
