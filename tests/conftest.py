@@ -34,6 +34,19 @@ def native_threads_end_with_the_session():
         torch.distributed.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def deepspeed_world():
+    """A child process in a gloo world of one, for tests that run DeepSpeed's engine outside Ray: DeepSpeed's comm
+    layer keeps gloo's C++ threads alive after the group is destroyed, and in the pytest process they crashed
+    the interpreter's exit ("pure virtual method called", exit 139). Submit module-level functions to it."""
+    import concurrent.futures
+    import multiprocessing
+    from tests.helpers import join_world_of_one
+    with concurrent.futures.ProcessPoolExecutor(1, multiprocessing.get_context("spawn"),
+                                                initializer=join_world_of_one) as child:
+        yield child
+
+
 @pytest.fixture(scope="session")
 def make_tiny_model(tmp_path_factory):
     """A checkpoint file of a tiny full-vocab x070 or x060 model (RWKV-LM init, perturbed so a state can change

@@ -212,3 +212,10 @@ def wkv6_inputs(B, T, H, N, seed=0, dtype=torch.float64, decay_floor=-8.0, decay
     u = rand(H, N) * 0.5
     s0 = rand(B, H, N, N) * 0.3
     return [r, w, k, v, u, s0]
+
+
+def join_world_of_one() -> None:
+    """A child process's start (see conftest's `deepspeed_world`): a gloo process group of that process alone."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from rwkvray.train.loop import _join_single_process_group
+    _join_single_process_group(torch.device("cpu"))

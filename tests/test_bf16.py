@@ -1,5 +1,5 @@
-"""bf16 training on CPU, as real runs use it: DeepSpeed without ZeRO and with ZeRO-1/2/3 on gloo, in this
-process (a world of one). The frozen base is bf16, the optimizer updates fp32 masters, and the loss falls."""
+"""bf16 training on CPU, as real runs use it: DeepSpeed without ZeRO and with ZeRO-1/2/3 on gloo, in a
+child process (a world of one). The frozen base is bf16, the optimizer updates fp32 masters, and the loss falls."""
 import os
 
 import pytest
@@ -10,17 +10,6 @@ from rwkvray.train.data import TokenBatcher, load_documents
 
 pytest.importorskip("deepspeed")
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    """A gloo process group of this process alone, left before the next module: its threads must not outlive the
-    tests (see conftest.py's native_threads_end_with_the_session)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from rwkvray.train.loop import _join_single_process_group
-    _join_single_process_group(torch.device("cpu"))
-    yield
-    torch.distributed.destroy_process_group()
 
 
 def bf16_spec(model_path, stage, method, lr):
@@ -36,9 +25,14 @@ def bf16_spec(model_path, stage, method, lr):
 
 @pytest.mark.parametrize("method", ["state", "lora"])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_bf16_keeps_fp32_masters_and_lowers_loss(world_of_one, make_tiny_model, stage, method):
+def test_bf16_keeps_fp32_masters_and_lowers_loss(deepspeed_world, make_tiny_model, stage, method):
+    deepspeed_world.submit(check_bf16_training, make_tiny_model(1, 128), stage, method).result()
+
+
+def check_bf16_training(model_path: str, stage: int, method: str) -> None:
+    """In the `deepspeed_world` child: eight bf16 steps of the worker loop's engine."""
     from rwkvray.train.loop import WorkerContext, _build_engine, _build_module
-    spec = bf16_spec(make_tiny_model(1, 128), stage, method, lr=0.05 if method == "state" else 0.01)
+    spec = bf16_spec(model_path, stage, method, lr=0.05 if method == "state" else 0.01)
     quiet_rank = WorkerContext(session=None, rank=1, world_size=1, device=torch.device("cpu"))  # rank 1: no log line
     engine = _build_engine(spec, _build_module(spec, quiet_rank.device), quiet_rank)
     base = engine.module.base

@@ -2,7 +2,6 @@
 each reads as RWKV-PEFT means it, trains from its flags and from a spec, and its bad input is one line before
 anything starts."""
 import json
-import os
 import shlex
 
 import numpy as np
@@ -21,13 +20,6 @@ from tests.helpers import write_binidx
 pytest.importorskip("deepspeed")
 TEXT = "The cat sat on the mat. " * 40
 ROWS = [{"query": f"Add {i} and 2.", "response": f"{i + 2}"} for i in range(6)]
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from rwkvray.train.loop import _join_single_process_group
-    _join_single_process_group(torch.device("cpu"))
 
 
 @pytest.fixture
@@ -123,7 +115,8 @@ def spec_of(data_type: str, path: str | None, model: str, **data):
 
 
 def trained_losses(spec) -> list[float]:
-    """Three steps of the worker loop's own data and engine, on one fixed batch of the spec's data."""
+    """Three steps of the worker loop's own data and engine, on one fixed batch of the spec's data (run in the
+    `deepspeed_world` child)."""
     from rwkvray.train.loop import WorkerContext, _build_engine, _build_module, _load_data
     quiet_rank = WorkerContext(session=None, rank=1, world_size=1, device=torch.device("cpu"))
     check_data_files(spec, 65536)
@@ -140,22 +133,22 @@ def trained_losses(spec) -> list[float]:
 
 
 @pytest.mark.parametrize("data_type", ["utf-8", "utf-16le", "numpy", "uint16", "sft", "dummy"])
-def test_each_type_trains_from_flags_and_from_a_spec(world_of_one, tiny_model, files, data_type):
+def test_each_type_trains_from_flags_and_from_a_spec(deepspeed_world, tiny_model, files, data_type):
     from_flags = spec_from_train_flags(shlex.split(flag_line(data_type, files[data_type], tiny_model)))
     from_spec = spec_of(data_type, files[data_type], tiny_model)
     assert from_flags.data.model_dump() == from_spec.data.model_dump()
-    losses = trained_losses(from_flags)
+    losses = deepspeed_world.submit(trained_losses, from_flags).result()
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
 
 
-def test_se_and_dataload_only_train_from_flags(world_of_one, tiny_model, tmp_path):
+def test_se_and_dataload_only_train_from_flags(deepspeed_world, tiny_model, tmp_path):
     write_binidx(str(tmp_path / "b"), [get_tokenizer().encode("x <a> learn this well <b> skip") + [0]] * 3)
     line = flag_line("binidx", str(tmp_path / "b"), tiny_model).replace("--micro_bsz 2", "--micro_bsz 1")
     spec = spec_from_train_flags(shlex.split(line + " --loss_mask se --mask_id '{\"mask0\": \" <b>\", \"mask1\": \" <a>\"}' --dataload only"))
     assert (spec.data.loss_mask, spec.data.mask_id.mask0, spec.data.dataload) == ("se", " <b>", "only")
     documents = load_documents(spec.data.file, "binidx", "se", markers=(" <b>", " <a>"))
     assert 0 < documents[0].mask.sum() < len(documents[0].mask)
-    losses = trained_losses(spec)
+    losses = deepspeed_world.submit(trained_losses, spec).result()
     assert losses[-1] < losses[0], losses
 
 
