@@ -16,7 +16,6 @@ from rwkvray.files.manifest import MANIFEST, checkpoint_folders
 from rwkvray.launch.run import run_on_ray
 from rwkvray.model.state_file import load_state
 from rwkvray.spec import spec_from_dict
-from tests.test_s3_storage import s3_ray, s3_server  # noqa: F401 (fixtures: moto, then Ray with its AWS_* env)
 
 pytestmark = pytest.mark.ray
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")

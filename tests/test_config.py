@@ -56,7 +56,7 @@ MALFORMED = [
     ("model-is-folder", "model: {path: .}\n" + D, "model.path: is a folder, not a file: {tmp}"),
     ("missing-binidx", M + "data: {file: q, type: binidx}\n", "data.file: binidx file not found: {tmp}/q.bin"),
     ("missing-eval-file", M + "data: {file: d.jsonl, eval_file: e.jsonl}\n", "data.eval_file: file not found: {tmp}/e.jsonl"),
-    ("qa-on-binidx", M + "data: {file: p, type: binidx, loss_mask: qa}\n", "data.loss_mask: qa needs jsonl data (binidx holds tokens only)"),
+    ("qa-on-binidx", M + "data: {file: p, type: binidx, loss_mask: qa}\n", "data.loss_mask: qa needs jsonl data (binidx has no chat turns)"),
     ("short-ctx", M + "data: {file: d.jsonl, ctx_len: 1}\n", "data.ctx_len: must be ≥ 2"),
     ("data-without-model", D, "model: required"),
     ("nothing-to-train", "trainer: {seed: 1}\n", "model: required; data: required"),

@@ -300,7 +300,8 @@ def test_blend_of_two_states_becomes_a_column_choice(server, api, page, script_e
     page.wait_for_selector("#message:not(:empty)")
     assert page.text_content("#message") == "Blend mix mounted."
     expect(page.locator("#state-list li[data-name='mix'] .badge")).to_have_text("mounted · blend")
-    assert summary(page, "mix") == "blend of alpha 0.7, beta 0.3 · method blend · base matches"
+    assert summary(page, "mix") == ("blend of alpha 0.7, beta 0.3 · method blend · blended from ['beta'], whose base "
+                                    "model is unknown")  # beta has no card
     assert "mix" in page.eval_on_selector("#col-0-model", "s => [...s.options].map(o => o.value)")
     assert "mix" in [entry["name"] for entry in api.get("/v1/states").json()["mounted"]]
 

@@ -113,4 +113,3 @@ def test_publish_into_an_s3_states_dir(s3_server, monkeypatch):
     assert storage.read_bytes(f"{states}/p.prev.json") == b"{}"
 
 
-from tests.test_s3_storage import s3_server  # noqa: E402,F401  the moto server fixture

@@ -18,11 +18,6 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def fault_marker(tmp_path_factory):
-    return tmp_path_factory.mktemp("faults") / "fault-happened"
-
-
-@pytest.fixture(scope="module")
 def local_ray(fault_marker):
     crash = {"run": "faulty", "step": 6, "marker": str(fault_marker)}  # see test_killed_worker_resumes_...
     ray.init(address="local", num_cpus=2, log_to_driver=False, runtime_env=worker_hooks.runtime_env(crash))

@@ -1,14 +1,9 @@
-"""run.storage_path as an s3:// URI, against moto's S3 server on 127.0.0.1 (started and stopped by PID here).
+"""run.storage_path as an s3:// URI, against moto's S3 server on 127.0.0.1 (started and stopped by PID in conftest.py).
 
 A 2-worker DeepSpeed run loses a worker, resumes from the bucket, and the final state arrives from the bucket:
 nothing passes between workers and driver outside it.
 """
 import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 import torch
@@ -16,62 +11,11 @@ import torch
 from rwkvray.spec import spec_from_dict
 from rwkvray.launch.run import run_on_ray
 from rwkvray.model.state_file import load_state
-from tests import worker_hooks
-from tests.helpers import free_port
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("moto.server")
 pytestmark = pytest.mark.ray
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
-                               "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=2)
-            break
-        except OSError:
-            assert time.time() < deadline and server.poll() is None, "moto server did not start"
-            time.sleep(0.5)
-    urllib.request.urlopen(urllib.request.Request(endpoint + "/runs", method="PUT"))  # create the bucket
-    try:
-        yield endpoint
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def fault_marker(tmp_path_factory):
-    return tmp_path_factory.mktemp("faults") / "fault-happened"
-
-
-@pytest.fixture(scope="module")
-def s3_ray(s3_server, fault_marker):
-    """Ray started after the AWS_* variables are set (the run's controller reads the bucket too); the last worker
-    of run "s3run" exits once after its step-4 report (tests/worker_hooks.py)."""
-    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    crash = {"run": "s3run", "step": 4, "marker": str(fault_marker)}
-    ray.init(address="local", num_cpus=2, log_to_driver=False, runtime_env=worker_hooks.runtime_env(crash))
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def test_killed_worker_resumes_from_the_bucket(s3_ray, make_tiny_model, tmp_path, fault_marker):

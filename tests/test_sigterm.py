@@ -33,10 +33,10 @@ def finish(run: subprocess.Popen, lines: list[str], timeout: float) -> tuple[int
 
 
 def test_sigterm_to_the_group_stops_a_run_with_one_line_and_the_rerun_resumes(make_tiny_model, tmp_path):
-    spec = {"run": {"name": "term", "storage_path": str(tmp_path / "runs"), "checkpoint_every_steps": 2},
+    spec = {"run": {"name": "term", "storage_path": str(tmp_path / "runs"), "checkpoint_every_steps": 40},
             "model": {"path": make_tiny_model(1, 64)},
             "data": {"file": SAMPLE, "ctx_len": 32},
-            "trainer": {"epoch_count": 1, "epoch_steps": 12, "micro_bsz": 2, "precision": "fp32", "op": "torch"},
+            "trainer": {"epoch_count": 1, "epoch_steps": 400, "micro_bsz": 2, "precision": "fp32", "op": "torch"},
             "scaling": {"num_workers": 1}, "logging": {"wandb_mode": "disabled"}}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
 
@@ -58,5 +58,5 @@ def test_sigterm_to_the_group_stops_a_run_with_one_line_and_the_rerun_resumes(ma
     assert status == 0, "\n".join(lines)
     assert lines[0].startswith("resuming run 'term' from step ")
     with open(tmp_path / "runs" / "term" / "metrics.jsonl") as f:
-        assert [json.loads(row)["step"] for row in f] == list(range(1, 13))
+        assert [json.loads(row)["step"] for row in f] == list(range(1, 401))
     assert (tmp_path / "runs" / "term" / "rwkv-final.pth").exists()

@@ -55,7 +55,7 @@ def read_bytes(path: str) -> bytes | None:
 def delete(path: str) -> None:
     """Remove a file; nothing to do when it does not exist."""
     import pyarrow.fs
-    fs, inner = _filesystem(path)
+    fs, inner = filesystem(path)
     if fs.get_file_info(inner).type == pyarrow.fs.FileType.File:
         fs.delete_file(inner)
 

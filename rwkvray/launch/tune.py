@@ -4,6 +4,7 @@ Each trial runs the same training loop and DeepSpeed engine as `rwkvray run`: in
 single-worker trials (a process group of one), or as a Ray Train run of its own when the spec asks for several
 workers. A trial's epoch files and metrics land in <storage_path>/<name>/trials/<trial id>.
 """
+import contextlib
 import functools
 import json
 import os
@@ -76,7 +77,8 @@ def _fit_part(spec, part, finished: dict[str, int]):
     sweep_dir = storage.run_dir(spec)  # Ray Tune's experiment storage (may be a URI)
     trainable = tune.with_resources(functools.partial(run_trial, spec=spec), _trial_resources(spec))
     if done is not None:
-        return list(tune.Tuner.restore(storage.join(sweep_dir, part.name), trainable, resume_errored=True).fit())
+        with legacy_tune_output():
+            return list(tune.Tuner.restore(storage.join(sweep_dir, part.name), trainable, resume_errored=True).fit())
     metric = metric_key(spec.tune.metric)
     checkpoints = tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
                                         checkpoint_score_order=spec.tune.mode)
@@ -84,7 +86,23 @@ def _fit_part(spec, part, finished: dict[str, int]):
                        tune_config=_tune_config(spec.tune, metric, part.configs(spec)),
                        run_config=tune.RunConfig(name=part.name, storage_path=sweep_dir, checkpoint_config=checkpoints,
                                                  verbose=0))  # no trial tables: each trial's lines, then ours
-    return list(tuner.fit())
+    with legacy_tune_output():
+        return list(tuner.fit())
+
+
+@contextlib.contextmanager
+def legacy_tune_output():
+    """Ray Tune's new output engine prints its experiment box and trial tables even at verbose=0; the legacy
+    engine honours it, so only the trials' lines and our summary show."""
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["RAY_AIR_NEW_OUTPUT"]
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
 def _trial_resources(spec) -> dict:

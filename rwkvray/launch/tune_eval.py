@@ -25,7 +25,7 @@ class EvalReportingContext(WorkerContext):
     """The trial's context, whose reports carry eval/<file>/<metric> of the state in the reported checkpoint."""
 
     def __init__(self, ctx: WorkerContext, spec):
-        super().__init__(ctx.session, ctx.rank, ctx.world_size, ctx.device, ctx.on_report)
+        super().__init__(ctx.session, ctx.rank, ctx.world_size, ctx.device, ctx.manifest_last)
         self.tokenizer = get_tokenizer()
         self.items = read_all_items(spec.eval.data, self.tokenizer)
         dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
