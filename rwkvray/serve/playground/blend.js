@@ -32,7 +32,7 @@ function buildBlendRows() {
 function renderBlendChoices(names) {
   for (let i = 0; i < BLEND_ROWS; i++) {
     const pick = $("blend-state-" + i);
-    const chosen = pick.value || names[i] || "";
+    const chosen = pick.options.length ? pick.value : names[i] || "";  // a row set to (none) stays so
     pick.replaceChildren(new Option("(none)", ""), ...names.map((n) => new Option(n, n)));
     pick.value = names.includes(chosen) ? chosen : "";
   }
