@@ -65,18 +65,15 @@ def test_exported_state_file_is_0644_under_umask_022(tmp_path):
 def test_a_taken_name_is_refused_unless_replaced_and_then_kept_as_previous(tmp_path):
     from rwkvray.files.versions import NameTaken, previous_path, write_new_version
     state, card = tmp_path / "s1.pth", tmp_path / "s1.json"
-    put = lambda text: (lambda tmp: open(tmp, "w").write(text))
-    assert write_new_version(str(state), put("one"), replace=False, companions=(str(card),)) is False
-    card.write_text("card one")
+    assert write_new_version(str(state), b"one", replace=False, companions={str(card): b"card one"}) is False
     with pytest.raises(NameTaken):
-        write_new_version(str(state), put("two"), replace=False, companions=(str(card),))
-    with pytest.raises(ZeroDivisionError):  # a failed write (a check inside it) changes nothing
-        write_new_version(str(state), lambda tmp: 1 / 0, replace=True, companions=(str(card),))
-    assert sorted(os.listdir(tmp_path)) == ["s1.json", "s1.pth"]
-    assert write_new_version(str(state), put("two"), replace=True, companions=(str(card),)) is True
+        write_new_version(str(state), b"two", replace=False, companions={str(card): b"card two"})
+    assert sorted(os.listdir(tmp_path)) == ["s1.json", "s1.pth"] and card.read_text() == "card one"
+    assert write_new_version(str(state), b"two", replace=True, companions={str(card): None}) is True
     assert previous_path(str(state)) == str(tmp_path / "s1.prev.pth")
     assert (tmp_path / "s1.prev.pth").read_text() == "one" and (tmp_path / "s1.prev.json").read_text() == "card one"
-    card.unlink()  # the new version has no card: the previous pair must not keep a stale one
-    write_new_version(str(state), put("three"), replace=True, companions=(str(card),))
+    assert not card.exists()  # the new version has no card: the old one would describe another state
+    write_new_version(str(state), b"three", replace=True, companions={str(card): b"card three"})
     assert (tmp_path / "s1.prev.pth").read_text() == "two" and not (tmp_path / "s1.prev.json").exists()
-    assert state.read_text() == "three"
+    assert state.read_text() == "three" and card.read_text() == "card three"
+    assert sorted(os.listdir(tmp_path)) == ["s1.json", "s1.prev.pth", "s1.pth"]  # no temp file left behind

@@ -1,12 +1,15 @@
-"""Run storage: `run.storage_path` is a local/shared folder or a URI (s3://, gs://) that pyarrow opens.
+"""Storage: a local/shared folder or a URI (s3://, gs://) that pyarrow opens, for `run.storage_path` and for
+the states_dir of Serve and `run.publish`.
 
 Workers write run outputs here and the driver reads them back from here: no file passes through a worker's
-own disk. S3 endpoint and credentials come from the standard AWS_* environment variables.
+own disk. Serve keeps its states here, so a restart, another replica or another node sees each of them.
+S3 endpoint and credentials come from the standard AWS_* environment variables.
 """
 import os
 import posixpath
+import shutil
 
-from rwkvray.files.atomic import write_bytes_atomically
+from rwkvray.files.atomic import write_atomically, write_bytes_atomically
 
 AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
            "AWS_SESSION_TOKEN", "AWS_REGION")
@@ -52,6 +55,21 @@ def read_bytes(path: str) -> bytes | None:
         return f.read()
 
 
+def is_file(path: str) -> bool:
+    import pyarrow.fs
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type == pyarrow.fs.FileType.File
+
+
+def copy(source: str, target: str) -> None:
+    """Copy a file whole: atomic rename on disk; a server-side copy (one whole object) in a bucket."""
+    if not is_uri(target):
+        write_atomically(target, lambda tmp: shutil.copyfile(source, tmp))
+        return
+    fs, inner = filesystem(source)
+    fs.copy_file(inner, filesystem(target)[1])
+
+
 def delete(path: str) -> None:
     """Remove a file; nothing to do when it does not exist."""
     import pyarrow.fs
@@ -68,6 +86,22 @@ def list_files(folder: str) -> list[str]:
         return []
     infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=False))
     return sorted(info.base_name for info in infos if info.type == pyarrow.fs.FileType.File)
+
+
+def unreachable(folder: str) -> str | None:
+    """Why the bucket of a URI folder cannot be used from here (None when it can be listed): a missing bucket,
+    refused credentials, an endpoint that does not answer."""
+    import pyarrow
+    import pyarrow.fs
+    try:
+        fs, inner = filesystem(folder)
+        bucket = inner.split("/")[0]
+        if fs.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound:
+            return f"the bucket {bucket!r} does not exist"
+        fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
+    except (OSError, pyarrow.ArrowException, ValueError) as err:
+        return str(err).strip().splitlines()[0]
+    return None
 
 
 def aws_env() -> dict[str, str]:

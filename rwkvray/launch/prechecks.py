@@ -17,7 +17,7 @@ import yaml
 from rwkvray.spec import ServeConfig, ServeSpec, check_model_expectations, load_spec, spec_from_dict
 from rwkvray.model.dims import RWKVDims
 from rwkvray.errors import RayServeConfigFile, UserError
-from rwkvray.files.storage import is_uri
+from rwkvray.files.storage import is_uri, unreachable
 
 SERVE_APP_PREFIX = "rwkvray.launch.serving:"
 
@@ -103,6 +103,16 @@ def check_writable_folder(path: str, where: str) -> None:
         raise UserError(f"{where}: cannot write in {existing} (permission denied)")
 
 
+def check_states_dir(states_dir: str, where: str) -> None:
+    """A local states_dir can be made and written here; a URI's bucket answers (with the AWS_* settings here)."""
+    if not is_uri(states_dir):
+        check_writable_folder(states_dir, where)
+        return
+    problem = unreachable(states_dir)
+    if problem:
+        raise UserError(f"{where}: cannot use {states_dir}: {problem}")
+
+
 def check_serve_model(config: ServeConfig) -> None:
     from rwkvray.model.checkpoint import load_checkpoint
     load_checkpoint(config.model)  # an RWKV checkpoint, not just a file
@@ -114,7 +124,7 @@ def before_serving(spec, address: str | None = None) -> ServeConfig:
     config = spec.serve
     read_api_key(config)
     check_serve_model(config)
-    check_writable_folder(config.states_dir, f"{spec.source}: serve.states_dir")
+    check_states_dir(config.states_dir, f"{spec.source}: serve.states_dir")
     if resolve_address(address)[0] == "local":  # on a cluster the head binds the port and holds the GPUs
         check_port_free(config.host, config.port, spec.source)
         import torch

@@ -4,6 +4,7 @@ The version comes from the keys (an `att.time_maa` key means x060, as in the rwk
 read from the tensors (see `infer_dims`); every expected key is checked for presence and shape; anything that is
 not a plain x070 or x060 model (RWKV-4/5, DeepEmbed 7a/7b, stray keys) is refused with one line.
 """
+import io
 import os
 import pickle
 import re
@@ -54,21 +55,29 @@ def read_tensor_dict(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     # mmap needs the zip format of torch.save; files written by torch < 1.6 are read into memory.
-    mmap = zipfile.is_zipfile(path)
+    return _load_tensor_dict(path, path, mmap=zipfile.is_zipfile(path))
+
+
+def tensor_dict_from_bytes(data: bytes, where: str) -> dict[str, torch.Tensor]:
+    """read_tensor_dict for a file already read whole (a state from a bucket or an upload); `where` names it."""
+    return _load_tensor_dict(io.BytesIO(data), where, mmap=False)
+
+
+def _load_tensor_dict(source, where: str, mmap: bool) -> dict[str, torch.Tensor]:
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        loaded = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if WEIGHTS_ONLY_REFUSAL in str(err):  # a pickle of Python objects: loading it could run code
-            raise UserError(f"{path}: holds objects other than tensors; it was not loaded") from None
-        raise UserError(f"{path}: not a PyTorch checkpoint (torch.load cannot read it)") from None
+            raise UserError(f"{where}: holds objects other than tensors; it was not loaded") from None
+        raise UserError(f"{where}: not a PyTorch checkpoint (torch.load cannot read it)") from None
     except Exception:
-        raise UserError(f"{path}: not a PyTorch checkpoint (torch.load cannot read it)") from None
+        raise UserError(f"{where}: not a PyTorch checkpoint (torch.load cannot read it)") from None
     if not isinstance(loaded, dict):
-        raise UserError(f"{path}: not a model checkpoint (it holds a {type(loaded).__name__}, "
+        raise UserError(f"{where}: not a model checkpoint (it holds a {type(loaded).__name__}, "
                         "expected a dict of tensors)")
     for key, value in loaded.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise UserError(f"{path}: not a model checkpoint (entry {key!r} is a {type(value).__name__}, "
+            raise UserError(f"{where}: not a model checkpoint (entry {key!r} is a {type(value).__name__}, "
                             "expected a tensor)")
     return loaded
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 
+from rwkvray.files import storage
 from rwkvray.files.atomic import write_bytes_atomically
 
 
@@ -52,15 +53,16 @@ def write_card(path: str, card: dict) -> None:
 
 
 def read_card(state_path: str) -> dict | None:
-    """The card beside a state file, or None when there is none; an unreadable card is a ValueError."""
+    """The card beside a state file (on disk or in a bucket), or None when there is none; an unreadable card is
+    a ValueError."""
     path = card_path(state_path)
-    if not os.path.isfile(path):
+    raw = storage.read_bytes(path)
+    if raw is None:
         return None
-    with open(path, encoding="utf-8") as f:
-        try:
-            card = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
+    try:
+        card = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(card, dict):
         raise ValueError(f"{path}: not a JSON object (a state card must be one)")
     return card

@@ -3,12 +3,14 @@
 The layout is [value, key] (the S of `y = S @ r`), the same one RWKV-Runner and RWKV-PEFT's merged checkpoints
 use. In memory a whole state is one [L, H, N, N] fp32 tensor.
 """
+import io
 import re
 
 import torch
 
-from rwkvray.files.atomic import write_atomically
-from rwkvray.model.checkpoint import TIME_STATE_KEY, parse_checkpoint, read_tensor_dict, save_checkpoint
+from rwkvray.files.atomic import write_atomically, write_bytes_atomically
+from rwkvray.model.checkpoint import (TIME_STATE_KEY, parse_checkpoint, read_tensor_dict, save_checkpoint,
+                                      tensor_dict_from_bytes)
 from rwkvray.model.dims import RWKVDims
 from rwkvray.errors import UserError
 
@@ -19,15 +21,30 @@ _FP16_MAX = torch.finfo(torch.float16).max
 def save_state(time_state: torch.Tensor, path: str, dtype: torch.dtype = torch.float32) -> None:
     """Write a [L,H,N,N] state as the RWKV-PEFT dict, atomically; fp32 by default (bf16 is what RWKV-PEFT writes
     under bf16 DeepSpeed)."""
+    write_bytes_atomically(path, state_bytes(time_state, dtype))
+
+
+def state_bytes(time_state: torch.Tensor, dtype: torch.dtype = torch.float32) -> bytes:
+    """The file save_state writes, as bytes (for a bucket, where a state is put whole)."""
     if time_state.dim() != 4 or time_state.shape[2] != time_state.shape[3]:
         raise ValueError(f"time_state must be [L, H, N, N], got {list(time_state.shape)}")
-    state = time_state.detach().to("cpu", dtype)
-    save_checkpoint(_as_dict(state), path)
+    buffer = io.BytesIO()
+    torch.save(_as_dict(time_state.detach().to("cpu", dtype)), buffer)
+    return buffer.getvalue()
 
 
 def load_state(path: str, dims: RWKVDims | None = None) -> torch.Tensor:
     """Read an RWKV-PEFT state file as a [L,H,N,N] fp32 tensor; with `dims`, it must fit that model."""
-    layers = _check_keys(read_tensor_dict(path), path)
+    return _state_of(read_tensor_dict(path), path, dims)
+
+
+def state_from_bytes(data: bytes, where: str, dims: RWKVDims | None = None) -> torch.Tensor:
+    """load_state for a state file read whole; `where` names it in the errors."""
+    return _state_of(tensor_dict_from_bytes(data, where), where, dims)
+
+
+def _state_of(raw: dict[str, torch.Tensor], path: str, dims: RWKVDims | None) -> torch.Tensor:
+    layers = _check_keys(raw, path)
     shape = _check_tensors(layers, path)
     if dims is not None and shape != (dims.n_layer, *dims.state_shape):
         raise UserError(f"{path}: state shape {list(shape)} (L,H,N,N) does not fit the model's "

@@ -2,12 +2,15 @@
 
 Semantics:
 - *known*: every `NAME.pth` in states_dir (looked up on demand, so a file dropped there needs no restart).
+  states_dir is a local folder or a URI (s3://, gs://; rwkvray/files/storage.py): every read, listing and write
+  goes through storage, so with a bucket a restart, another application or another node sees every state.
 - *mounted*: held in memory here, ready to serve. A state gets mounted by `POST /v1/states` (by name from
   states_dir, or uploaded), or automatically on its first request when it is known.
 - *unmounted*: `DELETE /v1/states/NAME` drops it and blocks automatic mounting, so requests for it get 404
   until it is mounted again by POST. Mounting again re-reads the file (the way to pick up a retrained state).
-- Uploads and blends are checked fully, then written atomically into states_dir (with their card, if any),
-  so a restart or a second replica sees them: they become known states like any dropped-in file.
+- Uploads and blends are checked fully, then written whole into states_dir (temp file and rename on disk, one
+  object put in a bucket; the card first), so a restart or a second replica sees them: they become known states
+  like any dropped-in file.
 - Nothing is overwritten silently: writing to a name that has a file answers 409 unless the body says
   `"replace": true`; then the old file and its card are kept as `NAME.prev.pth` / `NAME.prev.json`
   (rwkvray/files/versions.py), a known state of its own. A blend may not name itself among its parents.
@@ -28,13 +31,14 @@ from typing import Optional
 import torch
 
 from rwkvray import __version__
+from rwkvray.files import storage
 from rwkvray.files.publish import STATE_NAME
-from rwkvray.files.versions import NameTaken, previous_path, write_new_version
+from rwkvray.files.versions import PREVIOUS_MARK, NameTaken, write_new_version
 from rwkvray.model.dims import RWKVDims
 from rwkvray.errors import UserError
 from rwkvray.serve.api import ApiError, bad_request, not_found
-from rwkvray.model.state_card import card_path, read_card, write_card
-from rwkvray.model.state_file import load_state, save_state
+from rwkvray.model.state_card import card_bytes, card_path, read_card
+from rwkvray.model.state_file import state_bytes, state_from_bytes
 
 STATE_SUFFIX = ".pth"
 VERSION_MARK = "@"  # not a name character, so NAME@VERSION splits unambiguously
@@ -48,9 +52,13 @@ def check_name(name: str, param: str = "name") -> str:
 
 
 def state_path(states_dir: str, name: str) -> str:
-    """The file of a state, refusing anything (a symlink included) that resolves outside states_dir."""
+    """The file of a state, refusing anything (a symlink included) that resolves outside states_dir. In a bucket
+    a checked name (no "/", no leading ".") is a key right in the folder."""
+    file = check_name(name) + STATE_SUFFIX
+    if storage.is_uri(states_dir):
+        return storage.join(states_dir, file)
     root = os.path.realpath(states_dir)
-    path = os.path.realpath(os.path.join(root, check_name(name) + STATE_SUFFIX))
+    path = os.path.realpath(os.path.join(root, file))
     if os.path.dirname(path) != root:
         raise bad_request(f"state {name!r} resolves outside the states folder", "name", "invalid_state_name")
     return path
@@ -99,7 +107,8 @@ class StateStore:
         self.unmounted: set[str] = set()
         self.next_version = time.time_ns() // 1000  # unique across restarts: a stale NAME@VERSION never matches
         self.lock = threading.Lock()
-        os.makedirs(states_dir, exist_ok=True)
+        if not storage.is_uri(states_dir):  # a bucket has no folders to make
+            os.makedirs(states_dir, exist_ok=True)
 
     def resolve(self, name: str) -> str:
         """The cache id for a request's state, mounting a known state on first use."""
@@ -110,12 +119,13 @@ class StateStore:
             if name in self.unmounted:
                 raise not_found(f"state '{name}' is not mounted (it was unmounted; POST /v1/states to mount it again)")
             path = state_path(self.states_dir, name)
-            if not os.path.isfile(path):
+            data = storage.read_bytes(path)
+            if data is None:
                 raise not_found(f"the model '{name}' does not exist: it is neither the base model "
                                 f"'{self.base_name}' nor a state in the states folder")
             card = read_state_card(path, name)
             warning = self._check_card(name, card, force=False)
-            entry = self._add(name, "states_dir", self._read(path, name), warning, card)
+            entry = self._add(name, "states_dir", self._parse(data, name), warning, card)
             return model_id(name, entry.version)
 
     def fetch(self, mid: str) -> torch.Tensor:
@@ -131,27 +141,27 @@ class StateStore:
         """Mount (or re-read) NAME.pth from states_dir."""
         self._check_not_base(name)
         path = state_path(self.states_dir, name)
-        if not os.path.isfile(path):
+        data = storage.read_bytes(path)
+        if data is None:
             raise not_found(f"no state file '{name}{STATE_SUFFIX}' in the states folder", "state_not_found")
         card = read_state_card(path, name)
         warning = self._check_card(name, card, force)
-        time_state = self._read(path, name)
+        time_state = self._parse(data, name)
         with self.lock:
             return self._add(name, "states_dir", time_state, warning, card).describe()
 
     def upload(self, name: str, data: bytes, card: Optional[dict] = None, force: bool = False,
                replace: bool = False) -> dict:
         """Check a state file sent by a client fully (weights_only load, keys, shapes, its card's base), write it
-        (and its card) atomically into states_dir, and mount it. See `_write_version` for `replace`."""
+        (and its card) whole into states_dir, and mount it. See `_write_version` for `replace`."""
         self._check_not_base(name)
         if len(data) > self.max_upload_bytes:
             raise upload_too_large(self.max_upload_bytes)
         warning = self._check_card(name, card, force)
         path = state_path(self.states_dir, name)
+        time_state = self._parse(data, name)
         with self.lock:
-            self._write_version(name, path, lambda tmp: self._write_checked(tmp, data, name), replace)
-            time_state = self._read(path, name)
-            self._replace_card(path, card)
+            self._write_version(name, path, data, card, replace)
             return self._add(name, "upload", time_state, warning, card).describe()
 
     def blend(self, name: str, weights: dict[str, float], replace: bool = False) -> dict:
@@ -174,8 +184,7 @@ class StateStore:
             card = {"base": self.base, **card}
         warning = f"blended from {unknown}, whose base model is unknown" if unknown else None
         with self.lock:
-            self._write_version(name, path, lambda tmp: save_state(time_state, tmp), replace)
-            self._replace_card(path, card)
+            self._write_version(name, path, state_bytes(time_state), card, replace)
             return self._add(name, "blend", time_state.float(), warning, card).describe()
 
     def _matches_base(self, name: str) -> bool:
@@ -218,15 +227,12 @@ class StateStore:
             return sorted(set(self.mounted) | (set(self.known_names()) - self.unmounted))
 
     def known_names(self) -> list[str]:
-        try:
-            files = os.listdir(self.states_dir)
-        except FileNotFoundError:
-            return []
+        files = storage.list_files(self.states_dir)
         stems = (f[: -len(STATE_SUFFIX)] for f in files if f.endswith(STATE_SUFFIX))
         return sorted(stem for stem in stems if STATE_NAME.fullmatch(stem) and stem != self.base_name)
 
     def _known(self, name: str) -> bool:
-        return os.path.isfile(state_path(self.states_dir, name))
+        return storage.is_file(state_path(self.states_dir, name))
 
     def _check_not_base(self, name: str) -> None:
         if check_name(name) == self.base_name:
@@ -256,36 +262,23 @@ class StateStore:
             return None
         return theirs["sha256"] == self.base["sha256"]
 
-    def _write_version(self, name: str, path: str, write, replace: bool) -> None:
-        """Write NAME's file; an existing one is a 409 unless `replace`, and then kept as NAME.prev (with its
-        card)."""
+    def _write_version(self, name: str, path: str, data: bytes, card: Optional[dict], replace: bool) -> None:
+        """Write NAME's file with its card (or no card: an old one would lie); an existing file is a 409 unless
+        `replace`, and then kept as NAME.prev with its card."""
+        card_file = card_path(path)
         try:
-            write_new_version(path, write, replace, (card_path(path),))
+            write_new_version(path, data, replace, {card_file: None if card is None else card_bytes(card)})
         except NameTaken:
-            previous = os.path.basename(previous_path(path))[: -len(STATE_SUFFIX)]
             raise ApiError(409, f"state '{name}' already exists; send \"replace\": true to replace it (the current "
-                                f"one is then kept as '{previous}')", "invalid_request_error", "name",
+                                f"one is then kept as '{name}{PREVIOUS_MARK}')", "invalid_request_error", "name",
                            "state_exists") from None
 
-    def _write_checked(self, tmp: str, data: bytes, name: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        self._read(tmp, name)
-
-    def _replace_card(self, path: str, card: Optional[dict]) -> None:
-        """The card beside a newly written state: the given one, or none (an old card would lie)."""
-        if card is None:
-            if os.path.exists(card_path(path)):
-                os.remove(card_path(path))
-        else:
-            write_card(card_path(path), card)
-
-    def _read(self, path: str, name: str) -> torch.Tensor:
+    def _parse(self, data: bytes, name: str) -> torch.Tensor:
         """load_state's checks (weights_only, exact keys, [H,N,N] per layer, finite, fits the model) as a 400."""
         try:
-            return load_state(path, self.dims)
+            return state_from_bytes(data, name, self.dims)
         except UserError as err:
-            message = str(err).removeprefix(f"{path}: ")
+            message = str(err).removeprefix(f"{name}: ")
             raise bad_request(f"state '{name}': {message}", "state", "invalid_state") from None
 
     def _add(self, name: str, source: str, time_state: torch.Tensor, warning: Optional[str],

@@ -28,6 +28,11 @@ def absolute(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def folder_or_uri(path: str) -> str:
+    """A local folder made absolute, or a URI (s3://, gs://) as written."""
+    return path if is_uri(path) else absolute(path)
+
+
 def ray_job_package() -> str | None:
     """The uploaded working dir, when this process is a `ray job submit --working-dir` entrypoint (Ray unpacks
     it under runtime_resources/working_dir_files/ and deletes it with the job)."""

@@ -10,7 +10,7 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from rwkvray.spec.fields import (GPU_OPS, ExistingFile, NonNegativeFloat, PositiveFloat, PositiveInt, StrictModel,
                                  strict_choice)
-from rwkvray.spec.paths import absolute
+from rwkvray.spec.paths import folder_or_uri
 from rwkvray.spec.wording import SpecProblem
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -19,7 +19,8 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 class ServeConfig(StrictModel):
     model: ExistingFile
     model_name: str | None = None  # default: the model file's stem (named_after_model)
-    states_dir: Annotated[str, AfterValidator(absolute)] = "./states"  # created by the server if missing
+    # a folder (created by the server if missing) or a URI (s3://, gs://) that every replica and node reads
+    states_dir: Annotated[str, AfterValidator(folder_or_uri)] = "./states"
     replicas: PositiveInt = 1
     max_mounted_states: PositiveInt = 8  # per replica (LRU)
     max_batch_size: PositiveInt = 8
