@@ -152,7 +152,8 @@ def test_names_in_a_bucket_are_checked_as_strictly_as_on_disk(aws):
     assert store.known_names() == ["ok"]
 
 
-def test_a_missing_bucket_is_one_line_naming_serve_states_dir_before_serving(aws, tmp_path):
+def test_a_missing_bucket_is_one_line_naming_the_key_before_serving_or_training(aws, tmp_path):
+    from rwkvray.launch.outputs import check_publishable
     from rwkvray.launch.prechecks import before_serving
     model_path = str(tmp_path / "m.pth")
     save_checkpoint(serve_model().state_dict(), model_path)
@@ -161,4 +162,10 @@ def test_a_missing_bucket_is_one_line_naming_serve_states_dir_before_serving(aws
     with pytest.raises(UserError) as err:
         before_serving(spec, "local")
     assert str(err.value) == ("serve.yaml: serve.states_dir: cannot use s3://no-such-bucket/states: the bucket "
+                              "'no-such-bucket' does not exist")
+    run = spec_from_dict({"model": {"path": model_path}, "data": {"file": SAMPLE},
+                          "run": {"publish": {"states_dir": "s3://no-such-bucket/states", "name": "p"}}}, "job.yaml")
+    with pytest.raises(UserError) as err:
+        check_publishable(run)
+    assert str(err.value) == ("job.yaml: run.publish.states_dir: cannot use s3://no-such-bucket/states: the bucket "
                               "'no-such-bucket' does not exist")

@@ -67,8 +67,12 @@ REPLACE_HINT = "set run.publish.replace: true"
 
 
 def check_publishable(spec) -> None:
-    """Before a run trains: refuse at once when its state could not be published without replacing another."""
+    """Before a run trains: refuse at once when its state could not be published: a bucket that does not answer,
+    or another state under the name that only replace may overwrite."""
     publish = spec.run.publish
+    problem = publish and storage.is_uri(publish.states_dir) and storage.unreachable(publish.states_dir)
+    if problem:
+        raise UserError(f"{spec.source}: run.publish.states_dir: cannot use {publish.states_dir}: {problem}")
     if publish and not publish.replace and different_state_there(publish.states_dir, publish.name):
         raise UserError(f"{spec.source}: run.publish: {refusal(publish.states_dir, publish.name, REPLACE_HINT)}")
 
