@@ -4,6 +4,7 @@ import functools
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from rwkvray.peft.base import PeftModel
 from rwkvray.peft.state import StateTuning
 from tests.helpers import TINY, TINY_X060, random_model
 
+ROOT = Path(__file__).resolve().parents[1]
 T, CHUNK = 40, 16  # three chunks, the last one shorter
 
 
@@ -86,3 +88,18 @@ def test_state_tuning_model_in_chunks_gives_the_unchunked_loss_and_state_gradien
     (loss, grad), (chunked_loss, chunked_grad) = results
     assert chunked_loss == pytest.approx(loss, rel=1e-6)
     assert (chunked_grad - grad).abs().max() <= 1e-4 * grad.abs().max()
+
+
+def test_peak_memory_at_4096_tokens_in_chunks_of_256_stays_near_that_of_256(tmp_path):
+    """benchmarks/infctx_memory.py, each ctx_len in a fresh process (peak RSS): chunked, 16 times the tokens
+    need at most 1.5 times the memory; unchunked they need more than twice as much (the measure sees it)."""
+    out = tmp_path / "memory.json"
+    run = subprocess.run([sys.executable, "benchmarks/infctx_memory.py", "--ctx-lens", "256,4096", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {(row["ctx_len"], row["chunk_ctx"]): row["step_peak_mib"] for row in json.loads(out.read_text())["rows"]}
+    assert rows.keys() == {(256, None), (4096, 256), (4096, None)}
+    reference = rows[256, None]
+    assert reference > 50  # the step's activations, well above the allocator's noise
+    assert rows[4096, 256] <= 1.5 * reference
+    assert rows[4096, None] > 2 * reference
