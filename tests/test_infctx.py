@@ -14,7 +14,9 @@ from rwkvray.model.loss import masked_lm_loss
 from rwkvray.model.rwkv import RNNState
 from rwkvray.peft.base import PeftModel
 from rwkvray.peft.state import StateTuning
+from rwkvray.errors import UserError
 from tests.helpers import TINY, TINY_X060, random_model
+from tests.test_config import MD, load_text
 
 ROOT = Path(__file__).resolve().parents[1]
 T, CHUNK = 40, 16  # three chunks, the last one shorter
@@ -103,3 +105,22 @@ def test_peak_memory_at_4096_tokens_in_chunks_of_256_stays_near_that_of_256(tmp_
     assert reference > 50  # the step's activations, well above the allocator's noise
     assert rows[4096, 256] <= 1.5 * reference
     assert rows[4096, None] > 2 * reference
+
+
+@pytest.mark.parametrize("trainer,expected", [
+    ("{chunk_ctx: 1024}", "trainer.chunk_ctx: must be ≤ ctx_len (512): each ctx_len sample runs in chunks of "
+                          "chunk_ctx tokens (got 1024)"),
+    ("{chunk_ctx: 0}", "trainer.chunk_ctx: must be ≥ 1"),
+    ("{chunk_grad: detached}", "trainer.chunk_grad: is read only with chunk_ctx set (--train_type infctx)"),
+    ("{chunk_ctx: 64, chunk_grad: cut}", "trainer.chunk_grad: must be one of through, detached (got 'cut')"),
+], ids=["longer-than-ctx", "zero", "grad-without-chunks", "bad-grad"])
+def test_bad_chunk_keys_are_one_line_errors(workdir, trainer, expected):
+    with pytest.raises(UserError) as error:
+        load_text(MD + f"trainer: {trainer}\n", workdir)
+    assert str(error.value) == f"{workdir / 'job.yaml'}: {expected}"
+
+
+def test_chunk_keys_in_a_spec(workdir):
+    spec = load_text(MD.replace("data: {", "data: {ctx_len: 16384, ") + "trainer: {chunk_ctx: 256, chunk_grad: detached}\n",
+                     workdir)
+    assert (spec.data.ctx_len, spec.trainer.chunk_ctx, spec.trainer.chunk_grad) == (16384, 256, "detached")
