@@ -37,7 +37,9 @@ def test_fla_op_matches_float64_loop_with_every_gradient(B, T):
 
 
 def test_model_forward_backward_agrees_with_torch_op():
-    """A tiny fp32 model from a tuned state: loss and the state's gradient, op="fla" against op="torch"."""
+    """A tiny fp32 model from a tuned state: loss and the state's gradient, op="fla" against op="torch"; also in
+    chunks of 8 tokens (--train_type infctx), where FLA's final-state gradient carries it back across chunks."""
+    from rwkvray.model.long_context import Chunking, chunked_lm_loss
     from rwkvray.model.loss import masked_lm_loss
     from rwkvray.peft.state import from_time_state
     from tests.helpers import TINY, random_model
@@ -48,13 +50,16 @@ def test_model_forward_backward_agrees_with_torch_op():
     mask = (torch.rand(B, T, generator=g) > 0.3).to(DEVICE)
     time_state = (torch.randn(TINY.n_layer, *TINY.state_shape, generator=g) * 0.1).to(DEVICE).requires_grad_()
     results = {}
-    for op in ("torch", "fla"):
+    for op, chunking in (("torch", None), ("fla", None), ("fla", Chunking(8))):
         model = random_model(op=op).to(DEVICE).requires_grad_(False)
         state = from_time_state(time_state, B, TINY.n_embd)
-        hidden = model.features(idx[:, :-1], state)
-        loss = masked_lm_loss(hidden, model.head, idx[:, 1:], mask)
-        results[op] = (loss.item(), torch.autograd.grad(loss, time_state)[0])
-    (loss_ref, grad_ref), (loss, grad) = results["torch"], results["fla"]
+        if chunking:
+            loss = chunked_lm_loss(model, idx[:, :-1], idx[:, 1:], mask, state, chunking)
+        else:
+            loss = masked_lm_loss(model.features(idx[:, :-1], state), model.head, idx[:, 1:], mask)
+        results[op, chunking] = (loss.item(), torch.autograd.grad(loss, time_state)[0])
+    loss_ref, grad_ref = results.pop(("torch", None))
     assert grad_ref.abs().max() > 0
-    assert abs(loss - loss_ref) / abs(loss_ref) < 1e-5, (loss, loss_ref)
-    assert rel_err(grad, grad_ref) < BOUND, rel_err(grad, grad_ref)
+    for loss, grad in results.values():
+        assert abs(loss - loss_ref) / abs(loss_ref) < 1e-5, (loss, loss_ref)
+        assert rel_err(grad, grad_ref) < BOUND, rel_err(grad, grad_ref)

@@ -127,6 +127,20 @@ def test_flags_ignored_for_rwkv7_are_accepted(workdir):
     assert spec.peft.method == "state"
 
 
+def test_infctx_runs_samples_in_chunks(workdir):
+    """--train_type infctx tunes the state (or the --peft weight method alone) in --chunk_ctx chunks; RWKV-PEFT's
+    default 512, or the whole --ctx_len when that is shorter."""
+    spec = flags("--load_model model.pth --data_file chats.jsonl --train_type infctx --ctx_len 4096 --chunk_ctx 256")
+    assert (spec.peft.method, spec.peft.combine_state) == ("state", False)
+    assert (spec.data.ctx_len, spec.trainer.chunk_ctx, spec.trainer.chunk_grad) == (4096, 256, "through")
+    spec = flags("--load_model model.pth --data_file chats.jsonl --peft lora --train_type infctx --ctx_len 2048 "
+                 "--chunk_grad detached")
+    assert (spec.peft.method, spec.peft.combine_state) == ("lora", False)
+    assert (spec.trainer.chunk_ctx, spec.trainer.chunk_grad) == (512, "detached")
+    assert flags("--load_model model.pth --data_file chats.jsonl --train_type infctx --ctx_len 128").trainer.chunk_ctx == 128
+    assert flags("--load_model model.pth --data_file chats.jsonl --chunk_ctx 256").trainer.chunk_ctx is None
+
+
 BAD_FLAGS = [
     ("--lr_init -1", "--lr_init: must be > 0"),
     ("--lr_init 1e-4 --lr_final 1e-3", "--lr_final: must be ≤ lr_init (0.0001)"),
@@ -137,7 +151,11 @@ BAD_FLAGS = [
     ("--my_testing x052", "--my_testing: must be one of x070, x060 (got 'x052')"),
     ("--peft none", "--peft: full fine-tuning is not supported: use --peft state, lora, pissa or disha"),
     ("--peft lisa --train_type state", "--peft: must be one of state, lora, pissa, disha (got 'lisa')"),
-    ("--train_type infctx", "--train_type: 'infctx' is not supported (use state, or leave it out)"),
+    ("--train_type fullctx", "--train_type: 'fullctx' is not supported (use state or infctx, or leave it out)"),
+    ("--train_type infctx --ctx_len 128 --chunk_ctx 256",
+     "--chunk_ctx: must be ≤ ctx_len (128): each ctx_len sample runs in chunks of chunk_ctx tokens (got 256)"),
+    ("--chunk_grad detached", "--chunk_grad: is read only with chunk_ctx set (--train_type infctx)"),
+    ("--train_type infctx --chunk_grad cut", "--chunk_grad: must be one of through, detached (got 'cut')"),
     ("--peft lora --lora_config '{\"lora_r\":0}'", "--lora_config lora_r: must be ≥ 1"),
     ("--peft lora --lora_config '{\"rank\":8}'",
      "--lora_config rank: unknown key for lora (use r, lora_r, alpha, lora_alpha, dropout, lora_dropout, target_modules, lora_parts)"),

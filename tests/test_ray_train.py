@@ -121,6 +121,20 @@ def test_killed_worker_resumes_to_the_same_final_state(zero1_run, tiny_model, tm
     torch.testing.assert_close(final, reference, rtol=1e-5, atol=1e-6)
 
 
+def test_two_worker_infctx_trains_as_the_unchunked_run(zero1_run, tmp_path):
+    """--train_type infctx on 2 DeepSpeed workers: each 32-token sample in chunks of 8, the gradient through the
+    chunks; the same losses, step by step, as the unchunked run (the chunked gradient is the same gradient)."""
+    reference_spec, _ = zero1_run
+    spec = spec_with(two_worker_spec(reference_spec.model.path, tmp_path, "infctx"), trainer={"chunk_ctx": 8})
+    result = run_on_ray(spec)
+    assert result.error is None
+    assert result.metrics["replica_divergence"] == 0.0
+    assert losses(spec) == pytest.approx(losses(reference_spec), rel=1e-3)
+    final = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth"))
+    reference = load_state(os.path.join(reference_spec.trainer.proj_dir, "rwkv-final.pth"))
+    torch.testing.assert_close(final, reference, rtol=1e-2, atol=1e-3)
+
+
 @pytest.mark.parametrize("stage, lora", [(2, True), (3, False)])
 def test_zero2_and_zero3_complete(local_ray, tiny_model, tmp_path, stage, lora):
     """ZeRO-2 trains LoRA plus the state (a weight method through Ray Train); ZeRO-3 the state alone."""

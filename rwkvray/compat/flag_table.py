@@ -137,8 +137,13 @@ GROUPS: dict[str, list[Flag]] = {
              convert=to_spec.wandb_project),
     ],
     "PEFT": [
-        sets("train_type", PEFT_METHOD, "state: tune the state (alone, or with the --peft weight method)",
-             convert=peft_to_spec.peft_method),
+        sets("train_type", PEFT_METHOD, "state: tune the state (alone, or with the --peft weight method); "
+             "infctx: long documents, each --ctx_len sample in --chunk_ctx chunks with the state passed on (tunes "
+             "the state unless --peft names a weight method)", convert=peft_to_spec.peft_method),
+        Flag("chunk_ctx", "--train_type infctx: tokens per chunk, ≤ --ctx_len; the gradient flows through the "
+             "chunks back to the tuned state, each chunk recomputed in backward (--chunk_grad detached stops it at "
+             "each chunk, as RWKV-PEFT) (default: 512, or --ctx_len if shorter)", "trainer.chunk_ctx",
+             peft_to_spec.chunk_ctx, always=True, options={"type": int}),
         *(sets(name, "peft", "the method's settings as JSON, e.g. '{\"r\": 8}'", json_object, ADAPTER,
              metavar="JSON") for name in peft_to_spec.ALL_CONFIG_FLAGS),
         sets("quant", "peft.quant", "quantize the frozen base: none, int8 or nf4", convert=to_spec.lowercase),
@@ -174,6 +179,8 @@ GROUPS: dict[str, list[Flag]] = {
              "(default: ./runs)"),
         sets("eval_file", "data.eval_file", "evaluation data (same type as --data_file)"),
         sets("holdout_fraction", "data.holdout_fraction", "hold out this fraction of the data for evaluation", float),
+        sets("chunk_grad", "trainer.chunk_grad", "--train_type infctx: through (the gradient reaches the tuned "
+             "state from every chunk) or detached (RWKV-PEFT's: only from the first chunk)"),
         sets("state_init", "peft.state.init_from", "state file to start state tuning from (default: zeros)"),
         sets("grad_clip", "optim.grad_clip", "gradient clipping, 0 for none", float),
         sets("max_failures", "run.max_failures", "worker-group restarts on failure (-1: forever)", int),
@@ -193,7 +200,6 @@ GROUPS: dict[str, list[Flag]] = {
         ignored("layerwise_lr", int, "it scales the learning rate of time_* and *_w1/_w2 weights, which PEFT "
                 "keeps frozen"),
         ignored("ds_bucket_mb", int, "DeepSpeed keeps its own bucket sizes (a job spec sets them in deepspeed.config)"),
-        ignored("chunk_ctx", int, "read only by --train_type infctx, which rwkvray does not offer"),
         *(ignored(name, int, LOADER) for name in ("num_workers", "prefetch_factor")),
         Flag("persistent_workers", f"no effect here: {LOADER}", ignored=LOADER, options={"action": "store_true"}),
         ignored("avg_loss", int, "rwkvray logs every step's loss to metrics.jsonl"),

@@ -8,7 +8,7 @@ from argparse import Namespace
 from typing import Any
 
 from rwkvray.compat.conversions import SKIP, Entries, flag_error
-from rwkvray.compat.spec_api import TARGETS
+from rwkvray.compat.spec_api import TARGETS, default_of
 
 WEIGHT_METHODS = {"lora": "lora", "pissa": "pissa", "disha": "disha", "miss": "disha", "bone": "disha"}
 CONFIG_FLAGS = {  # method -> flags that may carry its JSON config
@@ -23,6 +23,7 @@ CONFIG_KEYS = {  # method -> {RWKV-PEFT JSON key: our key}
     "pissa": {"r": "r", "pissa_r": "r", "lora_r": "r", "svd_niter": "svd_niter", "target_modules": "targets"},
     "disha": {"r": "r", "bone_r": "r", "mode": "mode", "bone_mode": "mode", "target_modules": "targets"},
 }
+RWKV_PEFT_CHUNK_CTX = 512  # --chunk_ctx's default in RWKV-PEFT's train.py
 LOAD_KEYS = ("load", "lora_load", "pissa_load", "pissa_init", "bone_load")  # adapter weights to start from
 OLD_ADAPTER_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_parts", "lora_load", "svd_niter")
 UNSUPPORTED_PEFT = {  # --peft value today's RWKV-PEFT hands to Hugging Face peft -> what to use instead
@@ -49,12 +50,14 @@ def chosen_method(flags: Namespace) -> tuple[str, Any]:
     if peft in UNSUPPORTED_PEFT:
         raise flag_error("peft", f"{flags.peft!r} is not supported: {UNSUPPORTED_PEFT[peft]}")
     train_type = (flags.train_type or "none").lower()
-    if train_type not in ("none", "state", "states"):
-        raise flag_error("train_type", f"{flags.train_type!r} is not supported (use state, or leave it out)")
+    if train_type not in ("none", "state", "states", "infctx"):
+        raise flag_error("train_type", f"{flags.train_type!r} is not supported (use state or infctx, or leave it out)")
     if peft not in ("none", "state", *WEIGHT_METHODS):
         return peft, SKIP  # the schema names the methods there are
     weight = WEIGHT_METHODS.get(peft) or ("lora" if flags.lora else "pissa" if flags.PISSA else None)
-    state = peft == "state" or train_type != "none" or flags.state_tune
+    # infctx (long documents in chunks) tunes the state unless --peft names a weight method
+    state = peft == "state" or train_type in ("state", "states") or flags.state_tune or (train_type == "infctx"
+                                                                                        and not weight)
     if weight is None and not state and flags.peft is not None:
         raise flag_error("peft", "full fine-tuning is not supported: use --peft state, lora, pissa or disha")
     return (weight, True if state else SKIP) if weight else ("state", SKIP)
@@ -113,3 +116,13 @@ def train_parts(value: list[str], flags: Namespace, name: str) -> list[str]:
         if part != "ln":
             raise flag_error(name, f"{part!r} is not supported: {TRAIN_PARTS_REFUSED.get(part, 'only ln is')}")
     return ["ln"] if value else []
+
+
+def chunk_ctx(value: int | None, flags: Namespace, name: str) -> Any:
+    """trainer.chunk_ctx: read only with --train_type infctx, as in RWKV-PEFT; its default 512, or --ctx_len when
+    that is shorter (one chunk, as RWKV-PEFT runs it)."""
+    if (flags.train_type or "").lower() != "infctx":
+        return SKIP
+    if value is None:
+        return min(RWKV_PEFT_CHUNK_CTX, flags.ctx_len or default_of("data.ctx_len"))
+    return value

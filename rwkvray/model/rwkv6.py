@@ -46,8 +46,9 @@ class TimeMix(nn.Module):
         k = self.key(xk)
         v = self.value(xv)
         g = F.silu(self.gate(xg))
-        # data-dependent decay, in fp32 as the rwkv package does: decay = exp(-exp(w)) is sensitive near 1
-        w = self.time_decay.float() + (torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2).float()
+        # data-dependent decay, in fp32 (at least) as the rwkv package does: decay = exp(-exp(w)) is sensitive near 1
+        wide = torch.promote_types(x.dtype, torch.float32)
+        w = self.time_decay.to(wide) + (torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2).to(wide)
 
         heads = lambda t: t.view(B, T, self.n_head, -1)
         y, state = wkv6(heads(r), heads(w), heads(k), heads(v), self.time_faaaa, s0, op)

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from rwkvray.model.checkpoint import save_checkpoint
+from rwkvray.model.long_context import Chunking, chunked_lm_loss
 from rwkvray.model.loss import masked_lm_loss
 from rwkvray.model.rwkv import RNNState, RWKV
 from rwkvray.peft.train_parts import norm_tensors
@@ -51,12 +52,13 @@ class PeftMethod(nn.Module):
 
 
 class PeftModel(nn.Module):
-    """Frozen base + one method (or state plus one weight method); forward returns the masked LM loss."""
+    """Frozen base + one method (or state plus one weight method); forward returns the masked LM loss.
+    `chunking` runs sequences longer than its chunk_ctx in chunks (rwkvray/model/long_context.py)."""
 
-    def __init__(self, base: RWKV, methods: list[PeftMethod]):
+    def __init__(self, base: RWKV, methods: list[PeftMethod], chunking: Chunking | None = None):
         super().__init__()
         base.requires_grad_(False)
-        self.base = base
+        self.base, self.chunking = base, chunking
         self.methods = nn.ModuleList(methods)
         for method in methods:
             method.attach(base)
@@ -70,7 +72,10 @@ class PeftModel(nn.Module):
         return states[0] if states else None
 
     def forward(self, input_ids, targets, mask):
-        hidden = self.base.features(input_ids, self.initial_state(input_ids.shape[0]))
+        state = self.initial_state(input_ids.shape[0])
+        if self.chunking and input_ids.shape[1] > self.chunking.chunk_ctx:
+            return chunked_lm_loss(self.base, input_ids, targets, mask, state, self.chunking)
+        hidden = self.base.features(input_ids, state)
         return masked_lm_loss(hidden, self.base.head, targets, mask)
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -1,4 +1,5 @@
 """Every PEFT method by its spec name (`peft.method`), and building the spec's methods on a base model."""
+from rwkvray.model.long_context import Chunking
 from rwkvray.model.rwkv import RWKV
 from rwkvray.peft.base import PeftMethod, PeftModel
 from rwkvray.peft.disha import Disha
@@ -16,13 +17,14 @@ def method_classes(peft_spec) -> list[type[PeftMethod]]:
     return [METHODS[name] for name in names]
 
 
-def build_peft(base: RWKV, peft_spec) -> PeftModel:
+def build_peft(base: RWKV, peft_spec, chunking: Chunking | None = None) -> PeftModel:
+    """The spec's methods on `base`; `chunking`: long sequences in chunks (trainer.chunk_ctx)."""
     trained_norms = train_norms(base) if NORM_PART in peft_spec.train_parts else []
     save_dtype = base.emb.weight.dtype  # adapter files are in the training precision
     # the first method (the weight method when there is one) carries the trained norms in its file
     methods = [cls.from_spec(base, peft_spec, save_dtype=save_dtype, trained_norms=trained_norms if i == 0 else [])
                for i, cls in enumerate(method_classes(peft_spec))]
-    model = PeftModel(base, methods)
+    model = PeftModel(base, methods, chunking)
     if peft_spec.quant != "none":  # after the methods: PiSSA must take its SVD of the full-precision weights
         from rwkvray.model.quant import quantize_frozen_linears
         quantize_frozen_linears(base, peft_spec.quant)

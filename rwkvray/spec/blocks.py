@@ -225,6 +225,10 @@ class TrainerConfig(StrictModel):
     grad_cp: bool = False
     op: Literal["auto", "torch", "cuda", "fla"] = "auto"
     cuda_graph: bool = False  # capture the training step once and replay it (rwkvray/train/graphed_engine.py)
+    # long documents (RWKV-PEFT's --train_type infctx): each sample runs in chunks of chunk_ctx tokens, the state
+    # passed on; the gradient flows `through` the chunk boundaries, or stops there (`detached`, as RWKV-PEFT)
+    chunk_ctx: PositiveInt | None = None
+    chunk_grad: Literal["through", "detached"] = "through"
     seed: NonNegativeInt = 42
     proj_dir: str | None = None  # local copy of the outputs; TrainSpec.default_proj_dir fills in the default
 

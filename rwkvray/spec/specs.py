@@ -107,6 +107,15 @@ class TrainSpec(Spec):
         return self
 
     @model_validator(mode="after")
+    def chunks_fit_the_sample(self) -> TrainSpec:
+        if "chunk_grad" in self.trainer.model_fields_set and self.trainer.chunk_ctx is None:
+            raise SpecProblem("trainer.chunk_grad", "is read only with chunk_ctx set (--train_type infctx)")
+        if self.trainer.chunk_ctx is not None and self.trainer.chunk_ctx > self.data.ctx_len:
+            raise SpecProblem("trainer.chunk_ctx", f"must be ≤ ctx_len ({self.data.ctx_len}): each ctx_len sample "
+                              f"runs in chunks of chunk_ctx tokens (got {self.trainer.chunk_ctx})")
+        return self
+
+    @model_validator(mode="after")
     def capturable_step(self) -> TrainSpec:
         """A captured step has one shape, one micro-batch per optimizer step and no DeepSpeed around it."""
         if not self.trainer.cuda_graph:

@@ -17,6 +17,7 @@ from rwkvray.spec import TuneSpec, check_model_expectations
 from rwkvray.train.checkpoints import report_with_manifest, resume_from_intact
 from rwkvray.train.data import TokenBatcher, eval_batches, load_documents, split_holdout
 from rwkvray.train.metrics import RunLogger
+from rwkvray.model.long_context import Chunking
 from rwkvray.model.rwkv import load_model
 from rwkvray.peft import build_peft
 from rwkvray.peft.epoch_outputs import write_epoch_outputs
@@ -123,7 +124,9 @@ def _build_module(spec, device):
     model, _ = load_model(spec.model.path, device=device, dtype=DTYPES[spec.trainer.precision],
                           op=spec.trainer.op, grad_cp=spec.trainer.grad_cp)
     check_model_expectations(spec.model, model.dims, spec.source)
-    return build_peft(model, spec.peft)
+    trainer = spec.trainer
+    chunking = Chunking(trainer.chunk_ctx, trainer.chunk_grad == "detached") if trainer.chunk_ctx else None
+    return build_peft(model, spec.peft, chunking)
 
 
 def _load_data(spec):
