@@ -160,11 +160,16 @@ def parse_line(line: str, where: str) -> dict:
 
 
 def line_document(record: dict, loss_mask: str, tokenizer, where: str) -> Document:
-    segments = line_segments(record, loss_mask, where)
     if loss_mask == "none":
-        tokens = tokenizer.encode("".join(text for text, _ in segments)) + [EOS_ID]
+        tokens = tokenizer.encode(document_text(record, where)) + [EOS_ID]
         return Document(np.array(tokens, dtype=np.int64), np.ones(len(tokens), dtype=np.float32))
-    return segmented_document(segments, tokenizer)
+    return segmented_document(line_segments(record, loss_mask, where), tokenizer)
+
+
+def document_text(record: dict, where: str) -> str:
+    """The text a jsonl line trains on: its "text", or its "messages" in the chat template (`rwkvray
+    prepare-data` tokenizes this same text)."""
+    return "".join(text for text, _ in line_segments(record, "none", where))
 
 
 def line_segments(record: dict, loss_mask: str, where: str) -> list[tuple[str, bool]]:
