@@ -104,7 +104,7 @@ def test_ray_data_output_is_byte_identical_to_one_process_and_trains(ray_with_bu
     code, out, _ = prepare(capsys, folder / "a", folder / "b.jsonl", "--out", tmp_path / "out" / "corpus")
     assert code == 0
     assert out.startswith(f"wrote {tmp_path}/out/corpus.bin and {tmp_path}/out/corpus.idx: {len(documents)} "
-                          f"documents, {len(bin_bytes) // 2} tokens in ")
+                          f"documents, {len(bin_bytes) // 2} tokens; tokenized in ")
     assert (tmp_path / "out" / "corpus.bin").read_bytes() == bin_bytes
     assert (tmp_path / "out" / "corpus.idx").read_bytes() == idx_bytes
     assert sorted(os.listdir(tmp_path / "out")) == ["corpus.bin", "corpus.idx"]

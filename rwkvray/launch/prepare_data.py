@@ -46,11 +46,10 @@ def prepare_data(inputs: list[str], out: str, address: str | None = None, shuffl
     files = input_files(inputs)
     prefix = binidx_prefix(out)
     check_output(prefix, overwrite)
-    started = time.monotonic()
     with staged_output(prefix) as (bin_tmp, idx_tmp), ray_session(address, num_cpus=num_cpus):
         with open(bin_tmp, "wb") as bin_file:
             writer = BinidxWriter(bin_file)
-            cpus = collect(files, writer, num_cpus)
+            cpus, seconds = collect(files, writer, num_cpus)
         sizes = writer.sizes()
         if not len(sizes):
             raise UserError(f"{', '.join(inputs)}: no documents (only blank lines)")
@@ -58,9 +57,12 @@ def prepare_data(inputs: list[str], out: str, address: str | None = None, shuffl
             sizes = shuffle_in_place(bin_tmp, sizes, shuffle_seed)
         with open(idx_tmp, "wb") as f:
             f.write(index_bytes(sizes))
-    seconds = time.monotonic() - started
-    return (f"wrote {prefix}.bin and {prefix}.idx: {len(sizes)} documents, {writer.tokens} tokens "
-            f"in {seconds:.1f} s ({writer.tokens / seconds:,.0f} tokens/s on {cpus} CPUs)")
+    return (f"wrote {prefix}.bin and {prefix}.idx: {len(sizes)} documents, {writer.tokens} tokens; "
+            f"tokenized in {seconds:.1f} s on {cpus_text(cpus)} ({writer.tokens / seconds:,.0f} tokens/s)")
+
+
+def cpus_text(cpus: int) -> str:
+    return f"{cpus} CPU" + ("s" if cpus > 1 else "")
 
 
 # ---------------------------------------------------------------- inputs and output
@@ -158,8 +160,9 @@ def tokenize_ranges(batch: dict) -> dict:
             "lines": np.array(lines), "problem_line": np.array(problem_lines), "problems": np.array(problems)}
 
 
-def collect(files: list[InputFile], writer: BinidxWriter, num_cpus: int | None) -> int:
-    """Tokenize every range on Ray Data and append the documents to `writer` in input order; the CPU count."""
+def collect(files: list[InputFile], writer: BinidxWriter, num_cpus: int | None) -> tuple[int, float]:
+    """Tokenize every range on Ray Data and append the documents to `writer` in input order; the CPU count and
+    the seconds it took."""
     import ray
     import ray.data
     cpus = num_cpus or max(int(ray.cluster_resources().get("CPU", 1)), 1)
@@ -168,7 +171,7 @@ def collect(files: list[InputFile], writer: BinidxWriter, num_cpus: int | None) 
     ranges = [{"file": i, "path": f.path, "start": start, "end": end}
               for i, f in enumerate(files) for start, end in byte_ranges(f.size, range_bytes)]
     if not ranges:
-        return cpus
+        return cpus, 0.0
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False  # ours counts bytes and tokens
@@ -187,7 +190,7 @@ def collect(files: list[InputFile], writer: BinidxWriter, num_cpus: int | None) 
             writer.add(np.frombuffer(row["tokens"], np.uint16), np.frombuffer(row["sizes"], np.int32))
             progress.advance(row["end"] - row["start"], writer.tokens)
     progress.close()
-    return cpus
+    return cpus, time.monotonic() - progress.started
 
 
 def pinned_here(files: list[InputFile]) -> dict:
@@ -219,7 +222,7 @@ class Progress:
         self.total = total_bytes
         self.done = 0
         self.started = self.last_line = time.monotonic()
-        print(f"prepare-data: {total_bytes / 2**20:.1f} MiB of jsonl on {cpus} CPUs", file=sys.stderr)
+        print(f"prepare-data: {total_bytes / 2**20:.1f} MiB of jsonl on {cpus_text(cpus)}", file=sys.stderr)
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
