@@ -21,8 +21,7 @@ from rwkvray.errors import UserError
 from rwkvray.files.atomic import atomic_path
 from rwkvray.files.storage import filesystem, is_uri
 from rwkvray.launch.ray_session import ray_session
-from rwkvray.train.binidx_writer import BinidxWriter, index_bytes, shuffle_order, write_shuffled
-from rwkvray.train.data import binidx_prefix
+from rwkvray.train.binidx import BinidxWriter, binidx_prefix, index_bytes, shuffle_order, write_shuffled
 from rwkvray.train.jsonl_tokens import byte_ranges, read_range, tokenize_lines
 
 MIN_RANGE_BYTES = 64 * 2**10  # ranges: about 4 per CPU, within these bounds
@@ -163,9 +162,8 @@ def tokenize_ranges(batch: dict) -> dict:
 def collect(files: list[InputFile], writer: BinidxWriter, num_cpus: int | None) -> tuple[int, float]:
     """Tokenize every range on Ray Data and append the documents to `writer` in input order; the CPU count and
     the seconds it took."""
-    import ray
     import ray.data
-    cpus = num_cpus or max(int(ray.cluster_resources().get("CPU", 1)), 1)
+    placement, cpus = task_placement(files, num_cpus)
     total = sum(f.size for f in files)
     range_bytes = min(MAX_RANGE_BYTES, max(MIN_RANGE_BYTES, total // (4 * cpus)))
     ranges = [{"file": i, "path": f.path, "start": start, "end": end}
@@ -177,7 +175,7 @@ def collect(files: list[InputFile], writer: BinidxWriter, num_cpus: int | None) 
     context.enable_progress_bars = False  # ours counts bytes and tokens
     pool = ray.data.TaskPoolStrategy(size=min(cpus, len(ranges)))
     dataset = ray.data.from_items(ranges, override_num_blocks=len(ranges)).map_batches(
-        tokenize_ranges, batch_size=1, compute=pool, **pinned_here(files))
+        tokenize_ranges, batch_size=1, compute=pool, **placement)
     progress = Progress(total, cpus)
     file_index, lines_before = -1, 0
     with quiet_ray_data():
@@ -193,14 +191,24 @@ def collect(files: list[InputFile], writer: BinidxWriter, num_cpus: int | None) 
     return cpus, time.monotonic() - progress.started
 
 
-def pinned_here(files: list[InputFile]) -> dict:
-    """Local files are read where they are: on this node (on a cluster, a bucket lets every node work)."""
-    if all(is_uri(f.path) for f in files):
-        return {}
+def task_placement(files: list[InputFile], num_cpus: int | None) -> tuple[dict, int]:
+    """Where the tokenizing tasks run (map_batches arguments) and on how many CPUs: anywhere in the cluster when
+    every input is a URI; on this node when one is a local file, since only this node may have it."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return {"scheduling_strategy": here}
+    local = next((f.path for f in files if not is_uri(f.path)), None)
+    if local is None:
+        placement, available = {}, int(ray.cluster_resources().get("CPU", 0))
+    else:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        here = ray.get_runtime_context().get_node_id()
+        available = int(next(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["NodeID"] == here))
+        placement = {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
+    if available < 1 and local:
+        raise UserError(f"{local}: a local file is read on this node, which has no CPU for Ray tasks; put the input "
+                        "in a bucket (s3://, gs://) that every node reads")
+    if available < 1:
+        raise UserError("the Ray cluster has no CPU for tasks; tokenizing needs at least one")
+    return placement, min(num_cpus or available, available)
 
 
 @contextlib.contextmanager

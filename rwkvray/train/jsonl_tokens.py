@@ -13,7 +13,7 @@ import numpy as np
 
 from rwkvray.errors import UserError
 from rwkvray.text.tokenizer import EOS_ID
-from rwkvray.train.data import decode_line, document_text, parse_line
+from rwkvray.train.jsonl_rows import decode_line, document_text, parse_line
 
 TAIL_READ_BYTES = 256 * 2**10  # a range's last line is read on in pieces of this size
 

@@ -1,17 +1,26 @@
-"""Writing RWKV-LM's binidx (Megatron's MMapIndexedDataset) as its make_data.py does: the documents' uint16 tokens
-back to back in PREFIX.bin; in PREFIX.idx one sequence per document (its size and byte offset) and the document
-index 0, 1, ..., n. data.py's read_binidx reads this layout."""
+"""RWKV-LM's binidx (Megatron's MMapIndexedDataset) format, and writing it as RWKV-LM's make_data.py does: the
+documents' uint16 tokens back to back in PREFIX.bin; in PREFIX.idx one sequence per document (its size and byte
+offset) and the document index 0, 1, ..., n. data.py's read_binidx reads it; docs/binidx-facts.md has the layout.
+No torch here, so `rwkvray prepare-data` starts fast."""
 from __future__ import annotations
 
 import struct
 
 import numpy as np
 
-from rwkvray.train.data import BINIDX_DTYPES, BINIDX_MAGIC, BINIDX_VERSION
-
+BINIDX_MAGIC = b"MMIDIDX\x00\x00"
+BINIDX_VERSION = 1
+BINIDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
 TOKEN_DTYPE = np.dtype("<u2")  # make_data.py's dtype: the World vocabulary has 65536 ids
 TOKEN_CODE = next(code for code, dtype in BINIDX_DTYPES.items() if dtype == np.uint16)
 COPY_TOKENS = 8 * 2**20  # a shuffled copy writes this many tokens at a time
+
+
+def binidx_prefix(path: str) -> str:
+    for extension in (".bin", ".idx"):
+        if path.endswith(extension):
+            return path[: -len(extension)]
+    return path
 
 
 class BinidxWriter:
