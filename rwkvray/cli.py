@@ -160,6 +160,11 @@ def cmd_publish(args) -> None:
     print(publish_state(state, card_bytes, args.states_dir, args.name, args.replace, "add --replace"))
 
 
+def cmd_prepare_data(args) -> None:
+    from rwkvray.launch.prepare_data import prepare_data
+    print(prepare_data(args.inputs, args.out, args.address, args.shuffle_seed, args.num_cpus, args.overwrite))
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Shows each option's default after its description, where it has one worth showing."""
 
@@ -238,6 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="the name requests give as `model`")
     p.add_argument("--replace", action="store_true",
                    help="replace a different state of that name (it is kept as NAME.prev.pth; default: refuse)")
+
+    p = add_command(sub, "prepare-data", cmd_prepare_data,
+                    "tokenize jsonl files into an RWKV-LM binidx pair (.bin + .idx), in parallel on Ray Data")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help='jsonl files or folders of them (local, s3:// or gs://): {"text": ...} or chat '
+                        '{"messages": [...]} lines, one document each')
+    p.add_argument("--out", required=True, metavar="PREFIX",
+                   help="writes PREFIX.bin and PREFIX.idx (local, s3:// or gs://); data.type binidx reads them")
+    p.add_argument("--shuffle-seed", type=int, metavar="N",
+                   help="shuffle the documents with this seed (default: input order, as RWKV-LM's make_data.py "
+                        "writes one epoch)")
+    p.add_argument("--num-cpus", type=int, metavar="N",
+                   help="CPUs that tokenize (default: every CPU of the local instance or the cluster)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin and PREFIX.idx")
+    p.add_argument("--address", metavar="HOST:PORT",
+                   help="Ray head to join (default: $RAY_ADDRESS, else a local Ray instance)")
 
     p = add_command(sub, "eval", cmd_eval, "score the base model and tuned states on eval rows (jsonl), on Ray")
     add_eval_flags(p)

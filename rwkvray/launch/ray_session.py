@@ -57,10 +57,10 @@ def worker_env(use_gpu: bool) -> dict:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, env_vars: dict | None = None):
+def ray_session(address: str | None = None, env_vars: dict | None = None, num_cpus: int | None = None):
     """Ray for the length of one command; a caller that already joined Ray keeps its connection. `env_vars` go
     to every Ray process of the job (runtime_env), with the S3 settings an s3:// storage_path needs and
-    QUIET_CONTROLLER."""
+    QUIET_CONTROLLER. `num_cpus` sizes a local instance (default: every core); a cluster keeps its own."""
     import ray
     if ray.is_initialized():
         yield
@@ -72,7 +72,8 @@ def ray_session(address: str | None = None, env_vars: dict | None = None):
     from rwkvray.files.storage import aws_env
     env = {**aws_env(), **QUIET_CONTROLLER, **(env_vars or {})}  # Ray Train's controller reads an s3:// bucket too
     try:
-        ray.init(address=target, configure_logging=False, runtime_env={"env_vars": env})
+        local_size = {"num_cpus": num_cpus} if target == "local" and num_cpus else {}
+        ray.init(address=target, configure_logging=False, runtime_env={"env_vars": env}, **local_size)
     except ConnectionError as err:
         raise UserError(f"{named_by}: cannot join a Ray cluster ({first_line(err)}); {START_HINT}") from None
     try:

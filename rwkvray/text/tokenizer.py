@@ -140,6 +140,10 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    def round_trips(self, ids: list[int], text: str) -> bool:
+        """decode(ids) == text, compared as bytes (fast; an unpaired surrogate in `text` never matches)."""
+        return b"".join(map(self.bytes_of.__getitem__, ids)) == text.encode("utf-8", "surrogatepass")
+
 
 class StreamDecoder:
     """Turns generated token ids into text as it completes, holding back an unfinished UTF-8 character."""

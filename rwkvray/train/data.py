@@ -7,7 +7,6 @@ A Document's `mask[i]` says whether predicting `tokens[i]` from `tokens[:i]` cou
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from dataclasses import dataclass
@@ -17,8 +16,9 @@ import numpy as np
 import torch
 
 from rwkvray.errors import UserError
-from rwkvray.text.chat import REPLY_START, chat_segments, text_segments
 from rwkvray.text.tokenizer import EOS_ID
+from rwkvray.train.binidx import BINIDX_DTYPES, BINIDX_MAGIC, BINIDX_VERSION, binidx_prefix
+from rwkvray.train.jsonl_rows import decode_line, document_text, line_segments, parse_line
 from rwkvray.train.sft_data import sft_rows, sft_segments
 from rwkvray.train.token_files import STREAM_TYPES, read_stream
 
@@ -27,10 +27,6 @@ MAX_LISTED_PROBLEMS = 20  # a data check lists this many bad lines, then stops
 PROGRESS_BYTES = 64 * 2**20  # a data check of a larger file prints its progress
 LOSS_MASKS = ("none", "qa", "se")
 DEFAULT_MARKERS = ("0", "1")  # RWKV-PEFT's --mask_id default: mask0 "0" turns the loss off, mask1 "1" on
-
-BINIDX_MAGIC = b"MMIDIDX\x00\x00"
-BINIDX_VERSION = 1
-BINIDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
 
 
 @dataclass(eq=False)
@@ -140,41 +136,11 @@ def scan_jsonl(path: str, loss_mask: str, say=print, limit: int = MAX_LISTED_PRO
     return problems
 
 
-def decode_line(raw: bytes, where: str) -> str:
-    try:
-        return raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise UserError(f"{where}: not valid UTF-8") from None
-
-
-def parse_line(line: str, where: str) -> dict:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(record, dict) or ("text" in record) == ("messages" in record):
-        raise UserError(f'{where}: expected a JSON object with exactly one of "text" or "messages"')
-    if "text" in record and not isinstance(record["text"], str):
-        raise UserError(f'{where}: "text" must be a string (got {type(record["text"]).__name__})')
-    return record
-
-
 def line_document(record: dict, loss_mask: str, tokenizer, where: str) -> Document:
-    segments = line_segments(record, loss_mask, where)
     if loss_mask == "none":
-        tokens = tokenizer.encode("".join(text for text, _ in segments)) + [EOS_ID]
+        tokens = tokenizer.encode(document_text(record, where)) + [EOS_ID]
         return Document(np.array(tokens, dtype=np.int64), np.ones(len(tokens), dtype=np.float32))
-    return segmented_document(segments, tokenizer)
-
-
-def line_segments(record: dict, loss_mask: str, where: str) -> list[tuple[str, bool]]:
-    try:
-        segments = text_segments(record["text"]) if "text" in record else chat_segments(record["messages"])
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
-    if loss_mask == "qa" and not any(is_reply for _, is_reply in segments):
-        raise UserError(f"{where}: loss_mask 'qa' needs an assistant turn ('{REPLY_START}') and this line has none")
-    return segments
+    return segmented_document(line_segments(record, loss_mask, where), tokenizer)
 
 
 def segmented_document(segments: list[tuple[str, bool]], tokenizer) -> Document:
@@ -192,13 +158,6 @@ def segmented_document(segments: list[tuple[str, bool]], tokenizer) -> Document:
 
 
 # ---------------------------------------------------------------- binidx (Megatron MMapIndexedDataset)
-
-
-def binidx_prefix(path: str) -> str:
-    for extension in (".bin", ".idx"):
-        if path.endswith(extension):
-            return path[: -len(extension)]
-    return path
 
 
 def read_binidx(path: str) -> list[Document]:
