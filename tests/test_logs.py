@@ -4,8 +4,10 @@ import json
 import os
 import re
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -13,6 +15,29 @@ import yaml
 
 pytestmark = pytest.mark.ray
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
+
+
+@pytest.fixture
+def another_ray_instance():
+    """A second local Ray instance on this machine (its own ports and temp dir), as another user's script has:
+    Ray then cannot tell which instance a process means by "the Ray on this machine"."""
+    temp_dir = tempfile.mkdtemp(prefix="rwkvray-other-ray-")  # short: Ray's socket paths live under it
+    script = ("import sys, ray; ray.init(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[1]); "
+              "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    other = subprocess.Popen([sys.executable, "-c", script, temp_dir], env=env, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert other.stdout.readline().strip(), "the second Ray instance did not start"
+        yield
+    finally:
+        other.stdin.close()  # it shuts its instance down and exits
+        try:
+            other.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(other.pid, signal.SIGKILL)
+            other.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def start_run(tmp_path) -> subprocess.Popen:
@@ -39,7 +64,7 @@ def ours(lines: list[str]) -> list[str]:
     return [prefix.sub("", line) for line in lines if "RayTrainWorker" in line and ("step" in line or "saved" in line)]
 
 
-def test_each_line_once_and_ctrl_c_is_one_line_then_the_run_resumes(make_tiny_model, tmp_path):
+def test_each_line_once_and_ctrl_c_is_one_line_then_the_run_resumes(make_tiny_model, another_ray_instance, tmp_path):
     spec = {"run": {"name": "logs", "storage_path": str(tmp_path / "runs"), "checkpoint_every_steps": 2},
             "model": {"path": make_tiny_model(1, 64)},
             "data": {"file": SAMPLE, "ctx_len": 32, "loss_mask": "qa"},
@@ -59,9 +84,8 @@ def test_each_line_once_and_ctrl_c_is_one_line_then_the_run_resumes(make_tiny_mo
     status, lines = finish(run, lines)
     assert status == 130, "\n".join(lines)
     assert lines[-1] == "interrupted; resume with: rwkvray run spec.yaml"
-    # Ray's PlacementGroupCleaner asks "the latest" Ray instance of the machine whether the run's controller
-    # lives: with other instances running here it may ask the wrong one and log a traceback of its own
-    text = "\n".join(line for line in lines if "(PlacementGroupCleaner pid=" not in line)
+    text = "\n".join(lines)  # Ray's PlacementGroupCleaner found its own instance among two (no ConnectionError)
+    assert "Found multiple active Ray instances" not in text and "PlacementGroupCleaner" not in text
     assert "Traceback" not in text and "PreemptionWatcher" not in text and "core_worker" not in text
     printed = ours(lines)
     assert printed[0] == "start at step 0 of 60" and printed[1].startswith("step 2/60: loss ")
@@ -69,6 +93,7 @@ def test_each_line_once_and_ctrl_c_is_one_line_then_the_run_resumes(make_tiny_mo
 
     status, lines = finish(start_run(tmp_path), [])
     assert status == 0, "\n".join(lines)
+    assert "Found multiple active Ray instances" not in "\n".join(lines)
     assert lines[0].startswith("resuming run 'logs' from step ")
     printed = ours(lines)
     assert len(printed) == len(set(printed)), printed
