@@ -2,8 +2,8 @@
 
 A run stops after step 4 with checkpoints at steps 2 and 4 (its spec has 2 epochs of 2 steps; the rerun has 3,
 allowed as a changed spec; the learning rate is constant, so the length of the run changes nothing else). Its
-step-4 checkpoint is damaged three ways (cut to half, its manifest gone, one file gone); each time the rerun
-resumes from step 2 and ends with the state of one uninterrupted 6-step run.
+step-4 checkpoint is damaged three ways (cut to half, its manifest gone, one file gone; on S3 only cut to half);
+each time the rerun resumes from step 2 and ends with the state of one uninterrupted 6-step run.
 """
 import os
 
@@ -94,7 +94,8 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(uninterrupted, 
         pyarrow.fs.copy_files(pristine, run, source_filesystem=local, destination_filesystem=fs)
 
     capsys.readouterr()
-    for damage in (truncate, drop_manifest, drop_rng_file):
+    # every kind of damage on a local folder; on S3 the one that reads a cut file through the object store
+    for damage in (truncate, drop_manifest, drop_rng_file) if where == "local" else (truncate,):
         restore()
         damage(fs, f"{run}/{newest}")
         out = tmp_path / damage.__name__

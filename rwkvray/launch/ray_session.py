@@ -18,6 +18,11 @@ PROBE_SECONDS = 20  # how long an address that neither answers nor refuses is re
 # arguments sit in the object store while it may restart, ray-project/ray#53727); rwkvray resumes from
 # checkpoints and does not use the drain notices
 QUIET_CONTROLLER = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Ray finds the GCS of the job's own instance through RAY_ADDRESS or, without it, by looking for GCS processes on the
+# machine: Ray Train's PlacementGroupCleaner polls the state API that way (ray.dashboard.utils
+# .get_address_for_submission_client), and with another instance on the machine it fails ("Found multiple active Ray
+# instances") or, when that one was started by `ray start`, asks it and may remove the run's placement group
+GCS_PORT_VAR = "RAY_GCS_SERVER_PORT"  # the port a head started by ray.init gives its GCS (ray._private.node)
 START_HINT = "start a head there with `ray start --head`, or leave out the address to use a local Ray instance"
 
 
@@ -71,9 +76,13 @@ def ray_session(address: str | None = None, env_vars: dict | None = None, num_cp
         check_reachable(target, named_by)
     from rwkvray.files.storage import aws_env
     env = {**aws_env(), **QUIET_CONTROLLER, **(env_vars or {})}  # Ray Train's controller reads an s3:// bucket too
+    gcs_port = (os.environ.get(GCS_PORT_VAR) or free_port()) if target == "local" else None
+    if gcs_port:  # the job's processes know their own instance, whatever else runs on this machine
+        env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
     try:
         local_size = {"num_cpus": num_cpus} if target == "local" and num_cpus else {}
-        ray.init(address=target, configure_logging=False, runtime_env={"env_vars": env}, **local_size)
+        with environ_set(GCS_PORT_VAR, gcs_port):
+            ray.init(address=target, configure_logging=False, runtime_env={"env_vars": env}, **local_size)
     except ConnectionError as err:
         raise UserError(f"{named_by}: cannot join a Ray cluster ({first_line(err)}); {START_HINT}") from None
     try:
@@ -83,6 +92,30 @@ def ray_session(address: str | None = None, env_vars: dict | None = None, num_cp
         # explicitly, before interpreter exit: otherwise Ray Train's placement-group cleaner races the
         # shutting-down GCS and prints a traceback
         ray.shutdown()
+
+
+def free_port() -> int:
+    """A port nothing listens on now (Ray picks its other local ports the same way)."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def environ_set(name: str, value):
+    """os.environ[name] = str(value) inside (nothing when value is None); the previous value is restored."""
+    if value is None:
+        yield
+        return
+    previous = os.environ.get(name)
+    os.environ[name] = str(value)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def off_main_thread(drive):
