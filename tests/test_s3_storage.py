@@ -51,6 +51,7 @@ def test_killed_worker_resumes_from_the_bucket(s3_ray, make_tiny_model, tmp_path
     card = json.loads(storage.read_bytes("s3://runs/rwkvray/s3run/rwkv-final.json"))
     assert card["base"]["sha256"] == hashlib.sha256(model).hexdigest() and card["base"]["file"] == "tiny.pth"
     # the driver and both workers, before and after the restart, share this node's one copy of each
-    assert [entry["uri"] for entry in cache.entries()] == ["s3://runs/inputs/persona.jsonl", "s3://runs/inputs/tiny.pth"]
+    inputs = ["s3://runs/inputs/persona.jsonl", "s3://runs/inputs/tiny.pth"]
+    assert [entry["uri"] for entry in cache.entries()] == inputs
     steps = [line for line in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 8

@@ -71,7 +71,8 @@ def local_copies(uris: list[str]) -> list[str]:
             os.makedirs(folder)
             files = {os.path.basename(target): _download(uri, size, mtime_ns, target)
                      for (uri, size, mtime_ns), target in zip(objects, targets)}
-            write_bytes_atomically(os.path.join(folder, ENTRY), (json.dumps({"files": files}, indent=2) + "\n").encode())
+            record = json.dumps({"files": files}, indent=2) + "\n"
+            write_bytes_atomically(os.path.join(folder, ENTRY), record.encode())
     return targets
 
 
@@ -105,11 +106,13 @@ def _show_progress(uri: str, done: int, size: int, seconds: float) -> None:
 
 
 def _human(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    if size < 1000:
+        return f"{size:.0f} B"
+    for unit in ("KB", "MB", "GB"):
         size /= 1000
-    raise AssertionError("unreachable")
+        if size < 1000 or unit == "GB":
+            break
+    return f"{size:.1f} {unit}"
 
 
 def recorded_sha256(path: str) -> str | None:
