@@ -165,6 +165,20 @@ def cmd_prepare_data(args) -> None:
     print(prepare_data(args.inputs, args.out, args.address, args.shuffle_seed, args.num_cpus, args.overwrite))
 
 
+def cmd_cache(args) -> None:
+    from rwkvray.files import cache
+    if args.action == "clear":
+        removed, freed = cache.clear()
+        print(f"removed {removed} cache entr{'y' if removed == 1 else 'ies'} ({freed / 1e6:.1f} MB) from "
+              f"{cache.cache_dir()}")
+        return
+    found = cache.entries()
+    if not found:
+        print(f"{cache.cache_dir()}: no downloads cached (set {cache.CACHE_ENV} to use another folder)")
+    for entry in found:
+        print(f"{entry['uri']}\t{entry['size'] / 1e6:.1f} MB\t{entry['path']}")
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Shows each option's default after its description, where it has one worth showing."""
 
@@ -259,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin and PREFIX.idx")
     p.add_argument("--address", metavar="HOST:PORT",
                    help="Ray head to join (default: $RAY_ADDRESS, else a local Ray instance)")
+
+    p = add_command(sub, "cache", cmd_cache, "list or clear this node's downloads of s3:// and gs:// inputs "
+                    "($RWKVRAY_CACHE_DIR, default ~/.cache/rwkvray)")
+    p.add_argument("action", choices=["ls", "clear"], help="ls: each cached object's URI, size and local path; "
+                   "clear: remove them all")
 
     p = add_command(sub, "eval", cmd_eval, "score the base model and tuned states on eval rows (jsonl), on Ray")
     add_eval_flags(p)

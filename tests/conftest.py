@@ -131,13 +131,21 @@ def fault_marker(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def s3_ray(s3_server, fault_marker):
+def s3_env(s3_server, tmp_path_factory):
+    """The AWS_* variables that point at moto's server, and an empty download cache (RWKVRAY_CACHE_DIR) of this
+    process, for the module; the variables are restored after it."""
+    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "RWKVRAY_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        yield env
+
+
+@pytest.fixture(scope="module")
+def s3_ray(s3_env, fault_marker):
     """Ray started after the AWS_* variables are set (the run's controller reads the bucket too); the last worker
     of run "s3run" exits once after its step-4 report (tests/worker_hooks.py)."""
-    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
     crash = {"run": "s3run", "step": 4, "marker": str(fault_marker)}
     import ray
     ray.init(address="local", num_cpus=2, log_to_driver=False, runtime_env=worker_hooks.runtime_env(crash))
@@ -145,8 +153,3 @@ def s3_ray(s3_server, fault_marker):
         yield
     finally:
         ray.shutdown()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

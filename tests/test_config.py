@@ -435,6 +435,18 @@ def gpu_limits(cluster_spec: dict) -> list[int]:
     ]
 
 
+def test_kuberay_pods_share_no_disk_and_keep_a_download_cache():
+    for name in ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml"):
+        text = (REPO / "cluster" / name).read_text()
+        assert "persistentVolumeClaim" not in text
+        manifest = cluster_yaml(name)["spec"]
+        cluster = manifest.get("rayClusterSpec", manifest)
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            [container] = group["template"]["spec"]["containers"]
+            assert {"name": "RWKVRAY_CACHE_DIR", "value": "/cache/rwkvray"} in container["env"]
+            assert {"secretRef": {"name": "rwkvray-s3"}} in container["envFrom"]
+
+
 def test_kuberay_raycluster():
     cluster = cluster_yaml("kuberay-raycluster.yaml")
     assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
@@ -447,8 +459,11 @@ def test_kuberay_rayjob_runs_an_example_job():
     job = cluster_yaml("kuberay-rayjob.yaml")
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     spec = job["spec"]
-    assert spec["entrypoint"] == "rwkvray run jobs/gpu_state.yaml"
-    assert (REPO / spec["entrypoint"].split()[-1]).is_file()
+    assert spec["entrypoint"] == "rwkvray run jobs/bucket_state.yaml"
+    bucket_job = load_spec(str(REPO / spec["entrypoint"].split()[-1]), check_files=False)
+    inputs = [bucket_job.model.path, bucket_job.data.file, bucket_job.data.eval_file, bucket_job.run.storage_path,
+              bucket_job.run.publish.states_dir]
+    assert all(path.startswith("s3://my-bucket/") for path in inputs), inputs
     assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     assert spec["rayClusterSpec"]["rayVersion"] == ray_pin()

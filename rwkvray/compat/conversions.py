@@ -15,6 +15,7 @@ from typing import Any
 
 from rwkvray.compat.spec_api import strategy_to_deepspeed
 from rwkvray.errors import UserError
+from rwkvray.files.storage import is_uri
 
 SOURCE = "train flags"
 SKIP = object()  # a conversion's answer for "this value sets nothing in the spec"
@@ -106,9 +107,21 @@ def data_type(value: str | None, flags: Namespace, name: str) -> Any:
     if path.endswith(".npy"):
         return "numpy"
     prefix = os.path.splitext(path)[0] if path.endswith((".bin", ".idx")) else path
-    if os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"):
+    if _is_file(prefix + ".bin") and _is_file(prefix + ".idx"):
         return "binidx"
     return "utf-8"
+
+
+def _is_file(path: str) -> bool:
+    """A local file, or an object in a bucket (s3://, gs://)."""
+    if not is_uri(path):
+        return os.path.isfile(path)
+    from rwkvray.files.cache import object_size
+    try:
+        object_size(path)
+    except OSError:
+        return False
+    return True
 
 
 def dim_att(value: int, flags: Namespace, name: str) -> Any:

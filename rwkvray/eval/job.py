@@ -44,7 +44,8 @@ def load_states(job: EvalJob, where: str) -> dict:
     """base (the model file's own merged state, if any) first, then the named states, checked against the model."""
     from rwkvray.model.checkpoint import load_checkpoint
     from rwkvray.model.state_file import load_state
-    checkpoint = load_checkpoint(job.model)  # memory-mapped: cheap at any size
+    from rwkvray.files.cache import local_copy
+    checkpoint = load_checkpoint(local_copy(job.model))  # memory-mapped: cheap at any size
     states = {BASE: checkpoint.time_state}
     for name, path in job.states.items():
         if name == BASE:

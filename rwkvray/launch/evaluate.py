@@ -9,6 +9,7 @@ import time
 from typing import Optional
 
 from rwkvray.errors import UserError
+from rwkvray.files.cache import local_copy
 from rwkvray.eval.report import chart_path, comparison_lines, plot, table, write_details, write_json
 from rwkvray.eval.items import Item
 from rwkvray.eval.job import EvalJob, load_states, read_all_items
@@ -105,7 +106,7 @@ class Evaluator:
         from rwkvray.text.tokenizer import get_tokenizer
         device = torch.device("cuda" if use_gpu else "cpu")
         dtype = torch.bfloat16 if use_gpu else torch.float32
-        model, _ = load_model(model_path, device, dtype, op="auto")
+        model, _ = load_model(local_copy(model_path), device, dtype, op="auto")
         self.engine = BatchEngine(model, get_tokenizer(), max_batch_size=batch_size)
         self.done = 0
 

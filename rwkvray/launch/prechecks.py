@@ -17,7 +17,9 @@ import yaml
 from rwkvray.spec import ServeConfig, ServeSpec, check_model_expectations, load_spec, spec_from_dict
 from rwkvray.model.dims import RWKVDims
 from rwkvray.errors import RayServeConfigFile, UserError
+from rwkvray.files.cache import local_copy
 from rwkvray.files.storage import is_uri, unreachable
+from rwkvray.train.inputs import local_inputs
 
 SERVE_APP_PREFIX = "rwkvray.launch.serving:"
 
@@ -25,7 +27,7 @@ SERVE_APP_PREFIX = "rwkvray.launch.serving:"
 def checked_model_dims(spec) -> RWKVDims:
     """The checkpoint's shape, after comparing it with the spec's model expectations."""
     from rwkvray.model.checkpoint import load_checkpoint
-    dims = load_checkpoint(spec.model.path).dims  # memory-mapped: cheap for a model of any size
+    dims = load_checkpoint(local_copy(spec.model.path)).dims  # memory-mapped; a URI is downloaded once, here
     check_model_expectations(spec.model, dims, spec.source)
     return dims
 
@@ -45,7 +47,7 @@ def check_data_files(spec, vocab_size: int) -> None:
     from rwkvray.train.data import check_binidx, scan_jsonl
     from rwkvray.train.sft_data import sft_rows
     from rwkvray.train.token_files import STREAM_TYPES, check_stream, check_token_ids
-    data = spec.data
+    data = local_inputs(spec).data  # URIs: checked in this node's cache, where the workers of this node read them
     for key, path in (("data.file", data.file), ("data.eval_file", data.eval_file)):
         if path is None:
             continue
@@ -115,7 +117,7 @@ def check_states_dir(states_dir: str, where: str) -> None:
 
 def check_serve_model(config: ServeConfig) -> None:
     from rwkvray.model.checkpoint import load_checkpoint
-    load_checkpoint(config.model)  # an RWKV checkpoint, not just a file
+    load_checkpoint(local_copy(config.model))  # an RWKV checkpoint, not just a file
 
 
 def before_serving(spec, address: str | None = None) -> ServeConfig:

@@ -66,8 +66,9 @@ def warn_if_cluster_too_small(spec) -> None:
 
 
 def check_model_file(model, source: str) -> None:
+    from rwkvray.files.cache import local_copy
     from rwkvray.model.checkpoint import infer_dims, read_tensor_dict
-    check_model_expectations(model, infer_dims(read_tensor_dict(model.path)), source)
+    check_model_expectations(model, infer_dims(read_tensor_dict(local_copy(model.path))), source)
 
 
 def run_on_ray(spec, address: str | None = None, allow_changed_spec: bool = False):

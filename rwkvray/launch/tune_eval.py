@@ -8,6 +8,7 @@ import torch
 from rwkvray.eval.metrics import summarize
 from rwkvray.eval.job import read_all_items
 from rwkvray.eval.scoring import evaluate
+from rwkvray.files.cache import local_copy
 from rwkvray.model.rwkv import load_model
 from rwkvray.model.state_file import load_state
 from rwkvray.engine.batch_engine import BatchEngine
@@ -29,7 +30,7 @@ class EvalReportingContext(WorkerContext):
         self.tokenizer = get_tokenizer()
         self.items = read_all_items(spec.eval.data, self.tokenizer)
         dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
-        self.model = load_model(spec.model.path, ctx.device, dtype, op="auto")[0]
+        self.model = load_model(local_copy(spec.model.path), ctx.device, dtype, op="auto")[0]
         self.options = spec.eval
 
     def report(self, metrics: dict, checkpoint_dir: str) -> None:

@@ -12,6 +12,7 @@ import os
 
 from rwkvray.files import storage
 from rwkvray.files.atomic import write_bytes_atomically
+from rwkvray.files.cache import recorded_sha256
 
 
 def card_path(state_path: str) -> str:
@@ -28,7 +29,11 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def file_sha256(path: str) -> str:
-    """sha256 of a file, computed once per (path, size, mtime) in this process (a 3 GB base takes seconds)."""
+    """sha256 of a file, computed once per (path, size, mtime) in this process (a 3 GB base takes seconds); a
+    file of the download cache has it recorded beside it, computed once while downloading."""
+    recorded = recorded_sha256(path)
+    if recorded is not None:
+        return recorded
     info = os.stat(path)
     return _sha256(os.path.abspath(path), info.st_size, info.st_mtime_ns)
 

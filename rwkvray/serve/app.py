@@ -42,6 +42,7 @@ from rwkvray.serve.evals import run_evals
 from rwkvray.engine.metrics import EngineMetrics, mounted_states_gauge
 from rwkvray.serve.page import add_playground
 from rwkvray.serve.states import StateStore, check_name, upload_too_large
+from rwkvray.files.cache import local_copy
 from rwkvray.model.state_card import base_fingerprint
 from rwkvray.text.tokenizer import get_tokenizer
 
@@ -114,7 +115,7 @@ class StateModel:
         self.device = pick_device("auto")
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         # once per replica; op "auto" picks the GPU kernels on a GPU
-        self.model, self.base_state = load_model(config.model, self.device, dtype, op=config.op)
+        self.model, self.base_state = load_model(local_copy(config.model), self.device, dtype, op=config.op)
         self.registry = registry
         self.engine = BatchEngine(self.model, get_tokenizer(), config.max_batch_size, config.batch_wait_ms / 1000,
                                   prefill_chunk=config.prefill_chunk,
@@ -341,8 +342,9 @@ def use_gpu(config: ServeConfig) -> bool:
 def build_app(config: ServeConfig, api_key: Optional[str]):
     """The bound Serve application for a validated serve block; `api_key` None serves without a key (the driver
     reads it: rwkvray/launch/serving.py)."""
-    base = base_fingerprint(config.model)  # refuses a bad model file here, before any replica starts
-    dims = load_checkpoint(config.model).dims
+    model_file = local_copy(config.model)  # a URI: downloaded into this node's cache (the replicas do the same)
+    base = base_fingerprint(model_file)  # refuses a bad model file here, before any replica starts
+    dims = load_checkpoint(model_file).dims
     registry = StateRegistry.options(num_replicas=1, max_ongoing_requests=1000,
                                      ray_actor_options={"num_cpus": 0}).bind(
         config.states_dir, dims, config.model_name, int(config.max_upload_mb * 2**20), base)

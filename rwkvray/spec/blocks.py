@@ -15,8 +15,8 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 from rwkvray.errors import UserError
 from rwkvray.files.publish import NAME_RULE, STATE_NAME
 from rwkvray.files.storage import is_uri
-from rwkvray.spec.fields import (TARGETS, ExistingFile, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
-                                 StrictModel, Targets)
+from rwkvray.spec.fields import (TARGETS, ExistingFile, InputFile, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                                 PositiveInt, StrictModel, Targets)
 from rwkvray.spec.paths import data_path, durable_folder
 from rwkvray.spec.wording import SpecProblem
 
@@ -64,7 +64,7 @@ class RunConfig(StrictModel):
 class ModelConfig(StrictModel):
     """The checkpoint, plus optional expectations checked against its weights (see check_model_expectations)."""
 
-    path: ExistingFile
+    path: InputFile  # a local file, or an s3:// or gs:// URI (each node caches a copy)
     version: Literal["x070", "x060"] | None = None  # RWKV-7 or RWKV-6; the checkpoint's keys decide, this checks
     n_layer: PositiveInt | None = None
     n_embd: PositiveInt | None = None

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
-from rwkvray.spec.paths import existing_file
+from rwkvray.spec.paths import existing_file, input_file
 from rwkvray.spec.wording import short_repr
 
 TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
@@ -44,6 +44,7 @@ def unique_targets(targets: list[str]) -> list[str]:
 
 
 ExistingFile = Annotated[str, AfterValidator(existing_file)]
+InputFile = Annotated[str, AfterValidator(input_file)]  # a local file, or a URI the workers download
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]

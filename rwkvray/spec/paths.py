@@ -76,9 +76,31 @@ def existing_file(path: str, info: ValidationInfo) -> str:
     return resolved
 
 
+def input_file(path: str, info: ValidationInfo) -> str:
+    """An input the workers read: a local file that exists, or a URI of an object that exists (each node
+    downloads it into its cache, rwkvray/files/cache.py)."""
+    if not is_uri(path):
+        return existing_file(path, info)
+    if checking_files(info):
+        existing_object(path)
+    return path
+
+
+def existing_object(uri: str) -> None:
+    from rwkvray.files.cache import object_size
+    try:
+        object_size(uri)
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from None
+    except OSError as err:
+        raise ValueError(f"cannot read {uri}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
 def data_path(path: str, data_type: str | None, info: ValidationInfo) -> str:
     """A data file must exist (sft data may be a save_to_disk folder instead); a binidx prefix (with or without
-    .bin/.idx) needs both its .bin and .idx."""
+    .bin/.idx) needs both its .bin and .idx. A URI names an object (a binidx prefix: two objects)."""
+    if is_uri(path):
+        return uri_data_path(path, data_type, info)
     if data_type == "sft" and os.path.isdir(absolute(path)):
         return absolute(path)
     if data_type != "binidx":
@@ -93,6 +115,21 @@ def data_path(path: str, data_type: str | None, info: ValidationInfo) -> str:
     for needed in (prefix + ".bin", prefix + ".idx"):
         if checking_files(info) and not os.path.isfile(needed):
             raise ValueError(f"binidx file not found: {needed}")
+    return prefix
+
+
+def uri_data_path(uri: str, data_type: str | None, info: ValidationInfo) -> str:
+    if data_type != "binidx":
+        return input_file(uri, info)
+    prefix = uri
+    for extension in (".bin", ".idx"):
+        prefix = prefix.removesuffix(extension)
+    if checking_files(info):
+        for needed in (prefix + ".bin", prefix + ".idx"):
+            try:
+                existing_object(needed)
+            except ValueError as err:
+                raise ValueError(f"binidx {err}") from None
     return prefix
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from rwkvray.spec.fields import (GPU_OPS, ExistingFile, NonNegativeFloat, PositiveFloat, PositiveInt, StrictModel,
+from rwkvray.spec.fields import (GPU_OPS, InputFile, NonNegativeFloat, PositiveFloat, PositiveInt, StrictModel,
                                  strict_choice)
 from rwkvray.spec.paths import folder_or_uri
 from rwkvray.spec.wording import SpecProblem
@@ -17,7 +17,7 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ServeConfig(StrictModel):
-    model: ExistingFile
+    model: InputFile
     model_name: str | None = None  # default: the model file's stem (named_after_model)
     # a folder (created by the server if missing) or a URI (s3://, gs://) that every replica and node reads
     states_dir: Annotated[str, AfterValidator(folder_or_uri)] = "./states"

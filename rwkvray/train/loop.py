@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from rwkvray.files import storage
+from rwkvray.files.cache import local_copy, object_size
 from rwkvray.spec import TuneSpec, check_model_expectations
 from rwkvray.train.checkpoints import report_with_manifest, resume_from_intact
+from rwkvray.train.inputs import local_inputs
 from rwkvray.train.data import TokenBatcher, eval_batches, load_documents, split_holdout
 from rwkvray.train.metrics import RunLogger
 from rwkvray.model.long_context import Chunking
@@ -76,6 +78,7 @@ class Progress:
 def train(spec, ctx) -> dict:
     """Run the spec's training on this worker; returns the last metrics."""
     _quiet_library_logs()
+    spec = local_inputs(spec)  # URIs: this node's cached copies
     trainer = spec.trainer
     torch.manual_seed(trainer.seed)
     if trainer.precision == "tf32":
@@ -269,16 +272,19 @@ def _save_epoch_extras(spec, engine, epoch: int) -> None:
 
 def state_card(spec, dims, method: str, metrics: dict) -> dict:
     from rwkvray import __version__
-    return {"base": base_fingerprint(spec.model.path, dims), "method": method,
+    return {"base": base_fingerprint(local_copy(spec.model.path), dims), "method": method,  # the driver's: a URI
             "data": {"file": os.path.basename(spec.data.file or "dummy"), "size": _data_size(spec.data)},
             "steps": metrics.get("step"), "loss": metrics.get("loss"), "val_loss": metrics.get("val_loss"),
             "rwkvray_version": __version__}
 
 
 def _data_size(data) -> int:
+    path = data.file + ".bin" if data.type == "binidx" else data.file
+    if storage.is_uri(data.file or ""):
+        return object_size(path)
     if data.type == "dummy" or os.path.isdir(data.file):  # no file, or an sft save_to_disk folder
         return 0
-    return os.path.getsize(data.file + ".bin" if data.type == "binidx" else data.file)
+    return os.path.getsize(path)
 
 
 def _save_progress(folder, engine, progress) -> None:
