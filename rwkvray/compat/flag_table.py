@@ -66,7 +66,7 @@ def expected(name: str, accepted: tuple, why: str) -> Flag:
                 options={"type": type(accepted[0])})
 
 
-PEFT_METHOD = ("peft.method", "peft.combine_state")
+PEFT_METHOD = ("peft.method", "peft.combine_state", "peft.state.shift")
 ADAPTER = peft_to_spec.adapter_settings  # the method's block, from its JSON config and the old --lora_* flags
 NOT_READ = "RWKV-PEFT declares it, but none of its models reads it"
 PILE = "an RWKV-LM pile pretraining setting, read only with --my_pile_stage above 0"
@@ -137,7 +137,8 @@ GROUPS: dict[str, list[Flag]] = {
              convert=to_spec.wandb_project),
     ],
     "PEFT": [
-        sets("train_type", PEFT_METHOD, "state: tune the state (alone, or with the --peft weight method)",
+        sets("train_type", PEFT_METHOD, "state: tune the state (alone, or with the --peft weight method); fullstate: "
+             "also where the token shifts start (ts_state), with or without --peft state",
              convert=peft_to_spec.peft_method),
         *(sets(name, "peft", "the method's settings as JSON, e.g. '{\"r\": 8}'", json_object, ADAPTER,
              metavar="JSON") for name in peft_to_spec.ALL_CONFIG_FLAGS),

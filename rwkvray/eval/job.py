@@ -44,8 +44,9 @@ def load_states(job: EvalJob, where: str) -> dict:
     """base (the model file's own merged state, if any) first, then the named states, checked against the model."""
     from rwkvray.model.checkpoint import load_checkpoint
     from rwkvray.model.state_file import load_state
+    from rwkvray.model.tuned_state import TunedState
     checkpoint = load_checkpoint(job.model)  # memory-mapped: cheap at any size
-    states = {BASE: checkpoint.time_state}
+    states = {BASE: None if checkpoint.time_state is None else TunedState(checkpoint.time_state)}
     for name, path in job.states.items():
         if name == BASE:
             raise UserError(f"{where}: the state name 'base' is taken by the base model (it is always scored)")

@@ -25,8 +25,6 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
 from rwkvray import __version__
 from rwkvray.files.publish import STATE_NAME
 from rwkvray.files.versions import NameTaken, previous_path, write_new_version
@@ -35,6 +33,7 @@ from rwkvray.errors import UserError
 from rwkvray.serve.api import ApiError, bad_request, not_found
 from rwkvray.model.state_card import card_path, read_card, write_card
 from rwkvray.model.state_file import load_state, save_state
+from rwkvray.model.tuned_state import TunedState, blend
 
 STATE_SUFFIX = ".pth"
 VERSION_MARK = "@"  # not a name character, so NAME@VERSION splits unambiguously
@@ -70,14 +69,14 @@ class Mounted:
     name: str
     version: int
     source: str  # "states_dir", "upload" or "blend"
-    time_state: torch.Tensor  # [L,H,N,N] fp32, CPU; never written to
+    state: TunedState  # fp32, CPU; never written to
     warning: Optional[str] = None
     card: Optional[dict] = None
     base_match: Optional[bool] = None  # does the card's base sha256 equal the loaded base's? None: unknown
 
     def describe(self) -> dict:
-        out = {"name": self.name, "source": self.source, "shape": list(self.time_state.shape),
-               "card": self.card, "base_match": self.base_match}
+        out = {"name": self.name, "source": self.source, "shape": list(self.state.time_state.shape),
+               "token_shift": self.state.has_shift, "card": self.card, "base_match": self.base_match}
         if self.warning:
             out["warning"] = self.warning
         return out
@@ -118,14 +117,14 @@ class StateStore:
             entry = self._add(name, "states_dir", self._read(path, name), warning, card)
             return model_id(name, entry.version)
 
-    def fetch(self, mid: str) -> torch.Tensor:
-        """The tensor behind a cache id from `resolve`; 404 if it was unmounted or replaced since."""
+    def fetch(self, mid: str) -> TunedState:
+        """The state behind a cache id from `resolve`; 404 if it was unmounted or replaced since."""
         name, version = split_model_id(mid)
         with self.lock:
             entry = self.mounted.get(name)
             if entry is None or entry.version != version:
                 raise not_found(f"state '{name}' is not mounted (it was unmounted or replaced during the request)")
-            return entry.time_state
+            return entry.state
 
     def mount(self, name: str, force: bool = False) -> dict:
         """Mount (or re-read) NAME.pth from states_dir."""
@@ -135,9 +134,9 @@ class StateStore:
             raise not_found(f"no state file '{name}{STATE_SUFFIX}' in the states folder", "state_not_found")
         card = read_state_card(path, name)
         warning = self._check_card(name, card, force)
-        time_state = self._read(path, name)
+        tuned = self._read(path, name)
         with self.lock:
-            return self._add(name, "states_dir", time_state, warning, card).describe()
+            return self._add(name, "states_dir", tuned, warning, card).describe()
 
     def upload(self, name: str, data: bytes, card: Optional[dict] = None, force: bool = False,
                replace: bool = False) -> dict:
@@ -150,9 +149,9 @@ class StateStore:
         path = state_path(self.states_dir, name)
         with self.lock:
             self._write_version(name, path, lambda tmp: self._write_checked(tmp, data, name), replace)
-            time_state = self._read(path, name)
+            tuned = self._read(path, name)
             self._replace_card(path, card)
-            return self._add(name, "upload", time_state, warning, card).describe()
+            return self._add(name, "upload", tuned, warning, card).describe()
 
     def blend(self, name: str, weights: dict[str, float], replace: bool = False) -> dict:
         """Mount NAME as the weighted sum of mounted (or known) states, and keep it in states_dir with a card
@@ -164,8 +163,8 @@ class StateStore:
             raise bad_request(f"the blend '{name}' names itself among its states; give the result a new name",
                               "blend", "blend_names_itself")
         parents = {parent: self.fetch(self.resolve(parent)) for parent in weights}
-        time_state = sum(weight * parents[parent] for parent, weight in weights.items())
-        if not torch.isfinite(time_state).all():
+        blended = blend([(weight, parents[parent]) for parent, weight in weights.items()])
+        if not blended.is_finite():
             raise bad_request(f"the blend of {sorted(weights)} is not finite", "blend")
         path = state_path(self.states_dir, name)
         card = {"method": "blend", "blend": dict(weights), "rwkvray_version": __version__}
@@ -174,9 +173,9 @@ class StateStore:
             card = {"base": self.base, **card}
         warning = f"blended from {unknown}, whose base model is unknown" if unknown else None
         with self.lock:
-            self._write_version(name, path, lambda tmp: save_state(time_state, tmp), replace)
+            self._write_version(name, path, lambda tmp: save_state(blended, tmp), replace)
             self._replace_card(path, card)
-            return self._add(name, "blend", time_state.float(), warning, card).describe()
+            return self._add(name, "blend", blended, warning, card).describe()
 
     def _matches_base(self, name: str) -> bool:
         with self.lock:
@@ -280,17 +279,18 @@ class StateStore:
         else:
             write_card(card_path(path), card)
 
-    def _read(self, path: str, name: str) -> torch.Tensor:
-        """load_state's checks (weights_only, exact keys, [H,N,N] per layer, finite, fits the model) as a 400."""
+    def _read(self, path: str, name: str) -> TunedState:
+        """load_state's checks (weights_only, exact keys, [H,N,N] and [C] per layer, finite, fits the model) as a
+        400."""
         try:
             return load_state(path, self.dims)
         except UserError as err:
             message = str(err).removeprefix(f"{path}: ")
             raise bad_request(f"state '{name}': {message}", "state", "invalid_state") from None
 
-    def _add(self, name: str, source: str, time_state: torch.Tensor, warning: Optional[str],
+    def _add(self, name: str, source: str, tuned: TunedState, warning: Optional[str],
              card: Optional[dict]) -> Mounted:
-        entry = Mounted(name, self.next_version, source, time_state, warning, card, self._base_match(card))
+        entry = Mounted(name, self.next_version, source, tuned, warning, card, self._base_match(card))
         self.next_version += 1
         self.mounted[name] = entry
         self.unmounted.discard(name)
