@@ -137,7 +137,7 @@ BAD_FLAGS = [
     ("--my_testing x052", "--my_testing: must be one of x070, x060 (got 'x052')"),
     ("--peft none", "--peft: full fine-tuning is not supported: use --peft state, lora, pissa or disha"),
     ("--peft lisa --train_type state", "--peft: must be one of state, lora, pissa, disha (got 'lisa')"),
-    ("--train_type infctx", "--train_type: 'infctx' is not supported (use state, or leave it out)"),
+    ("--train_type infctx", "--train_type: 'infctx' is not supported (use state or fullstate, or leave it out)"),
     ("--peft lora --lora_config '{\"lora_r\":0}'", "--lora_config lora_r: must be ≥ 1"),
     ("--peft lora --lora_config '{\"rank\":8}'",
      "--lora_config rank: unknown key for lora (use r, lora_r, alpha, lora_alpha, dropout, lora_dropout, target_modules, lora_parts)"),

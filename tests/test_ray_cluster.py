@@ -30,5 +30,5 @@ def test_two_workers_spread_over_two_nodes(two_node_cluster, tiny_model, tmp_pat
     result = run_on_ray(spec)
     assert result.error is None
     assert result.metrics["replica_divergence"] == 0.0
-    final = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth"))
+    final = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth")).time_state
     assert final.shape == (2, 2, 64, 64) and final.abs().max() > 0

@@ -109,7 +109,8 @@ def _check_keys(raw: dict[str, torch.Tensor], path: str) -> list[dict[str, torch
         by_layer.setdefault(int(match.group(1)), {})[_KIND[match.group(2)]] = tensor
     if not any("time_state" in layer for layer in by_layer.values()):
         raise UserError(f"{path}: holds no 'blocks.{{i}}.att.time_state' keys")
-    kinds = ["time_state"] + [kind for kind in SHIFT_KEYS if any(kind in layer for layer in by_layer.values())]
+    shifted = any(kind in layer for layer in by_layer.values() for kind in SHIFT_KEYS)
+    kinds = ["time_state", *(SHIFT_KEYS if shifted else ())]  # the shift starts come as a pair, in every layer
     missing = [_KEY_OF[kind].format(i) for i in range(max(by_layer) + 1) for kind in kinds
                if kind not in by_layer.get(i, {})]
     if missing:
