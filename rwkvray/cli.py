@@ -40,17 +40,21 @@ def cmd_generate(args) -> None:
     from rwkvray.text.generate import generate_tokens
     from rwkvray.model.rwkv import load_model, pick_device
     from rwkvray.model.state_file import load_state
+    from rwkvray.model.tuned_state import TunedState
     from rwkvray.text.tokenizer import StreamDecoder, get_tokenizer
     if not args.prompt:
         raise UserError("--prompt: must not be empty")
     device = pick_device(args.device)
     model, merged_state = load_model(args.model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    time_state = load_state(args.state, model.dims) if args.state else merged_state
+    if args.state:
+        tuned = load_state(args.state, model.dims)
+    else:
+        tuned = None if merged_state is None else TunedState(merged_state)
     if args.state:
         warn_on_foreign_base(args.state, args.model)
     tokenizer = get_tokenizer()
     decoder = StreamDecoder(tokenizer)
-    for token in generate_tokens(model, tokenizer.encode(args.prompt), time_state, args.max_tokens,
+    for token in generate_tokens(model, tokenizer.encode(args.prompt), tuned, args.max_tokens,
                                  args.temperature, args.top_p, args.seed):
         print(decoder.feed(token), end="", flush=True)
     print(decoder.flush())
@@ -217,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_command(sub, "generate", cmd_generate, "RNN-mode generation, optionally from a tuned state")
     p.add_argument("--model", required=True, metavar="PTH", help="RWKV-7 checkpoint")
-    p.add_argument("--state", metavar="PTH", help="tuned state file to start from (default: the model's own)")
+    p.add_argument("--state", metavar="PTH", help="tuned state file to start from, fullstate too "
+                   "(default: the model's own)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-tokens", type=int, default=100, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy")
@@ -284,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_command(sub, "merge-state", cmd_merge_state, "put a state into a base checkpoint file")
     p.add_argument("--base", required=True, metavar="PTH", help="RWKV-7 checkpoint")
-    p.add_argument("--state", required=True, metavar="PTH", help="state file (blocks.{i}.att.time_state)")
+    p.add_argument("--state", required=True, metavar="PTH", help="state file (blocks.{i}.att.time_state; "
+                   "a fullstate file is refused: a model file has no place for its token shifts)")
     p.add_argument("--out", required=True, metavar="PTH", help="checkpoint file to write")
 
     p = add_command(sub, "export-state", cmd_export_state, "convert a state file (safetensors for Ai00)")

@@ -44,7 +44,7 @@ def uninterrupted(s3_ray, model, tmp_path_factory):
     spec = job(model, str(folder / "runs"), "whole", 3, folder / "out")
     assert run_on_ray(spec).error is None
     fs, run = storage.filesystem(storage.run_dir(spec))
-    return load_state(str(folder / "out" / "rwkv-final.pth")), fs, run
+    return load_state(str(folder / "out" / "rwkv-final.pth")).time_state, fs, run
 
 
 def test_keep_checkpoints_keeps_one_more_and_each_has_a_manifest(uninterrupted):
@@ -101,7 +101,7 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(uninterrupted, 
         out = tmp_path / damage.__name__
         assert run_on_ray(job(model, storage_path, "damaged", 3, out), allow_changed_spec=True).error is None
         assert "resuming run 'damaged' from step 2/6\n" in capsys.readouterr().out, damage.__name__
-        assert torch.equal(load_state(str(out / "rwkv-final.pth")), reference), damage.__name__
+        assert torch.equal(load_state(str(out / "rwkv-final.pth")).time_state, reference), damage.__name__
 
     restore()
     drop_manifest(fs, f"{run}/{newest}")

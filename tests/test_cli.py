@@ -49,7 +49,7 @@ def test_rwkv_peft_state_tuning_command_line_trains(tiny_model, tmp_path, capsys
     assert main(["train", *shlex.split(command)]) == 0
     for name in ("rwkv-0.pth", "rwkv-1.pth", "rwkv-final.pth", "metrics.jsonl", "loss.png"):
         assert (tmp_path / "out" / name).exists(), name
-    assert load_state(str(tmp_path / "out" / "rwkv-final.pth")).shape == (2, 1, 64, 64)
+    assert load_state(str(tmp_path / "out" / "rwkv-final.pth")).time_state.shape == (2, 1, 64, 64)
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "out" / "metrics.jsonl")]
     assert f"loss {sum(losses[:3]) / 3:.3f} -> {sum(losses[3:]) / 3:.3f} over 6 steps" in capsys.readouterr().out
 

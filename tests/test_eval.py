@@ -15,6 +15,7 @@ from rwkvray.eval.scoring import ANSWER_END, Record, evaluate, score_batch
 from rwkvray.model.loss import masked_lm_loss
 from rwkvray.model.rwkv import load_model
 from rwkvray.peft.state import from_time_state
+from rwkvray.model.tuned_state import TunedState
 from rwkvray.engine.batch_engine import BatchEngine
 from rwkvray.text.generate import generate_tokens, start_state
 from rwkvray.text.tokenizer import get_tokenizer
@@ -45,7 +46,7 @@ def model(make_tiny_model):
 @pytest.fixture(scope="module")
 def states(model):
     torch.manual_seed(3)
-    return {"base": None, "tuned": torch.randn(1, *model.dims.state_shape) * 2}
+    return {"base": None, "tuned": TunedState(torch.randn(1, *model.dims.state_shape) * 2)}
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_chat_loss_is_the_training_loss_with_loss_mask_qa(model, tokenizer, stat
     batch = assemble_batch([document], np.array([[0, 0, len(document.tokens)]]))
     for name, time_state in states.items():
         zeros = torch.zeros(1, *model.dims.state_shape)
-        state = from_time_state(zeros if time_state is None else time_state, 1, model.dims.n_embd)
+        state = from_time_state(zeros if time_state is None else time_state.time_state, 1, model.dims.n_embd)
         with torch.no_grad():
             expected = masked_lm_loss(model.features(batch.input_ids, state), model.head, batch.targets, batch.mask)
         assert by_key(records)[name, 5].values["loss"] == pytest.approx(expected.item(), rel=1e-5)
@@ -195,7 +196,7 @@ def test_a_bad_row_is_one_line_naming_file_and_line(tmp_path, tokenizer, row, me
 def test_an_rwkv6_model_and_state_score_the_same_way(make_tiny_model, tokenizer, items):
     model = load_model(make_tiny_model(1, 64, "x060"))[0]
     torch.manual_seed(4)
-    states = {"base": None, "tuned": torch.randn(1, *model.dims.state_shape)}
+    states = {"base": None, "tuned": TunedState(torch.randn(1, *model.dims.state_shape))}
 
     async def run():
         return await evaluate(BatchEngine(model, tokenizer, max_batch_size=4), items, states, 6, batch_size=4)

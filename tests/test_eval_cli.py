@@ -14,6 +14,7 @@ from rwkvray.eval.job import load_states, read_all_items
 from rwkvray.eval.scoring import evaluate
 from rwkvray.model.rwkv import load_model
 from rwkvray.model.state_file import save_state
+from rwkvray.model.tuned_state import TunedState
 from rwkvray.engine.batch_engine import BatchEngine
 from rwkvray.text.tokenizer import get_tokenizer
 
@@ -27,9 +28,9 @@ def files(make_tiny_model, tmp_path_factory):
     model = make_tiny_model(1, 64)
     dims = load_model(model)[0].dims
     torch.manual_seed(5)
-    save_state(torch.randn(1, *dims.state_shape) * 2, str(root / "loud.pth"))
+    save_state(TunedState(torch.randn(1, *dims.state_shape) * 2), str(root / "loud.pth"))
     (root / "run").mkdir()
-    save_state(torch.randn(1, *dims.state_shape), str(root / "run" / "rwkv-final.pth"))
+    save_state(TunedState(torch.randn(1, *dims.state_shape)), str(root / "run" / "rwkv-final.pth"))
     return {"model": model, "loud": str(root / "loud.pth"), "run": str(root / "run"), "root": root}
 
 

@@ -11,6 +11,7 @@ import torch
 from rwkvray.cli import main
 from rwkvray.model.rwkv import load_model
 from rwkvray.model.state_file import save_state
+from rwkvray.model.tuned_state import TunedState
 from rwkvray.spec import spec_from_dict
 
 pytestmark = pytest.mark.ray
@@ -37,7 +38,7 @@ def server(make_tiny_model, tmp_path_factory):
     (folder / "states").mkdir()
     torch.manual_seed(7)
     for name, scale in (("loud", 2.0), ("quiet", 0.5)):
-        save_state(scale * torch.randn(1, *dims.state_shape), str(folder / "states" / f"{name}.pth"))
+        save_state(TunedState(scale * torch.randn(1, *dims.state_shape)), str(folder / "states" / f"{name}.pth"))
     os.environ[KEY_ENV] = KEY
     config = spec_from_dict({"serve": {"model": model, "states_dir": str(folder / "states"), "api_key_env": KEY_ENV,
                                        "max_batch_size": BATCH, "max_tokens_cap": 16, "default_max_tokens": 16,

@@ -151,7 +151,7 @@ BAD_FLAGS = [
     ("--my_testing x052", "--my_testing: must be one of x070, x060 (got 'x052')"),
     ("--peft none", "--peft: full fine-tuning is not supported: use --peft state, lora, pissa or disha"),
     ("--peft lisa --train_type state", "--peft: must be one of state, lora, pissa, disha (got 'lisa')"),
-    ("--train_type fullctx", "--train_type: 'fullctx' is not supported (use state or infctx, or leave it out)"),
+    ("--train_type fullctx", "--train_type: 'fullctx' is not supported (use state, fullstate or infctx, or leave it out)"),
     ("--train_type infctx --ctx_len 128 --chunk_ctx 256",
      "--chunk_ctx: must be ≤ ctx_len (128): each ctx_len sample runs in chunks of chunk_ctx tokens (got 256)"),
     ("--chunk_grad detached", "--chunk_grad: is read only with chunk_ctx set (--train_type infctx)"),

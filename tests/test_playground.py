@@ -14,6 +14,7 @@ import torch
 
 from rwkvray.spec import spec_from_dict
 from rwkvray.model.state_file import save_state
+from rwkvray.model.tuned_state import TunedState
 
 pytestmark = pytest.mark.ray
 
@@ -69,7 +70,7 @@ def server(tmp_path_factory, make_tiny_model):
     states_dir.mkdir()
     for name, seed in STATE_SEEDS.items():
         target = states_dir if name in ("alpha", "beta") else folder
-        save_state(random_state(seed, 2, 1, 64), str(target / f"{name}.pth"))
+        save_state(TunedState(random_state(seed, 2, 1, 64)), str(target / f"{name}.pth"))
     write_card(states_dir / "alpha.json", model_path)  # beta has no card
     os.environ[KEY_ENV] = KEY
     config = spec_from_dict({"serve": {

@@ -13,13 +13,14 @@ from rwkvray.files import storage
 from rwkvray.files.publish import publish_state
 from rwkvray.model.state_card import card_bytes
 from rwkvray.model.state_file import save_state
+from rwkvray.model.tuned_state import TunedState
 from rwkvray.spec import spec_from_dict
 from tests.helpers import SAMPLE
 
 
 def tuned_state(folder, name: str, seed: int, card: dict | None) -> str:
     path = str(folder / f"{name}.pth")
-    save_state(torch.randn(2, 2, 64, 64, generator=torch.Generator().manual_seed(seed)), path)
+    save_state(TunedState(torch.randn(2, 2, 64, 64, generator=torch.Generator().manual_seed(seed))), path)
     if card is not None:
         (folder / f"{name}.json").write_bytes(card_bytes(card))
     return path
@@ -66,7 +67,8 @@ def test_publish_command_refuses_what_is_not_a_state_and_bad_names(tmp_path, cap
     state = tuned_state(tmp_path, "s", 1, None)
     assert main(["publish", str(model), "--states-dir", str(tmp_path / "d"), "--name", "x"]) == 2
     assert capsys.readouterr().err == (f"error: {model}: unexpected key 'emb.weight' (a state file holds only "
-                                       "'blocks.{i}.att.time_state' keys)\n")
+                                       "'blocks.{i}.att.time_state' keys (and, from fullstate tuning, "
+                                       "'blocks.{i}.att.ts_state' and 'blocks.{i}.ffn.ts_state'))\n")
     assert not (tmp_path / "d").exists()
     assert main(["publish", state, "--states-dir", str(tmp_path / "d"), "--name", "../x"]) == 2
     assert capsys.readouterr().err == ("error: state name '../x': use 1-128 of A-Z a-z 0-9 . _ - "

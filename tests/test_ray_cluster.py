@@ -61,7 +61,7 @@ def test_two_workers_on_two_nodes_read_everything_from_the_bucket(two_node_clust
     result = run_on_ray(spec)
     assert result.error is None
     assert result.metrics["replica_divergence"] == 0.0
-    final = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth"))
+    final = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth")).time_state
     assert final.shape == (2, 2, 64, 64) and final.abs().max() > 0
     assert storage.read_bytes("s3://runs/cluster/two-nodes/rwkv-final.pth") is not None
     inputs = ["s3://runs/inputs/corpus.bin", "s3://runs/inputs/corpus.idx", "s3://runs/inputs/model.pth"]

@@ -44,9 +44,9 @@ def test_two_worker_zero1_lowers_loss_and_keeps_replicas_identical(zero1_run):
     rows = losses(spec)
     assert len(rows) == 12
     assert sum(rows[-3:]) / 3 < sum(rows[:3]) / 3 - 0.3
-    final = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth"))
+    final = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth")).time_state
     assert final.shape == (2, 2, 64, 64) and final.abs().max() > 0
-    assert torch.equal(final, load_state(os.path.join(spec.trainer.proj_dir, "rwkv-1.pth")))
+    assert torch.equal(final, load_state(os.path.join(spec.trainer.proj_dir, "rwkv-1.pth")).time_state)
 
 
 def test_sharded_evaluation_equals_the_whole_set_mean(zero1_run):
@@ -80,7 +80,7 @@ def test_driver_outputs_come_from_run_storage_only(zero1_run, capsys):
     export_outputs(spec, result.checkpoint)
     assert sorted(os.listdir(local)) == expected
     assert f"final state file: {os.path.join(local, 'rwkv-final.pth')}" in capsys.readouterr().out
-    assert torch.equal(load_state(os.path.join(local, "rwkv-final.pth")), load_state(os.path.join(local, "rwkv-1.pth")))
+    assert torch.equal(load_state(os.path.join(local, "rwkv-final.pth")).time_state, load_state(os.path.join(local, "rwkv-1.pth")).time_state)
 
 
 def test_rerun_says_complete_and_refuses_a_changed_spec(zero1_run, capsys):
@@ -100,7 +100,7 @@ def folder_bytes(folder) -> int:
 def test_checkpoint_holds_no_frozen_base(zero1_run, tiny_model):
     """Trainable tensors, optimizer and progress only: at most 4x the trainable bytes + 1 MB."""
     spec, result = zero1_run
-    trainable_bytes = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth")).numel() * 4
+    trainable_bytes = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth")).time_state.numel() * 4
     assert os.path.getsize(tiny_model) >= 50 * trainable_bytes
     checkpoint_bytes = folder_bytes(result.checkpoint.path)
     assert checkpoint_bytes <= 4 * trainable_bytes + 2**20, (checkpoint_bytes, trainable_bytes)
@@ -116,8 +116,8 @@ def test_killed_worker_resumes_to_the_same_final_state(zero1_run, tiny_model, tm
     assert fault_marker.exists()
     assert result.error is None
     assert [json.loads(line)["step"] for line in open(os.path.join(spec.trainer.proj_dir, "metrics.jsonl"))] == list(range(1, 13))
-    final = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth"))
-    reference = load_state(os.path.join(reference_spec.trainer.proj_dir, "rwkv-final.pth"))
+    final = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth")).time_state
+    reference = load_state(os.path.join(reference_spec.trainer.proj_dir, "rwkv-final.pth")).time_state
     torch.testing.assert_close(final, reference, rtol=1e-5, atol=1e-6)
 
 
@@ -144,7 +144,7 @@ def test_zero2_and_zero3_complete(local_ray, tiny_model, tmp_path, stage, lora):
     result = run_on_ray(spec)
     assert result.error is None
     assert result.metrics["replica_divergence"] == 0.0
-    final = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth"))
+    final = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth")).time_state
     assert final.shape == (2, 2, 64, 64) and final.abs().max() > 0
     if lora:
         adapter = torch.load(os.path.join(spec.trainer.proj_dir, "lora-final.pth"), weights_only=True)

@@ -43,9 +43,9 @@ def test_killed_worker_resumes_from_the_bucket(s3_ray, make_tiny_model, tmp_path
     bucket = pyarrow.fs.FileSystem.from_uri("s3://runs/rwkvray/s3run")[0]
     with bucket.open_input_stream("runs/rwkvray/s3run/rwkv-final.pth") as f:
         (tmp_path / "from-bucket.pth").write_bytes(f.read())
-    from_bucket = load_state(str(tmp_path / "from-bucket.pth"))
+    from_bucket = load_state(str(tmp_path / "from-bucket.pth")).time_state
     assert from_bucket.shape == (2, 2, 64, 64) and from_bucket.abs().max() > 0
-    assert torch.equal(from_bucket, load_state(str(tmp_path / "local" / "rwkv-final.pth")))
+    assert torch.equal(from_bucket, load_state(str(tmp_path / "local" / "rwkv-final.pth")).time_state)
     names = {info.base_name for info in bucket.get_file_info(pyarrow.fs.FileSelector("runs/rwkvray/s3run"))}
     assert {"rwkv-0.pth", "rwkv-0.json", "rwkv-final.json", "metrics.jsonl", "loss.png"} <= names
     card = json.loads(storage.read_bytes("s3://runs/rwkvray/s3run/rwkv-final.json"))

@@ -16,6 +16,7 @@ from rwkvray.cli import main as rwkvray_main
 from rwkvray.spec import spec_from_dict
 from rwkvray.text.chat import REPLY_END, render_chat
 from rwkvray.model.state_file import save_state
+from rwkvray.model.tuned_state import TunedState
 from rwkvray.serve.proxy_guard import proxy_env
 from tests.test_serve_units import PROMPTS, random_state, reference_text, serve_model, state_bytes
 
@@ -210,8 +211,8 @@ def test_bad_uploads_are_refused_and_a_good_multipart_upload_serves(server):
 
         files = {"file": ("delta.pth", state_bytes(random_state(4)), "application/octet-stream")}
         mounted = client.post("/v1/states", data={"name": "delta"}, files=files)
-        assert mounted.json() == {"name": "delta", "source": "upload", "shape": [2, 1, 64, 64], "card": None,
-                                  "base_match": None,
+        assert mounted.json() == {"name": "delta", "source": "upload", "shape": [2, 1, 64, 64], "token_shift": False,
+                                  "card": None, "base_match": None,
                                   "warning": "no state card: the base model it was tuned on is unknown"}
         text = completion(client, "delta", PROMPTS[1], max_tokens=6, temperature=0).json()["choices"][0]["text"]
         assert text == reference_text(server.model, PROMPTS[1], random_state(4), 6)
@@ -219,11 +220,11 @@ def test_bad_uploads_are_refused_and_a_good_multipart_upload_serves(server):
 
 def test_wrong_shape_state_is_400_naming_both_shapes(server):
     with server.client() as client:
-        response = upload_json(client, "wide", state_bytes(torch.zeros(2, 2, 64, 64)))
+        response = upload_json(client, "wide", state_bytes(TunedState(torch.zeros(2, 2, 64, 64))))
         assert response.status_code == 400
         assert "[2, 2, 64, 64]" in error_of(response)["message"]
         assert "[2, 1, 64, 64]" in error_of(response)["message"]
-        save_state(torch.zeros(3, 1, 64, 64), str(server.states_dir / "deep.pth"))
+        save_state(TunedState(torch.zeros(3, 1, 64, 64)), str(server.states_dir / "deep.pth"))
         dropped = completion(client, "deep", "hi")
         assert dropped.status_code == 400 and "[3, 1, 64, 64]" in error_of(dropped)["message"]
 
@@ -348,8 +349,8 @@ def test_a_state_card_naming_another_base_is_409_unless_forced(server):
         card = json.dumps({"base": ours, "method": "state"})
         files = {"file": ("own.pth", state_bytes(random_state(7)), "application/octet-stream")}
         owned = client.post("/v1/states", data={"name": "own", "card": card}, files=files).json()
-        assert owned == {"name": "own", "source": "upload", "shape": [2, 1, 64, 64], "card": json.loads(card),
-                         "base_match": True}  # a matching card: no warning
+        assert owned == {"name": "own", "source": "upload", "shape": [2, 1, 64, 64], "token_shift": False,
+                         "card": json.loads(card), "base_match": True}  # a matching card: no warning
         unknown = client.post("/v1/states", json={"name": "x", "forse": True})
         assert unknown.status_code == 400 and error_of(unknown)["message"] == (
             "unknown key 'forse' in the /v1/states body (allowed: name, data, card, force, blend, replace)")
@@ -365,7 +366,8 @@ def test_blends_mount_as_states_and_record_their_recipe(server):
         text = lambda name: completion(client, name, PROMPTS[0], max_tokens=8, temperature=0).json()["choices"][0]["text"]
         assert text("solo") == server.reference(PROMPTS[0], "alpha", 8)
         assert text("mix") not in (server.reference(PROMPTS[0], "alpha", 8), server.reference(PROMPTS[0], "beta", 8))
-        assert text("mix") == reference_text(server.model, PROMPTS[0], 0.7 * random_state(1) - 0.3 * random_state(2), 8)
+        assert text("mix") == reference_text(server.model, PROMPTS[0], TunedState(
+            0.7 * random_state(1).time_state - 0.3 * random_state(2).time_state), 8)
         assert json.loads((server.states_dir / "mix.json").read_text())["blend"] == {"alpha": 0.7, "beta": -0.3}
         bad = client.post("/v1/states", json={"name": "bad", "blend": {"alpha": "much"}})
         assert bad.status_code == 400 and error_of(bad)["message"] == "blend weight of 'alpha' must be a number"

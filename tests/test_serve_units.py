@@ -15,6 +15,7 @@ from rwkvray.engine.rows import StopScanner
 from rwkvray.serve.states import StateStore, state_path
 from rwkvray.spec import spec_from_dict
 from rwkvray.model.state_file import save_state
+from rwkvray.model.tuned_state import TunedState
 from rwkvray.text.tokenizer import get_tokenizer
 from tests.helpers import random_model
 
@@ -28,9 +29,9 @@ def serve_model():
     return random_model(SERVE_DIMS)
 
 
-def random_state(seed: int, dims: ModelDimsX070 = SERVE_DIMS) -> torch.Tensor:
+def random_state(seed: int, dims: ModelDimsX070 = SERVE_DIMS) -> TunedState:
     generator = torch.Generator().manual_seed(seed)
-    return STATE_SCALE * torch.randn(dims.n_layer, *dims.state_shape, generator=generator)
+    return TunedState(STATE_SCALE * torch.randn(dims.n_layer, *dims.state_shape, generator=generator))
 
 
 def reference_text(model, prompt: str, time_state, max_tokens: int) -> str:
@@ -182,7 +183,7 @@ def test_a_prompt_that_is_a_cached_prefix_needs_no_forward(model):
 
 def test_rows_join_a_running_batch_and_never_write_the_mounted_state(model):
     mounted = random_state(4)
-    before = mounted.clone()
+    before = TunedState(mounted.time_state.clone())
 
     async def run():
         engine = BatchEngine(model, get_tokenizer(), max_batch_size=8)
@@ -199,7 +200,7 @@ def test_rows_join_a_running_batch_and_never_write_the_mounted_state(model):
                      reference_text(model, PROMPTS[2], None, 6)]
     assert metrics["max_batch_rows"] == 3  # the later rows ran in the same steps as the first one
     assert metrics["max_states_in_step"] == 2  # the mounted state and the base's zero state, in one step
-    assert torch.equal(mounted, before)
+    assert torch.equal(mounted.time_state, before.time_state)
 
 
 def test_batch_size_is_capped_and_extra_requests_wait(model):
@@ -305,15 +306,15 @@ def file_bytes(tensors) -> bytes:
     return buffer.getvalue()
 
 
-def state_bytes(time_state: torch.Tensor) -> bytes:
-    return file_bytes({f"blocks.{i}.att.time_state": layer.clone() for i, layer in enumerate(time_state)})
+def state_bytes(state: TunedState) -> bytes:
+    return file_bytes({f"blocks.{i}.att.time_state": layer.clone() for i, layer in enumerate(state.time_state)})
 
 
 def test_known_state_mounts_on_first_use_and_unmount_blocks_it(store):
     mid = store.resolve("alpha")
-    assert torch.equal(store.fetch(mid), random_state(1))
+    assert torch.equal(store.fetch(mid).time_state, random_state(1).time_state)
     assert store.listing()["mounted"] == [{"name": "alpha", "source": "states_dir", "shape": [2, 1, 64, 64],
-                                           "card": None, "base_match": None, "warning": NO_CARD_WARNING}]
+                                           "token_shift": False, "card": None, "base_match": None, "warning": NO_CARD_WARNING}]
     assert store.unmount("alpha") == {"name": "alpha", "mounted": False}
     assert error_of(store.resolve, "alpha").status == 404
     assert error_of(store.fetch, mid).status == 404  # a request that raced the unmount gets 404, not old data
@@ -326,7 +327,7 @@ def test_dropped_in_file_is_servable_without_restart(store):
     assert "beta" not in store.servable_names()
     save_state(random_state(2), os.path.join(store.states_dir, "beta.pth"))
     assert store.servable_names() == ["alpha", "beta"]
-    assert torch.equal(store.fetch(store.resolve("beta")), random_state(2))
+    assert torch.equal(store.fetch(store.resolve("beta")).time_state, random_state(2).time_state)
 
 
 def test_unknown_state_is_404(store):
@@ -350,7 +351,7 @@ def test_symlink_out_of_the_states_dir_is_refused(store, tmp_path):
 
 def test_upload_mounts_a_checked_state(store):
     assert store.upload("gamma", state_bytes(random_state(7)))["source"] == "upload"
-    assert torch.equal(store.fetch(store.resolve("gamma")), random_state(7))
+    assert torch.equal(store.fetch(store.resolve("gamma")).time_state, random_state(7).time_state)
 
 
 @pytest.mark.parametrize("data, fragment", [
@@ -369,7 +370,7 @@ def test_bad_uploads_are_refused_before_mounting(store, data, fragment):
 
 def test_wrong_shape_state_names_both_shapes(store):
     wrong = torch.zeros(2, 2, 64, 64)
-    err = error_of(store.upload, "wide", state_bytes(wrong))
+    err = error_of(store.upload, "wide", state_bytes(TunedState(wrong)))
     assert err.status == 400
     assert err.message == ("state 'wide': state shape [2, 2, 64, 64] (L,H,N,N) does not fit the model's "
                            "[2, 1, 64, 64]")
@@ -390,7 +391,7 @@ def test_an_upload_is_written_into_states_dir_and_survives_a_restart(store):
     assert not [f for f in os.listdir(store.states_dir) if f.endswith(".tmp")]
     restarted = StateStore(store.states_dir, SERVE_DIMS, "base", max_upload_bytes=2**20, base=BASE_CARD)
     assert restarted.servable_names() == ["alpha", "gamma"]
-    assert torch.equal(restarted.fetch(restarted.resolve("gamma")), random_state(7))
+    assert torch.equal(restarted.fetch(restarted.resolve("gamma")).time_state, random_state(7).time_state)
     assert "warning" not in restarted.listing()["mounted"][0]  # its card came along
 
 
@@ -432,9 +433,10 @@ def test_info_reads_the_card_of_a_state_that_is_not_mounted(tmp_path):
 def test_blend_is_the_weighted_sum_and_its_card_records_the_recipe(store):
     store.upload("beta", state_bytes(random_state(2)))
     assert store.blend("same", {"alpha": 1.0})["source"] == "blend"
-    assert torch.equal(store.fetch(store.resolve("same")), random_state(1))
+    assert torch.equal(store.fetch(store.resolve("same")).time_state, random_state(1).time_state)
     store.blend("mix", {"alpha": 0.7, "beta": -0.3})
-    assert torch.allclose(store.fetch(store.resolve("mix")), 0.7 * random_state(1) - 0.3 * random_state(2))
+    assert torch.allclose(store.fetch(store.resolve("mix")).time_state,
+                          0.7 * random_state(1).time_state - 0.3 * random_state(2).time_state)
     with open(os.path.join(store.states_dir, "mix.json")) as f:
         assert json.load(f)["blend"] == {"alpha": 0.7, "beta": -0.3}
     assert error_of(store.blend, "bad", {"nope": 1.0}).status == 404

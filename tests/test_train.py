@@ -77,7 +77,7 @@ def test_one_worker_train_command_runs_deepspeed_and_lowers_loss(local_ray, tiny
     for name in ("rwkv-0.pth", "rwkv-1.pth", "rwkv-final.pth", "loss.png"):
         assert os.path.getsize(out / name) > 0, name
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert torch.equal(load_state(str(out / "rwkv-final.pth")), load_state(str(out / "rwkv-1.pth")))
+    assert torch.equal(load_state(str(out / "rwkv-final.pth")).time_state, load_state(str(out / "rwkv-1.pth")).time_state)
     checkpoints = sorted(p for p in (out / "run").glob("checkpoint_*") if p.is_dir())
     assert checkpoints and (checkpoints[-1] / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").exists()
     assert any(f.endswith(".wandb") for run in (out / "wandb").glob("offline-run-*") for f in os.listdir(run))
@@ -136,8 +136,8 @@ def test_init_from_state_file_is_where_training_starts(local_ray, tiny_model, tm
     spec = make_spec(tiny_model, tmp_path, peft={"state": {"init_from": str(tmp_path / "init.pth")}},
                      trainer={"epoch_count": 1, "epoch_steps": 2}, optim={"lr_init": 1e-9, "lr_final": 1e-9})
     run_on_ray(spec)
-    torch.testing.assert_close(load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth")),
-                               load_state(str(tmp_path / "init.pth")), rtol=0, atol=1e-6)
+    torch.testing.assert_close(load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth")).time_state,
+                               load_state(str(tmp_path / "init.pth")).time_state, rtol=0, atol=1e-6)
 
 
 def test_generate_warns_when_the_state_card_names_another_base(tiny_model, tmp_path, capsys):

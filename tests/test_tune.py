@@ -49,7 +49,7 @@ def test_sweep_stops_a_trial_early_and_exports_the_best_state(local_ray, tmp_pat
     sweep_dir = tmp_path / "runs" / "sweep-test"
     best = json.loads((sweep_dir / "best.json").read_text())
     assert best == json.loads(json.dumps(summary))
-    state = load_state(str(sweep_dir / "best_state.pth"))
+    state = load_state(str(sweep_dir / "best_state.pth")).time_state
     assert state.shape == (1, 2, 64, 64) and state.abs().max() > 0
     trial_results = [json.loads(line) for path in sweep_dir.glob("sweep/*/result.json") for line in open(path)]
     assert len({r["trial_id"] for r in trial_results}) == 4

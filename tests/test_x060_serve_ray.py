@@ -12,6 +12,7 @@ from rwkvray.model.dims import ModelDimsX060
 from rwkvray.text.generate import generate_tokens
 from rwkvray.engine.batch_engine import BatchEngine, SamplingParams
 from rwkvray.model.state_file import load_state
+from rwkvray.model.tuned_state import TunedState
 from rwkvray.text.tokenizer import get_tokenizer
 from tests.helpers import random_model
 
@@ -27,9 +28,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def random_state(seed: int) -> torch.Tensor:
+def random_state(seed: int) -> TunedState:
     generator = torch.Generator().manual_seed(seed)
-    return 20.0 * torch.randn(SERVE_DIMS.n_layer, *SERVE_DIMS.state_shape, generator=generator)
+    return TunedState(20.0 * torch.randn(SERVE_DIMS.n_layer, *SERVE_DIMS.state_shape, generator=generator))
 
 
 def greedy_text(model, prompt: str, time_state, max_tokens: int) -> str:
@@ -125,5 +126,5 @@ def test_v6_state_tuning_through_ray_train_with_deepspeed(make_tiny_model, tmp_p
         ray.shutdown()
     assert result.error is None
     assert result.metrics["replica_divergence"] == 0.0
-    final = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth"))
+    final = load_state(os.path.join(spec.trainer.proj_dir, "rwkv-final.pth")).time_state
     assert final.shape == (2, 2, 64, 64) and final.abs().max() > 0

@@ -92,4 +92,4 @@ def test_v6_state_on_a_v7_base_is_refused_naming_both(make_tiny_model, trained_s
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "[2, 2, 64, 64]" in err and "[2, 1, 64, 64]" in err
     assert not (tmp_path / "m.pth").exists()
-    assert load_state(trained_state).shape == (2, 2, 64, 64)
+    assert load_state(trained_state).time_state.shape == (2, 2, 64, 64)

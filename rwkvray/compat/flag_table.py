@@ -66,7 +66,7 @@ def expected(name: str, accepted: tuple, why: str) -> Flag:
                 options={"type": type(accepted[0])})
 
 
-PEFT_METHOD = ("peft.method", "peft.combine_state")
+PEFT_METHOD = ("peft.method", "peft.combine_state", "peft.state.shift")
 ADAPTER = peft_to_spec.adapter_settings  # the method's block, from its JSON config and the old --lora_* flags
 NOT_READ = "RWKV-PEFT declares it, but none of its models reads it"
 PILE = "an RWKV-LM pile pretraining setting, read only with --my_pile_stage above 0"
@@ -138,7 +138,7 @@ GROUPS: dict[str, list[Flag]] = {
     ],
     "PEFT": [
         sets("train_type", PEFT_METHOD, "state: tune the state (alone, or with the --peft weight method); "
-             "infctx: long documents, each --ctx_len sample in --chunk_ctx chunks with the state passed on (tunes "
+             "fullstate: also where the token shifts start (ts_state), with or without --peft state; infctx: long documents, each --ctx_len sample in --chunk_ctx chunks with the state passed on (tunes "
              "the state unless --peft names a weight method)", convert=peft_to_spec.peft_method),
         Flag("chunk_ctx", "--train_type infctx: tokens per chunk, ≤ --ctx_len; the gradient flows through the "
              "chunks back to the tuned state, each chunk recomputed in backward (--chunk_grad detached stops it at "

@@ -37,30 +37,34 @@ TRAIN_PARTS_REFUSED = {  # --train_parts value -> why not
 }
 
 
-def peft_method(value: Any, flags: Namespace, name: str) -> tuple[Any, Any]:
-    """(peft.method, peft.combine_state) from --peft, --train_type and the old --lora/--PISSA/--state_tune; set by
-    the --peft row when --peft is given, so that the schema's messages about them name --peft."""
+def peft_method(value: Any, flags: Namespace, name: str) -> tuple[Any, Any, Any]:
+    """(peft.method, peft.combine_state, peft.state.shift) from --peft, --train_type and the old --lora/--PISSA/
+    --state_tune; set by the --peft row when --peft is given, so that the schema's messages about them name --peft.
+    --train_type fullstate is state tuning plus the token-shift starts, with or without --peft state (where
+    RWKV-PEFT would quietly fall back to plain state tuning)."""
     if name != "peft" and flags.peft is not None:
-        return SKIP, SKIP
+        return SKIP, SKIP, SKIP
     return chosen_method(flags)
 
 
-def chosen_method(flags: Namespace) -> tuple[str, Any]:
+def chosen_method(flags: Namespace) -> tuple[str, Any, Any]:
     peft = (flags.peft or "none").lower()
     if peft in UNSUPPORTED_PEFT:
         raise flag_error("peft", f"{flags.peft!r} is not supported: {UNSUPPORTED_PEFT[peft]}")
     train_type = (flags.train_type or "none").lower()
-    if train_type not in ("none", "state", "states", "infctx"):
-        raise flag_error("train_type", f"{flags.train_type!r} is not supported (use state or infctx, or leave it out)")
+    if train_type not in ("none", "state", "states", "fullstate", "infctx"):
+        raise flag_error("train_type", f"{flags.train_type!r} is not supported (use state, fullstate or infctx, or "
+                                       "leave it out)")
+    shift = True if train_type == "fullstate" else SKIP
     if peft not in ("none", "state", *WEIGHT_METHODS):
-        return peft, SKIP  # the schema names the methods there are
+        return peft, SKIP, shift  # the schema names the methods there are
     weight = WEIGHT_METHODS.get(peft) or ("lora" if flags.lora else "pissa" if flags.PISSA else None)
     # infctx (long documents in chunks) tunes the state unless --peft names a weight method
-    state = peft == "state" or train_type in ("state", "states") or flags.state_tune or (train_type == "infctx"
-                                                                                        and not weight)
+    state = (peft == "state" or train_type in ("state", "states", "fullstate") or flags.state_tune
+             or (train_type == "infctx" and not weight))
     if weight is None and not state and flags.peft is not None:
         raise flag_error("peft", "full fine-tuning is not supported: use --peft state, lora, pissa or disha")
-    return (weight, True if state else SKIP) if weight else ("state", SKIP)
+    return (weight, True if state else SKIP, shift) if weight else ("state", SKIP, shift)
 
 
 def adapter_settings(value: Any, flags: Namespace, name: str) -> Entries:

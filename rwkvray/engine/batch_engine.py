@@ -27,6 +27,7 @@ import torch
 
 from rwkvray.text.generate import sample
 from rwkvray.model.rwkv import RWKV
+from rwkvray.model.tuned_state import TunedState
 from rwkvray.engine.metrics import EngineMetrics
 from rwkvray.engine.prefix_cache import CachedPrefix, PrefixCache, prefix_digests
 from rwkvray.engine.rows import Chunk, Row, SamplingParams
@@ -73,13 +74,13 @@ class BatchEngine:
         self.wake = asyncio.Event()
         self.loop_task: Optional[asyncio.Task] = None
 
-    async def generate(self, prompt: list[int], time_state: Optional[torch.Tensor], params: SamplingParams,
+    async def generate(self, prompt: list[int], tuned: Optional[TunedState], params: SamplingParams,
                        state_key: Optional[str] = None) -> AsyncIterator[Chunk]:
-        """Stream one request's chunks. time_state None starts from zeros; the tensor itself is never written.
-        `state_key` names time_state for the prefix cache (None: this request neither reads nor fills it)."""
+        """Stream one request's chunks. tuned None starts from zeros; its tensors are never written.
+        `state_key` names the tuned state for the prefix cache (None: this request neither reads nor fills it)."""
         if not prompt:
             raise ValueError("the prompt has no tokens")
-        row = Row(prompt, time_state, params, self.tokenizer, state_key, self.device)
+        row = Row(prompt, tuned, params, self.tokenizer, state_key, self.device)
         self.waiting.append(row)
         self._ensure_loop()
         self.wake.set()
@@ -120,7 +121,7 @@ class BatchEngine:
                 continue
             self._deliver(sampled)
             rows = {*plan.prefill, *(row for row, _ in sampled)}
-            self.metrics.step(len(rows), len({id(row.time_state) for row in rows}), len(sampled),
+            self.metrics.step(len(rows), len({id(row.tuned) for row in rows}), len(sampled),
                               len(plan.prefill) * plan.chunk, time.monotonic() - started)
             self._release()
 
@@ -187,7 +188,7 @@ class BatchEngine:
                 self.pool.restore(row.slot, row.start_entry)
                 row.start_entry = None
             else:
-                self.pool.start(row.slot, row.time_state)
+                self.pool.start(row.slot, row.tuned)
         ready = plan.decode + [row for row in plan.joining if row.decoding]
         if plan.prefill:
             ready += self._prefill(plan.prefill, plan.chunk)

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from rwkvray.model.tuned_state import TunedState
 from rwkvray.text.tokenizer import EOS_ID, StreamDecoder, Tokenizer
 
 
@@ -59,11 +60,11 @@ class Row:
     `prefilled` counts the prompt tokens already folded into the slot's state; the row decodes once all are
     (its slot's logits then predict its next token)."""
 
-    def __init__(self, prompt: list[int], time_state: Optional[torch.Tensor], params: SamplingParams,
+    def __init__(self, prompt: list[int], tuned: Optional[TunedState], params: SamplingParams,
                  tokenizer: Tokenizer, state_key: Optional[str], device: torch.device):
         self.prompt = prompt
-        self.time_state = time_state
-        self.state_key = state_key  # the prefix cache's name for time_state; None: not cached
+        self.tuned = tuned
+        self.state_key = state_key  # the prefix cache's name for the tuned state; None: not cached
         self.params = params
         self.decoder = StreamDecoder(tokenizer)
         self.scanner = StopScanner(params.stop)

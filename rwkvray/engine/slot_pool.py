@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from rwkvray.model.rwkv import RNNState, RWKV
+from rwkvray.model.tuned_state import TunedState
 from rwkvray.engine.prefix_cache import CachedPrefix
 
 
@@ -37,14 +38,14 @@ class SlotPool:
         for name in ("att_shift", "wkv", "ffn_shift"):
             getattr(self.state, name)[:, at] = getattr(state, name).to(getattr(self.state, name).dtype)
 
-    def start(self, slot: int, time_state: Optional[torch.Tensor]) -> None:
-        """A row's initial state: the tuned state (copied, never aliased) or zeros; shifts start at zero."""
-        self.state.att_shift[:, slot] = 0
-        self.state.ffn_shift[:, slot] = 0
-        if time_state is None:
-            self.state.wkv[:, slot] = 0
+    def start(self, slot: int, tuned: Optional[TunedState]) -> None:
+        """A row's initial state: the tuned state (copied, never aliased; its shift starts too, if it has them)
+        or zeros."""
+        if tuned is None:
+            for part in (self.state.att_shift, self.state.wkv, self.state.ffn_shift):
+                part[:, slot] = 0
         else:
-            self.state.wkv[:, slot] = time_state
+            tuned.start_row(self.state, slot)
 
     def restore(self, slot: int, entry: CachedPrefix) -> None:
         self.write([slot], entry.state)

@@ -45,8 +45,9 @@ def load_states(job: EvalJob, where: str) -> dict:
     from rwkvray.model.checkpoint import load_checkpoint
     from rwkvray.model.state_file import load_state
     from rwkvray.files.cache import local_copy
+    from rwkvray.model.tuned_state import TunedState
     checkpoint = load_checkpoint(local_copy(job.model))  # memory-mapped: cheap at any size
-    states = {BASE: checkpoint.time_state}
+    states = {BASE: None if checkpoint.time_state is None else TunedState(checkpoint.time_state)}
     for name, path in job.states.items():
         if name == BASE:
             raise UserError(f"{where}: the state name 'base' is taken by the base model (it is always scored)")

@@ -17,6 +17,7 @@ from rwkvray.eval.items import Item, Scored
 from rwkvray.engine.batch_engine import BatchEngine
 from rwkvray.engine.rows import SamplingParams
 from rwkvray.engine.slot_pool import SlotPool
+from rwkvray.model.tuned_state import TunedState
 
 ANSWER_END = "\n\n"  # a generated answer ends at the first blank line
 
@@ -32,16 +33,16 @@ class Record:
 
 
 @torch.no_grad()
-def score_batch(model, sequences: list[tuple[Scored, Optional[torch.Tensor]]]) -> list[tuple[float, int]]:
-    """For each (sequence, start time_state): the summed log-probability of its masked tokens and their count,
+def score_batch(model, sequences: list[tuple[Scored, Optional[TunedState]]]) -> list[tuple[float, int]]:
+    """For each (sequence, its tuned start state): the summed log-probability of its masked tokens and their count,
     all rows in one forward (right-padded: RWKV is causal, so the pads change nothing before them)."""
     device = model.emb.weight.device
     width = max(len(seq.tokens) for seq, _ in sequences) - 1
     idx = torch.zeros(len(sequences), width, dtype=torch.long)
     pool = SlotPool(model, len(sequences))
-    for row, (seq, time_state) in enumerate(sequences):
+    for row, (seq, tuned) in enumerate(sequences):
         idx[row, :len(seq.tokens) - 1] = torch.tensor(seq.tokens[:-1])
-        pool.start(row, None if time_state is None else time_state.to(device))
+        pool.start(row, tuned)
     hidden, _ = model.hidden(idx.to(device), pool.read(list(range(len(sequences)))))
     out = []
     for row, (seq, _) in enumerate(sequences):
@@ -58,10 +59,10 @@ def work_units(items: list[Item], states: dict) -> int:
     return len(states) * sum(max(1, len(item.scored)) for item in items)
 
 
-async def evaluate(engine: BatchEngine, items: list[Item], states: dict[str, Optional[torch.Tensor]],
+async def evaluate(engine: BatchEngine, items: list[Item], states: dict[str, Optional[TunedState]],
                    max_tokens: int, batch_size: int, progress: Callable[[int], None] = lambda done: None
                    ) -> list[Record]:
-    """Every item from every state (a name -> time_state, None for zeros); records in state order, then item
+    """Every item from every state (a name -> tuned, None for zeros); records in state order, then item
     order. `progress(n)` is told of each n finished work units."""
     sums = await score_all(engine, items, states, batch_size, progress)
     texts = await generate_all(engine, items, states, max_tokens, progress)
@@ -79,15 +80,15 @@ async def evaluate(engine: BatchEngine, items: list[Item], states: dict[str, Opt
 async def score_all(engine, items, states, batch_size, progress) -> dict:
     """(state, data, index, sequence number) -> (summed log-prob, count). Sequences sorted by length, so a batch
     holds similar lengths, and an item's sequences for every state sit side by side."""
-    jobs = [((name, item.data, item.index), i, seq, time_state)
-            for item in items for i, seq in enumerate(item.scored) for name, time_state in states.items()]
+    jobs = [((name, item.data, item.index), i, seq, tuned)
+            for item in items for i, seq in enumerate(item.scored) for name, tuned in states.items()]
     jobs.sort(key=lambda job: len(job[2].tokens))
     loop = asyncio.get_running_loop()
     sums = {}
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
         scores = await loop.run_in_executor(engine.worker, score_batch, engine.model,
-                                            [(seq, time_state) for _, _, seq, time_state in batch])
+                                            [(seq, tuned) for _, _, seq, tuned in batch])
         for (key, i, _, _), score in zip(batch, scores):
             sums[key, i] = score
         progress(len(batch))
@@ -98,13 +99,13 @@ async def generate_all(engine, items, states, max_tokens, progress) -> dict:
     """(state, data, index) -> greedy text, all rows handed to the engine at once (it batches them)."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=[ANSWER_END])
 
-    async def one(name, item, time_state):
-        text = "".join([chunk.text async for chunk in engine.generate(item.prompt, time_state, params)])
+    async def one(name, item, tuned):
+        text = "".join([chunk.text async for chunk in engine.generate(item.prompt, tuned, params)])
         progress(1)
         return (name, item.data, item.index), text.strip()
 
-    return dict(await asyncio.gather(*(one(name, item, time_state) for item in items if item.kind == "generate"
-                                       for name, time_state in states.items())))
+    return dict(await asyncio.gather(*(one(name, item, tuned) for item in items if item.kind == "generate"
+                                       for name, tuned in states.items())))
 
 
 def score_record(state: str, item: Item, sums: list[tuple[float, int]]) -> Record:

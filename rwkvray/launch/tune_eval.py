@@ -11,6 +11,7 @@ from rwkvray.eval.scoring import evaluate
 from rwkvray.files.cache import local_copy
 from rwkvray.model.rwkv import load_model
 from rwkvray.model.state_file import load_state
+from rwkvray.model.tuned_state import TunedState
 from rwkvray.engine.batch_engine import BatchEngine
 from rwkvray.text.tokenizer import get_tokenizer
 from rwkvray.train.loop import WorkerContext
@@ -34,16 +35,16 @@ class EvalReportingContext(WorkerContext):
         self.options = spec.eval
 
     def report(self, metrics: dict, checkpoint_dir: str) -> None:
-        time_state = load_state(os.path.join(checkpoint_dir, "state.pth"), self.model.dims)
-        records = asyncio.run(self.score(time_state))
+        tuned = load_state(os.path.join(checkpoint_dir, "state.pth"), self.model.dims)
+        records = asyncio.run(self.score(tuned))
         for row in summarize(records):
             metrics[eval_key(row["data"], row["metric"])] = row["value"]
         super().report(metrics, checkpoint_dir)
 
-    async def score(self, time_state: torch.Tensor):
+    async def score(self, tuned: TunedState):
         engine = BatchEngine(self.model, self.tokenizer, max_batch_size=self.options.batch_size)
         try:
-            return await evaluate(engine, self.items, {TRIAL_STATE: time_state}, self.options.max_tokens,
+            return await evaluate(engine, self.items, {TRIAL_STATE: tuned}, self.options.max_tokens,
                                   self.options.batch_size)
         finally:
             engine.worker.shutdown()

@@ -44,6 +44,7 @@ from rwkvray.serve.page import add_playground
 from rwkvray.serve.states import StateStore, check_name, upload_too_large
 from rwkvray.files.cache import local_copy
 from rwkvray.model.state_card import base_fingerprint
+from rwkvray.model.tuned_state import TunedState
 from rwkvray.text.tokenizer import get_tokenizer
 
 APP_NAME = "rwkvray"
@@ -115,15 +116,16 @@ class StateModel:
         self.device = pick_device("auto")
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         # once per replica; op "auto" picks the GPU kernels on a GPU
-        self.model, self.base_state = load_model(local_copy(config.model), self.device, dtype, op=config.op)
+        self.model, merged_state = load_model(local_copy(config.model), self.device, dtype, op=config.op)
+        self.base_state = None if merged_state is None else TunedState(merged_state)
         self.registry = registry
         self.engine = BatchEngine(self.model, get_tokenizer(), config.max_batch_size, config.batch_wait_ms / 1000,
                                   prefill_chunk=config.prefill_chunk,
                                   prefix_cache_bytes=int(config.prefix_cache_mb * 2**20),
                                   metrics=EngineMetrics(export=True))
 
-        async def load_mounted_state(mid: str) -> torch.Tensor:
-            """A mounted state's tensor on this replica's device, held by the multiplex LRU cache. Rows already
+        async def load_mounted_state(mid: str) -> TunedState:
+            """A mounted state's tensors on this replica's device, held by the multiplex LRU cache. Rows already
             running keep their own copies, so an eviction never disturbs them."""
             return (await ask_registry(self.registry, "fetch", mid)).to(self.device)
 
@@ -133,14 +135,14 @@ class StateModel:
 
     async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
         """Streams the chunks of one request, from the state named by the multiplexed model id ("" = base)."""
-        time_state, key = await self._time_state()
-        async for chunk in self.engine.generate(prompt, time_state, params, key):
+        tuned, key = await self._tuned_state()
+        async for chunk in self.engine.generate(prompt, tuned, params, key):
             yield chunk
 
     async def complete(self, prompt: list[int], params: SamplingParams) -> Chunk:
-        time_state, key = await self._time_state()
+        tuned, key = await self._tuned_state()
         texts = []
-        async for chunk in self.engine.generate(prompt, time_state, params, key):
+        async for chunk in self.engine.generate(prompt, tuned, params, key):
             texts.append(chunk.text)
         return Chunk("".join(texts), chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens)
 
@@ -154,7 +156,7 @@ class StateModel:
         return {**self.engine.metrics.snapshot(), "device": str(self.device), "op": self.model.op,
                 "active_rows": len(self.engine.active), "waiting_rows": len(self.engine.waiting)}
 
-    async def _time_state(self) -> tuple[Optional[torch.Tensor], str]:
+    async def _tuned_state(self) -> tuple[Optional[TunedState], str]:
         """The request's initial state and its prefix-cache key (NAME@VERSION: a re-mount starts afresh)."""
         mid = serve.get_multiplexed_model_id()
         if not mid:

@@ -28,8 +28,6 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
 from rwkvray import __version__
 from rwkvray.files import storage
 from rwkvray.files.publish import STATE_NAME
@@ -39,6 +37,7 @@ from rwkvray.errors import UserError
 from rwkvray.serve.api import ApiError, bad_request, not_found
 from rwkvray.model.state_card import card_bytes, card_path, read_card
 from rwkvray.model.state_file import state_bytes, state_from_bytes
+from rwkvray.model.tuned_state import TunedState, blend
 
 STATE_SUFFIX = ".pth"
 VERSION_MARK = "@"  # not a name character, so NAME@VERSION splits unambiguously
@@ -78,14 +77,14 @@ class Mounted:
     name: str
     version: int
     source: str  # "states_dir", "upload" or "blend"
-    time_state: torch.Tensor  # [L,H,N,N] fp32, CPU; never written to
+    state: TunedState  # fp32, CPU; never written to
     warning: Optional[str] = None
     card: Optional[dict] = None
     base_match: Optional[bool] = None  # does the card's base sha256 equal the loaded base's? None: unknown
 
     def describe(self) -> dict:
-        out = {"name": self.name, "source": self.source, "shape": list(self.time_state.shape),
-               "card": self.card, "base_match": self.base_match}
+        out = {"name": self.name, "source": self.source, "shape": list(self.state.time_state.shape),
+               "token_shift": self.state.has_shift, "card": self.card, "base_match": self.base_match}
         if self.warning:
             out["warning"] = self.warning
         return out
@@ -128,14 +127,14 @@ class StateStore:
             entry = self._add(name, "states_dir", self._parse(data, name), warning, card)
             return model_id(name, entry.version)
 
-    def fetch(self, mid: str) -> torch.Tensor:
-        """The tensor behind a cache id from `resolve`; 404 if it was unmounted or replaced since."""
+    def fetch(self, mid: str) -> TunedState:
+        """The state behind a cache id from `resolve`; 404 if it was unmounted or replaced since."""
         name, version = split_model_id(mid)
         with self.lock:
             entry = self.mounted.get(name)
             if entry is None or entry.version != version:
                 raise not_found(f"state '{name}' is not mounted (it was unmounted or replaced during the request)")
-            return entry.time_state
+            return entry.state
 
     def mount(self, name: str, force: bool = False) -> dict:
         """Mount (or re-read) NAME.pth from states_dir."""
@@ -146,9 +145,9 @@ class StateStore:
             raise not_found(f"no state file '{name}{STATE_SUFFIX}' in the states folder", "state_not_found")
         card = read_state_card(path, name)
         warning = self._check_card(name, card, force)
-        time_state = self._parse(data, name)
+        tuned = self._parse(data, name)
         with self.lock:
-            return self._add(name, "states_dir", time_state, warning, card).describe()
+            return self._add(name, "states_dir", tuned, warning, card).describe()
 
     def upload(self, name: str, data: bytes, card: Optional[dict] = None, force: bool = False,
                replace: bool = False) -> dict:
@@ -159,10 +158,10 @@ class StateStore:
             raise upload_too_large(self.max_upload_bytes)
         warning = self._check_card(name, card, force)
         path = state_path(self.states_dir, name)
-        time_state = self._parse(data, name)
+        tuned = self._parse(data, name)
         with self.lock:
             self._write_version(name, path, data, card, replace)
-            return self._add(name, "upload", time_state, warning, card).describe()
+            return self._add(name, "upload", tuned, warning, card).describe()
 
     def blend(self, name: str, weights: dict[str, float], replace: bool = False) -> dict:
         """Mount NAME as the weighted sum of mounted (or known) states, and keep it in states_dir with a card
@@ -174,8 +173,8 @@ class StateStore:
             raise bad_request(f"the blend '{name}' names itself among its states; give the result a new name",
                               "blend", "blend_names_itself")
         parents = {parent: self.fetch(self.resolve(parent)) for parent in weights}
-        time_state = sum(weight * parents[parent] for parent, weight in weights.items())
-        if not torch.isfinite(time_state).all():
+        blended = blend([(weight, parents[parent]) for parent, weight in weights.items()])
+        if not blended.is_finite():
             raise bad_request(f"the blend of {sorted(weights)} is not finite", "blend")
         path = state_path(self.states_dir, name)
         card = {"method": "blend", "blend": dict(weights), "rwkvray_version": __version__}
@@ -184,8 +183,8 @@ class StateStore:
             card = {"base": self.base, **card}
         warning = f"blended from {unknown}, whose base model is unknown" if unknown else None
         with self.lock:
-            self._write_version(name, path, state_bytes(time_state), card, replace)
-            return self._add(name, "blend", time_state.float(), warning, card).describe()
+            self._write_version(name, path, state_bytes(blended), card, replace)
+            return self._add(name, "blend", blended, warning, card).describe()
 
     def _matches_base(self, name: str) -> bool:
         with self.lock:
@@ -273,17 +272,18 @@ class StateStore:
                                 f"one is then kept as '{name}{PREVIOUS_MARK}')", "invalid_request_error", "name",
                            "state_exists") from None
 
-    def _parse(self, data: bytes, name: str) -> torch.Tensor:
-        """load_state's checks (weights_only, exact keys, [H,N,N] per layer, finite, fits the model) as a 400."""
+    def _parse(self, data: bytes, name: str) -> TunedState:
+        """load_state's checks (weights_only, exact keys, [H,N,N] and [C] per layer, finite, fits the model) as a
+        400."""
         try:
             return state_from_bytes(data, name, self.dims)
         except UserError as err:
             message = str(err).removeprefix(f"{name}: ")
             raise bad_request(f"state '{name}': {message}", "state", "invalid_state") from None
 
-    def _add(self, name: str, source: str, time_state: torch.Tensor, warning: Optional[str],
+    def _add(self, name: str, source: str, tuned: TunedState, warning: Optional[str],
              card: Optional[dict]) -> Mounted:
-        entry = Mounted(name, self.next_version, source, time_state, warning, card, self._base_match(card))
+        entry = Mounted(name, self.next_version, source, tuned, warning, card, self._base_match(card))
         self.next_version += 1
         self.mounted[name] = entry
         self.unmounted.discard(name)

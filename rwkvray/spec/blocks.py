@@ -145,6 +145,8 @@ class DataConfig(StrictModel):
 
 class StateConfig(StrictModel):
     init_from: ExistingFile | None = None  # a state file to start from instead of zeros
+    # also train where the token shifts of time-mix and channel-mix start (RWKV-PEFT's --train_type fullstate)
+    shift: bool = False
 
 
 class LoraConfig(StrictModel):
@@ -188,6 +190,11 @@ class PeftConfig(StrictModel):
                 raise SpecProblem(block, f"given, but peft.method is {self.method}")
         if "state" in self.model_fields_set and self.method != "state" and not self.combine_state:
             raise SpecProblem("state", f"given, but peft.method is {self.method} and combine_state is false")
+        if self.state.shift and self.combine_state and self.merge:
+            raise SpecProblem("state.shift", "with a weight method and merge on, the state goes into the merged model "
+                                             "file, which has no place for the token-shift starts: turn merge off "
+                                             "(peft.merge: false, --merge 0) to write the state file beside the "
+                                             "adapter")
         if self.train_parts and self.method == "state":
             raise SpecProblem("train_parts", "needs a weight method (method: lora, pissa or disha)")
         if not self.merge and self.method == "disha" and self.disha.mode == "bat":

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import torch
 
 from rwkvray.model.rwkv import RNNState, RWKV
+from rwkvray.model.tuned_state import TunedState
 from rwkvray.text.tokenizer import EOS_ID
 
 PREFILL_CHUNK = 1024  # long prompts go through the parallel path in pieces, bounding memory
@@ -60,20 +61,20 @@ def nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def start_state(model: RWKV, time_state: torch.Tensor | None) -> RNNState:
-    """Zeros, or the tuned WKV state; shift states start at zero."""
+def start_state(model: RWKV, tuned: TunedState | None) -> RNNState:
+    """Zeros, or the tuned state (its shift starts too, when it has them)."""
     state = RNNState.zeros(model.dims, 1, model.emb.weight.device, model.emb.weight.dtype)
-    if time_state is not None:
-        state.wkv[:, 0] = time_state
+    if tuned is not None:
+        tuned.start_row(state, 0)
     return state
 
 
 @torch.no_grad()
-def generate_tokens(model: RWKV, prompt: list[int], time_state: torch.Tensor | None = None, max_tokens: int = 100,
+def generate_tokens(model: RWKV, prompt: list[int], tuned: TunedState | None = None, max_tokens: int = 100,
                     temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> Iterator[int]:
     """Yields generated token ids; stops at end of text (EOS_ID) or after max_tokens."""
     generator = torch.Generator(device=model.emb.weight.device).manual_seed(seed)
-    logits, state = prefill(model, prompt, start_state(model, time_state))
+    logits, state = prefill(model, prompt, start_state(model, tuned))
     temp, nucleus = torch.tensor([temperature]), torch.tensor([top_p])
     for _ in range(max_tokens):
         token = sample(logits.unsqueeze(0), temp, nucleus, generator)

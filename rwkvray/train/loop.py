@@ -272,6 +272,8 @@ def _save_epoch_extras(spec, engine, epoch: int) -> None:
 
 def state_card(spec, dims, method: str, metrics: dict) -> dict:
     from rwkvray import __version__
+    if method == "state" and spec.peft.state.shift:
+        method = "fullstate"  # the file holds the token-shift starts too
     return {"base": base_fingerprint(local_copy(spec.model.path), dims), "method": method,  # the driver's: a URI
             "data": {"file": os.path.basename(spec.data.file or "dummy"), "size": _data_size(spec.data)},
             "steps": metrics.get("step"), "loss": metrics.get("loss"), "val_loss": metrics.get("val_loss"),
