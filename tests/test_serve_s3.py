@@ -12,6 +12,7 @@ import pytest
 from rwkvray.errors import UserError
 from rwkvray.files import storage
 from rwkvray.model.checkpoint import save_checkpoint
+from rwkvray.model.tuned_state import blend
 from rwkvray.serve.api import ApiError
 from rwkvray.serve.states import StateStore
 from rwkvray.spec import spec_from_dict
@@ -118,7 +119,7 @@ def test_a_blend_and_its_card_land_in_the_bucket_and_replacing_keeps_the_previou
     assert storage.read_bytes(f"{STATES}/alpha.prev.pth") == state_bytes(random_state(2))
     card = json.loads(storage.read_bytes(f"{STATES}/mix.json"))
     assert card["method"] == "blend" and card["blend"] == {"alpha": 0.5, "alpha.prev": 0.5}
-    mix = 0.5 * random_state(3) + 0.5 * random_state(2)
+    mix = blend([(0.5, random_state(3)), (0.5, random_state(2))])
     assert cluster.text("two", "mix") == reference_text(cluster.model, PROMPTS[2], mix, MAX_TOKENS)
 
 
