@@ -27,6 +27,7 @@ from rwkvray.model.long_context import Chunking
 from rwkvray.model.rwkv import RWKV
 from rwkvray.peft.base import PeftModel
 from rwkvray.peft.state import StateTuning
+from rwkvray.model.tuned_state import TunedState
 
 
 def peak_rss_mib() -> float:
@@ -43,7 +44,7 @@ def one_step(ctx_len: int, chunk_ctx: int, n_layer: int, n_embd: int, vocab: int
     with torch.no_grad():  # random weights, so that the state's gradient is not zero (RWKV-LM inits output at 0)
         for p in base.parameters():
             p.normal_(0.0, 0.5 if p.dim() < 2 else p.shape[-1] ** -0.5)
-    model = PeftModel(base, [StateTuning(torch.zeros(n_layer, *dims.state_shape))], chunking)
+    model = PeftModel(base, [StateTuning(TunedState(torch.zeros(n_layer, *dims.state_shape)))], chunking)
     tokens = torch.randint(0, vocab, (1, ctx_len + 1))
     inputs, targets, mask = tokens[:, :-1], tokens[:, 1:], torch.ones(1, ctx_len)
     before = peak_rss_mib()

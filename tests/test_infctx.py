@@ -12,6 +12,7 @@ import torch
 from rwkvray.model.long_context import Chunking, chunked_lm_loss
 from rwkvray.model.loss import masked_lm_loss
 from rwkvray.model.rwkv import RNNState
+from rwkvray.model.tuned_state import TunedState
 from rwkvray.peft.base import PeftModel
 from rwkvray.peft.state import StateTuning
 from rwkvray.errors import UserError
@@ -82,7 +83,8 @@ def test_state_tuning_model_in_chunks_gives_the_unchunked_loss_and_state_gradien
     """The PeftModel path that trainer.chunk_ctx takes, in the training dtype (fp32)."""
     results = []
     for chunking in (None, Chunking(CHUNK)):
-        model = PeftModel(random_model(TINY), [StateTuning(torch.randn(TINY.n_layer, *TINY.state_shape))], chunking)
+        start = TunedState(torch.randn(TINY.n_layer, *TINY.state_shape))
+        model = PeftModel(random_model(TINY), [StateTuning(start)], chunking)
         (idx, targets, mask), _ = batch_and_state(TINY)
         loss = model(idx, targets, mask.float())
         loss.backward()
