@@ -81,6 +81,7 @@ def start_local_app(args, folder: str) -> tuple[str, str, list[str]]:
     from rwkvray.launch.serving import read_api_key
     from rwkvray.serve.app import APP_NAME, build_app
     from rwkvray.model.state_file import save_state
+    from rwkvray.model.tuned_state import TunedState
 
     model_path = os.path.join(folder, "bench-model.pth")
     random_checkpoint(args.n_layer, args.n_embd, model_path)
@@ -88,7 +89,7 @@ def start_local_app(args, folder: str) -> tuple[str, str, list[str]]:
     names = [f"state{i}" for i in range(STATES)]
     for i, name in enumerate(names):
         generator = torch.Generator().manual_seed(100 + i)
-        save_state(torch.randn(args.n_layer, args.n_embd // 64, 64, 64, generator=generator),
+        save_state(TunedState(torch.randn(args.n_layer, args.n_embd // 64, 64, 64, generator=generator)),
                    os.path.join(states_dir, f"{name}.pth"))
     config = spec_from_dict({"serve": {
         "model": model_path, "states_dir": states_dir, "max_batch_size": max(BATCHES),
