@@ -42,6 +42,31 @@ def train_steps(model, batch, steps: int) -> list[float]:
     return losses
 
 
+def engine_steps(engine, batch, steps: int) -> list[float]:
+    """Steps of a training engine (DeepSpeed's, or ours) on one fixed TokenBatcher batch; the losses."""
+    losses = []
+    for _ in range(steps):
+        loss = engine(batch.input_ids, batch.targets, batch.mask)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def greedy_tokens(forward, prompt: list[int], state, max_tokens: int) -> list[int]:
+    """Greedy tokens from `forward(tokens, state) -> (logits, state)` (the rwkv package's RWKV.forward), until
+    token 0 or max_tokens."""
+    logits, state = forward(prompt, state)
+    tokens = []
+    for _ in range(max_tokens):
+        token = int(logits.argmax())
+        if token == 0:
+            break
+        tokens.append(token)
+        logits, state = forward([token], state)
+    return tokens
+
+
 TINY_X060 = ModelDimsX060(n_layer=2, n_embd=128, head_size=64, vocab_size=300, dim_ffn=448, dim_mix=8, dim_decay=16)
 
 

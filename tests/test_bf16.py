@@ -7,6 +7,7 @@ import torch
 
 from rwkvray.spec import spec_from_dict
 from rwkvray.train.data import TokenBatcher, load_documents
+from tests.helpers import engine_steps
 
 pytest.importorskip("deepspeed")
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
@@ -40,12 +41,7 @@ def check_bf16_training(model_path: str, stage: int, method: str) -> None:
     assert frozen and all(getattr(p, "ds_tensor", p).dtype == torch.bfloat16 for p in frozen)
 
     batch = TokenBatcher(load_documents(SAMPLE, "jsonl", "qa"), 32, seed=0).batch(0, 0, 1, 2)
-    losses = []
-    for _ in range(8):
-        loss = engine(batch.input_ids, batch.targets, batch.mask)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
+    losses = engine_steps(engine, batch, 8)
     assert losses[-1] < losses[0] - 0.2, losses
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the AdamW that DeepSpeed wraps
     masters = (getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3 swaps them in per step

@@ -15,7 +15,7 @@ from rwkvray.spec import spec_from_dict
 from rwkvray.text.tokenizer import EOS_ID, get_tokenizer
 from rwkvray.train.data import TokenBatcher, load_documents, marker_mask
 from rwkvray.train.sft_data import PROMPT
-from tests.helpers import write_binidx
+from tests.helpers import engine_steps, write_binidx
 
 pytest.importorskip("deepspeed")
 TEXT = "The cat sat on the mat. " * 40
@@ -123,13 +123,7 @@ def trained_losses(spec) -> list[float]:
     documents, _ = _load_data(spec)
     batch = TokenBatcher(documents, spec.data.ctx_len, seed=0, first_only=spec.data.dataload != "pieces").batch(0, 0, 1, 2)
     engine = _build_engine(spec, _build_module(spec, quiet_rank.device), quiet_rank)
-    losses = []
-    for _ in range(3):
-        loss = engine(batch.input_ids, batch.targets, batch.mask)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return losses
+    return engine_steps(engine, batch, 3)
 
 
 @pytest.mark.parametrize("data_type", ["utf-8", "utf-16le", "numpy", "uint16", "sft", "dummy"])

@@ -16,6 +16,7 @@ from rwkvray.model.state_file import load_state, save_state
 from rwkvray.model.tuned_state import TunedState
 from rwkvray.spec import spec_from_dict
 from rwkvray.text.tokenizer import get_tokenizer
+from tests.helpers import engine_steps, greedy_tokens
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
 PROMPT = "User: hello\n\nAssistant:"
@@ -39,12 +40,7 @@ def trained(spec, out_path: str) -> list[float]:
     documents, _ = _load_data(spec)
     batch = TokenBatcher(documents, spec.data.ctx_len, seed=0).batch(0, 0, 1, 2)
     engine = _build_engine(spec, _build_module(spec, rank.device), rank)
-    losses = []
-    for _ in range(3):
-        loss = engine(batch.input_ids, batch.targets, batch.mask)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
+    losses = engine_steps(engine, batch, 3)
     engine.module.methods[0].save(out_path)
     return losses
 
@@ -107,15 +103,7 @@ def greedy_with_mounted_state(version: str, model_path: str, tuned: TunedState, 
         for i in range(tuned.time_state.shape[0]):
             kv = tuned.time_state[i] if version == "x070" else tuned.time_state[i].transpose(-1, -2)
             state += [tuned.att_shift[i].clone(), kv.contiguous().clone(), tuned.ffn_shift[i].clone()]
-        logits, state = model.forward(prompt, state)
-        tokens = []
-        for _ in range(max_tokens):
-            token = int(logits.argmax())
-            if token == 0:
-                break
-            tokens.append(token)
-            logits, state = model.forward([token], state)
-    return tokens
+        return greedy_tokens(model.forward, prompt, state, max_tokens)
 
 
 @pytest.mark.parametrize("version", ["x070", "x060"])

@@ -8,6 +8,7 @@ import torch
 from rwkvray.cli import main
 from rwkvray.model.state_file import load_state
 from rwkvray.text.tokenizer import get_tokenizer
+from tests.helpers import greedy_tokens
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data", "persona.jsonl")
 PROMPT = "User: hello\n\nAssistant:"
@@ -38,15 +39,7 @@ def greedy_with_rwkv_package(model_path: str, prompt: list[int], max_tokens: int
         env.delenv("RWKV_V7_ON", raising=False)
         from rwkv.model import RWKV
         model = RWKV(model_path.removesuffix(".pth"), strategy="cpu fp32")
-        logits, state = model.forward(prompt, None)
-        tokens = []
-        for _ in range(max_tokens):
-            token = int(logits.argmax())
-            if token == 0:
-                break
-            tokens.append(token)
-            logits, state = model.forward([token], state)
-    return tokens
+        return greedy_tokens(model.forward, prompt, None, max_tokens)
 
 
 def test_state_file_is_rwkv_peft_v6_layout_and_exports_for_ai00(trained_state, tmp_path):
