@@ -7,10 +7,17 @@ Workloads (every reply is `--max-tokens` long, greedy):
 - prefix reuse: two requests sharing a `--long-tokens` prefix, one after the other; the second's time to
   first token against the first's;
 - mounting: POST /v1/states by name, a base64 upload, and the first request after a mount.
+Batch scaling runs twice: plain requests, then streamed ones (`"stream": true`, one SSE event per chunk).
 
     python benchmarks/serve_bench.py                                  # tiny random model, local Serve app
     python benchmarks/serve_bench.py --n-layer 12 --n-embd 768 --json benchmarks/results/serve-0.19b-cpu.json
+    python benchmarks/serve_bench.py --n-layer 12 --n-embd 768 --peer rwkvserve   # and the peer, side by side
     python benchmarks/serve_bench.py --url http://host:8000 --model BASE --states s1,...,s8 [--api-key KEY]
+
+`--peer rwkvserve` installs rwkvserve 0.1.0 into a venv of its own (once, in rwkvray's cache), converts the
+benchmark checkpoint to its model folder (benchmarks/serve_peer.py) and, after rwkvray's app has been measured
+and stopped, runs the same workloads against it (its base model: it has no states, so no mounting), then the
+ratios. The peer runs as the issue measured it: CPU, fp32, `--max-batch-size 8`, torch's default threads.
 
 Prints a table, then writes the figures as JSON (default: benchmarks/results/serve-<date>.json).
 """
@@ -26,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import AsyncIterator
 
 import httpx
 import torch
@@ -34,6 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from rwkvray.files.atomic import write_bytes_atomically  # noqa: E402
+from serve_peer import PEER, PEER_REPLY_TOKENS, PEER_VERSION, PeerServer, convert_checkpoint, peer_venv  # noqa: E402
 
 SHORT_PROMPT = "User: Tell me a long story about a lighthouse keeper.\n\nAssistant:"
 STATES = 8
@@ -49,13 +58,20 @@ def parse_args():
     parser.add_argument("--api-key", default=os.environ.get("RWKVRAY_API_KEY"))
     parser.add_argument("--n-layer", type=int, default=4, help="local app: layers of the random model")
     parser.add_argument("--n-embd", type=int, default=256, help="local app: width of the random model")
-    parser.add_argument("--max-tokens", type=int, default=64, help="reply length of every request")
+    parser.add_argument("--max-tokens", type=int, help=f"reply length of every request (default: 64; with --peer "
+                        f"{PEER_REPLY_TOKENS}, the only length the peer's /v1/completions generates)")
     parser.add_argument("--long-tokens", type=int, default=1500, help="prompt length of the long requests")
     parser.add_argument("--stall-delay", type=float, default=0.3, help="seconds between the long and short requests")
     parser.add_argument("--prefill-chunk", type=int, default=256, help="local app: serve.prefill_chunk")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="concurrency levels to measure")
+    parser.add_argument("--peer", choices=[PEER], help="local app: also measure this peer server on the same model")
     parser.add_argument("--json", help="where to write the results (default: benchmarks/results/serve-<date>.json)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.peer and args.max_tokens not in (None, PEER_REPLY_TOKENS):
+        parser.error(f"--peer {PEER}: its /v1/completions ignores max_tokens and always generates "
+                     f"{PEER_REPLY_TOKENS} tokens, so --max-tokens must be {PEER_REPLY_TOKENS} for equal replies")
+    args.max_tokens = args.max_tokens or (PEER_REPLY_TOKENS if args.peer else 64)
+    return args
 
 
 # ---------------------------------------------------------------- a local app on a random model
@@ -73,18 +89,16 @@ def random_checkpoint(n_layer: int, n_embd: int, path: str) -> None:
     save_checkpoint(weights, path)
 
 
-def start_local_app(args, folder: str) -> tuple[str, str, list[str]]:
-    """(url, base name, state names) of a fresh local Ray Serve app."""
+def start_local_app(args, folder: str, model_path: str) -> tuple[str, str, list[str], int]:
+    """(url, base name, state names, the model replica's CPUs) of a fresh local Ray Serve app."""
     import ray
     from ray import serve
     from rwkvray.spec import spec_from_dict
     from rwkvray.launch.serving import read_api_key
-    from rwkvray.serve.app import APP_NAME, build_app
+    from rwkvray.serve.app import APP_NAME, build_app, replica_cpus, use_gpu
     from rwkvray.model.state_file import save_state
     from rwkvray.model.tuned_state import TunedState
 
-    model_path = os.path.join(folder, "bench-model.pth")
-    random_checkpoint(args.n_layer, args.n_embd, model_path)
     states_dir = os.path.join(folder, "states")
     names = [f"state{i}" for i in range(STATES)]
     for i, name in enumerate(names):
@@ -102,15 +116,15 @@ def start_local_app(args, folder: str) -> tuple[str, str, list[str]]:
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config, read_api_key(config)), name=APP_NAME, route_prefix="/")
-    return f"http://127.0.0.1:{port}", config.model_name, names
+    return f"http://127.0.0.1:{port}", config.model_name, names, replica_cpus(config, use_gpu(config))
 
 
-def model_step_ceiling(model_path: str, batches: list[int]) -> dict:
-    """Tokens/s of bare `model.step` at each batch size, one torch thread (as a 1-CPU replica runs): the most
-    the engine could reach on this machine."""
+def model_step_ceiling(model_path: str, batches: list[int], threads: int) -> dict:
+    """Tokens/s of bare `model.step` at each batch size with the model replica's torch threads: the most the
+    engine could reach on this machine."""
     from rwkvray.model.rwkv import RNNState, load_model
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     model, _ = load_model(model_path)
     out = {}
     with torch.no_grad():
@@ -120,9 +134,29 @@ def model_step_ceiling(model_path: str, batches: list[int]) -> dict:
             start = time.perf_counter()
             for _ in range(5):
                 model.step(tokens, state)
-            out[str(batch)] = {"step_ms": (time.perf_counter() - start) / 5 * 1000,
-                               "tokens_per_s": 5 * batch / (time.perf_counter() - start)}
+            elapsed = time.perf_counter() - start
+            out[str(batch)] = {"threads": threads, "step_ms": elapsed / 5 * 1000, "tokens_per_s": 5 * batch / elapsed}
+    torch.set_num_threads(before)
+    return out
+
+
+def prefill_ceiling(model_path: str, tokens: int, chunks: list[int], threads: int) -> dict:
+    """Seconds of bare chunked prefill of a `tokens`-token prompt (model.hidden chunk by chunk, then the head
+    on the last token) for each chunk size, with the model replica's torch threads."""
+    from rwkvray.model.rwkv import load_model
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    model, _ = load_model(model_path)
+    prompt = torch.randint(model.dims.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    out = {}
+    with torch.no_grad():
+        for chunk in chunks:
+            start, state = time.perf_counter(), None
+            for at in range(0, tokens, chunk):
+                hidden, state = model.hidden(prompt[:, at:at + chunk], state)
+            model.head(hidden[:, -1])
+            out[str(chunk)] = {"threads": threads, "seconds": time.perf_counter() - start}
+    torch.set_num_threads(before)
     return out
 
 
@@ -141,23 +175,49 @@ def long_text(tokens: int, seed: int) -> str:
 # ---------------------------------------------------------------- measurements
 
 
+async def stream_events(response: httpx.Response) -> AsyncIterator[dict]:
+    """The JSON events of a streamed reply as they arrive: SSE `data: ...` lines, or (rwkvserve 0.1.0's
+    /v1/completions) JSON objects one after another with nothing between them."""
+    decoder, buffer = json.JSONDecoder(), ""
+    async for text in response.aiter_text():
+        buffer += text
+        while True:
+            buffer = buffer.lstrip()
+            if buffer.startswith("data:"):
+                line, newline, rest = buffer.partition("\n")
+                if not newline:
+                    break
+                buffer, payload = rest, line[len("data:"):].strip()
+                if payload and payload != "[DONE]":
+                    yield json.loads(payload)
+                continue
+            try:
+                event, end = decoder.raw_decode(buffer)
+            except json.JSONDecodeError:
+                break  # an object still arriving
+            buffer = buffer[end:]
+            yield event
+
+
 async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
     """One streamed greedy completion: seconds to the first token and to the end, tokens generated."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    first, tokens = None, 0
+    first, usage, text_events, text = None, None, 0, ""
     async with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[len("data: "):])
-            if first is None and event["choices"]:
-                first = time.perf_counter() - start
+        async for event in stream_events(response):
+            piece = "".join(choice.get("text") or "" for choice in event.get("choices") or [])
+            if piece:
+                first = first or time.perf_counter() - start
+                text_events += 1
+                text += piece
             if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-    return {"ttft_s": first, "total_s": time.perf_counter() - start, "tokens": tokens}
+                usage = event["usage"]["completion_tokens"]
+    # a server without usage in its stream (the peer) sends one event per token
+    return {"ttft_s": first, "total_s": time.perf_counter() - start,
+            "tokens": text_events if usage is None else usage, "events": text_events, "text": text}
 
 
 async def complete_one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> int:
@@ -168,12 +228,17 @@ async def complete_one(client: httpx.AsyncClient, model: str, prompt: str, max_t
     return response.json()["usage"]["completion_tokens"]
 
 
-async def batch_scaling(client, names: list[str], batches: list[int], max_tokens: int) -> dict:
-    """Plain requests, as the issue's baseline was measured: no per-token streaming hops between processes."""
+async def streamed_tokens(client, model: str, prompt: str, max_tokens: int) -> int:
+    return (await stream_one(client, model, prompt, max_tokens))["tokens"]
+
+
+async def batch_scaling(client, names: list[str], batches: list[int], max_tokens: int, stream: bool = False) -> dict:
+    """`batch` requests at once, each to one of `names` in turn; plain or streamed."""
+    one = streamed_tokens if stream else complete_one
     out = {}
     for batch in batches:
         start = time.perf_counter()
-        tokens = sum(await asyncio.gather(*(complete_one(client, names[i % len(names)], SHORT_PROMPT, max_tokens)
+        tokens = sum(await asyncio.gather(*(one(client, names[i % len(names)], SHORT_PROMPT, max_tokens)
                                             for i in range(batch))))
         elapsed = time.perf_counter() - start
         out[str(batch)] = {"requests": batch, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
@@ -223,31 +288,79 @@ async def mount_latency(client: httpx.AsyncClient, names: list[str]) -> dict:
             "upload_ms": await timed_ms(client.post("/v1/states", json=upload))}
 
 
-async def run_bench(url: str, base: str, names: list[str], args) -> dict:
+async def run_bench(url: str, base: str, names: list[str], args, states: bool = True) -> dict:
+    """Every workload against one server; `states` False (the peer) sends every request to the base model."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     batches = [int(b) for b in args.batches.split(",")]
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=3600,
                                  limits=httpx.Limits(max_connections=max(batches) + 8)) as client:
-        result = {"mount": await mount_latency(client, names)}
-        await batch_scaling(client, names, [max(batches)], 4)  # warm-up: every state cached, code paths hot
-        result["batch_scaling"] = await batch_scaling(client, names, batches, args.max_tokens)
+        result = {"mount": await mount_latency(client, names)} if states else {}
+        targets = names if states else [base]
+        await batch_scaling(client, targets, [max(batches)], 4)  # warm-up: every state cached, code paths hot
+        result["batch_scaling"] = await batch_scaling(client, targets, batches, args.max_tokens)
+        result["streamed_batch_scaling"] = await batch_scaling(client, targets, batches, args.max_tokens, True)
         result["long_prompt_stall"] = await long_prompt_stall(client, base, args)
         result["prefix_reuse"] = await prefix_reuse(client, base, args)
+        result["greedy_text"] = (await stream_one(client, base, SHORT_PROMPT, args.max_tokens))["text"]
         stats = await client.get("/v1/stats")
         result["server_stats"] = stats.json() if stats.status_code == 200 else None
     return result
 
 
+def bench_peer(args, folder: str, model_path: str) -> dict:
+    """The same workloads against the peer on the same weights (rwkvray's app is stopped by then)."""
+    venv = peer_venv()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = PeerServer(venv, convert_checkpoint(model_path, venv, os.path.join(folder, PEER)), port,
+                        max_batch_size=8, log_path=os.path.join(tempfile.gettempdir(), f"{PEER}-{port}.log"))
+    try:
+        server.wait_ready()
+        result = asyncio.run(run_bench(server.url, "bench", [], args, states=False))
+    finally:
+        server.stop()
+    return {"name": PEER, "version": PEER_VERSION, "settings": "--device cpu --dtype fp32 --max-batch-size 8",
+            **result}
+
+
+def versus_peer(ours: dict, peer: dict) -> dict:
+    """How far rwkvray is ahead on each row (> 1: ahead): throughput ours/theirs, latency theirs/ours."""
+    def streamed(side, batch):
+        return side["streamed_batch_scaling"][batch]["tokens_per_s"]
+
+    def worst_short(side):
+        return max(side["long_prompt_stall"]["short_ttft_s"])
+
+    ratios = {f"streams_{b}_tokens_per_s": streamed(ours, b) / streamed(peer, b)
+              for b in ours["streamed_batch_scaling"] if b in peer["streamed_batch_scaling"] and b.isdigit()}
+    ratios.update({
+        "long_prompt_first_token": peer["prefix_reuse"]["first"]["ttft_s"] / ours["prefix_reuse"]["first"]["ttft_s"],
+        "short_first_token_during_long_prefill": worst_short(peer) / worst_short(ours),
+        "shared_prefix_second_first_token": peer["prefix_reuse"]["second"]["ttft_s"]
+        / ours["prefix_reuse"]["second"]["ttft_s"],
+        "same_greedy_text": ours["greedy_text"] == peer["greedy_text"]})
+    return ratios
+
+
 def print_table(result: dict) -> None:
-    rows = [(f"mount by name / upload / first request after mount",
-             "{mount_by_name_ms:.0f} / {upload_ms:.0f} / {first_request_after_mount_ms:.0f} ms".format(**result["mount"]))]
-    for key, row in result["batch_scaling"].items():
-        if isinstance(row, dict):
-            rows.append((f"{key} concurrent request(s), 8 states",
-                         f"{row['tokens_per_s']:.1f} tok/s total ({row['tokens']} tok in {row['seconds']:.1f} s)"))
+    rows = []
+    if "mount" in result:
+        rows.append(("mount by name / upload / first request after mount",
+                     "{mount_by_name_ms:.0f} / {upload_ms:.0f} / {first_request_after_mount_ms:.0f} ms".format(
+                         **result["mount"])))
+    for kind, label in (("batch_scaling", "plain"), ("streamed_batch_scaling", "streamed")):
+        for key, row in result[kind].items():
+            if isinstance(row, dict):
+                rows.append((f"{key} concurrent {label} request(s)",
+                             f"{row['tokens_per_s']:.1f} tok/s total ({row['tokens']} tok in {row['seconds']:.1f} s)"))
     for key, row in result.get("model_step_ceiling", {}).items():
-        rows.append((f"ceiling: bare model.step, batch {key}, 1 thread",
+        rows.append((f"ceiling: bare model.step, batch {key}, {row['threads']} thread(s)",
                      f"{row['tokens_per_s']:.1f} tok/s ({row['step_ms']:.0f} ms/step)"))
+    ceiling, streamed = result.get("model_step_ceiling", {}), result["streamed_batch_scaling"]
+    if "8" in ceiling and "8" in streamed:
+        rows.append(("8 streams / bare batch-8 step (goal >= 90%)",
+                     f"{100 * streamed['8']['tokens_per_s'] / ceiling['8']['tokens_per_s']:.0f}%"))
     if "eight_over_one" in result["batch_scaling"]:
         rows.append(("8 concurrent / 1 (goal >= 6x)", f"{result['batch_scaling']['eight_over_one']:.2f}x"))
     stall = result["long_prompt_stall"]
@@ -258,9 +371,19 @@ def print_table(result: dict) -> None:
     rows.append(("prefix reuse: 2nd TTFT / 1st TTFT (goal <= 20%)",
                  f"{100 * reuse['second_ttft_over_first']:.0f}% "
                  f"({reuse['second']['ttft_s']:.2f} s / {reuse['first']['ttft_s']:.2f} s)"))
+    rows.append(("first token of the long prompt", f"{reuse['first']['ttft_s']:.2f} s"))
+    for key, row in result.get("prefill_ceiling", {}).items():
+        rows.append((f"ceiling: bare prefill of the long prompt, chunks of {key}, {row['threads']} thread(s)",
+                     f"{row['seconds']:.2f} s"))
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
+
+
+def print_versus(ratios: dict) -> None:
+    print(f"rwkvray ahead of {PEER} {PEER_VERSION} by (> 1: ahead):")
+    for key, value in ratios.items():
+        print(f"  {key:<40}  {value if isinstance(value, bool) else f'{value:.2f}x'}")
 
 
 def main() -> None:
@@ -273,16 +396,23 @@ def main() -> None:
         result["server"] = args.url
     else:
         with tempfile.TemporaryDirectory(prefix="serve-bench-") as folder:
-            url, base, names = start_local_app(args, folder)
+            model_path = os.path.join(folder, "bench-model.pth")
+            random_checkpoint(args.n_layer, args.n_embd, model_path)
+            url, base, names, threads = start_local_app(args, folder, model_path)
             try:
                 result = asyncio.run(run_bench(url, base, names, args))
-                batches = [int(b) for b in args.batches.split(",")]
-                result["model_step_ceiling"] = model_step_ceiling(os.path.join(folder, "bench-model.pth"), batches)
             finally:
                 import ray
                 from ray import serve
                 serve.shutdown()
                 ray.shutdown()
+            batches = [int(b) for b in args.batches.split(",")]
+            result["model_step_ceiling"] = model_step_ceiling(model_path, batches, threads)
+            result["prefill_ceiling"] = prefill_ceiling(model_path, args.long_tokens,
+                                                        sorted({args.prefill_chunk, 512}), threads)
+            if args.peer:
+                result["peer"] = bench_peer(args, folder, model_path)
+                result["versus_peer"] = versus_peer(result, result["peer"])
         result["model"] = {"n_layer": args.n_layer, "n_embd": args.n_embd, "vocab": 65536, "dtype": "fp32 on CPU, "
                            "bf16 on GPU", "weights": "random"}
     result["settings"] = {k: getattr(args, k) for k in ("max_tokens", "long_tokens", "stall_delay", "prefill_chunk")}
@@ -290,6 +420,10 @@ def main() -> None:
                       "load_average_1m": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     result["command"] = " ".join(["python", *sys.argv])
     print_table(result)
+    if "peer" in result:
+        print(f"\n{PEER} {PEER_VERSION}:")
+        print_table(result["peer"])
+        print_versus(result["versus_peer"])
     path = args.json or os.path.join(ROOT, "benchmarks", "results", f"serve-{time.strftime('%Y-%m-%d')}.json")
     write_bytes_atomically(path, (json.dumps(result, indent=2) + "\n").encode())
     print(f"wrote {path}")

@@ -382,6 +382,7 @@ def test_metrics_reach_prometheus_and_v1_stats(server):
         stats = client.get("/v1/stats").json()
     assert stats["mounted_states"] >= 1 and stats["model_replica"]["prefix_cache"]["misses"] >= 1
     assert stats["model_replica"]["op"] == "auto" and stats["model_replica"]["tokens_per_s"] > 0
+    assert stats["model_replica"]["torch_threads"] == 2  # serve.num_cpus auto: every CPU of the 2-CPU node
     deadline, missing = time.monotonic() + 60, names
     while missing and time.monotonic() < deadline:
         time.sleep(2)

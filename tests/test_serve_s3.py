@@ -51,7 +51,8 @@ class Cluster:
 
     def config(self, **fields):
         serve = {"model": self.model_path, "states_dir": STATES, "max_batch_size": 4, "batch_wait_ms": 5.0,
-                 "max_tokens_cap": 16, "default_max_tokens": 8, "max_upload_mb": 0.25, "use_gpu": False, **fields}
+                 "max_tokens_cap": 16, "default_max_tokens": 8, "max_upload_mb": 0.25, "use_gpu": False,
+                 "num_cpus": 1, **fields}  # two applications share the 2-CPU instance
         return spec_from_dict({"serve": serve}, "serve.yaml")
 
     def client(self, app: str) -> httpx.Client:

@@ -3,6 +3,7 @@ import asyncio
 import io
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -252,6 +253,35 @@ def test_a_client_leaving_early_frees_its_row_without_disturbing_others(model):
     engine, text = asyncio.run(run())
     assert text == reference_text(model, PROMPTS[1], random_state(5), 10)
     assert engine.active == [] and engine.metrics.snapshot()["steps"] < 40
+
+
+def test_a_row_takes_one_step_per_token_and_none_after_its_last(model):
+    async def run():
+        engine = BatchEngine(model, get_tokenizer(), max_batch_size=4)
+        text, last = await collect(engine, PROMPTS[1], None, SamplingParams(5))
+        return engine, text, last
+
+    engine, text, last = asyncio.run(run())
+    assert text == reference_text(model, PROMPTS[1], None, 5) and last.completion_tokens == 5
+    assert engine.metrics.snapshot()["steps"] == 5  # the prompt's step samples the first token
+
+
+def test_streamed_text_is_coalesced_to_the_interval_and_unchanged(model):
+    interval = 0.05
+
+    async def run():
+        engine = BatchEngine(model, get_tokenizer(), max_batch_size=4, stream_interval_s=interval)
+        arrivals = []
+        async for chunk in engine.generate(get_tokenizer().encode(PROMPTS[0]), None, SamplingParams(40)):
+            arrivals.append((time.monotonic(), chunk))
+        return arrivals
+
+    arrivals = asyncio.run(run())
+    chunks = [chunk for _, chunk in arrivals]
+    assert "".join(chunk.text for chunk in chunks) == reference_text(model, PROMPTS[0], None, 40)
+    assert chunks[-1].completion_tokens == 40 and len(chunks) < 40
+    gaps = [later - earlier for (earlier, _), (later, _) in zip(arrivals, arrivals[1:-1])]
+    assert min(gaps) >= interval * 0.95  # the first chunk goes at once, the last as soon as the row ends
 
 
 def test_sampled_rows_do_not_change_greedy_rows(model):
@@ -526,6 +556,9 @@ def test_app_builder_refuses_bad_args_and_a_missing_api_key(serve_args, monkeypa
     ({"op": "cuda", "use_gpu": False}, "serve.op: cuda needs a GPU (set use_gpu: true or auto, or op: torch)"),
     ({"op": "cud"}, "serve.op: must be one of auto, torch, cuda, fla (got 'cud')"),
     ({"prefill_chunk": 0}, "serve.prefill_chunk: must be ≥ 1"),
+    ({"num_cpus": 0}, "serve.num_cpus: must be ≥ 1, or auto (got 0)"),
+    ({"num_cpus": "all"}, "serve.num_cpus: must be ≥ 1, or auto (got 'all')"),
+    ({"stream_interval_ms": -1}, "serve.stream_interval_ms: must be ≥ 0"),
 ])
 def test_engine_settings_are_checked_in_the_spec(tmp_path, fields, message):
     from rwkvray.spec import spec_from_dict

@@ -13,6 +13,8 @@ Each engine step is one hop to the worker thread and does, in order:
 3. decode: one token for every row whose prompt is done, sampled on the model's device, then one batched
    `model.step` for the rows that go on.
 A prompt's chunks are bounded by a token budget, so a long prompt never stalls the decoding rows for long.
+While a step computes, the loop delivers the tokens of the step before (text decoding, stop strings, streaming
+out); a row whose last token the worker sampled takes no further step.
 """
 from __future__ import annotations
 
@@ -57,12 +59,15 @@ class BatchEngine:
 
     def __init__(self, model: RWKV, tokenizer: Tokenizer, max_batch_size: int, batch_wait_s: float = 0.0,
                  seed: int = 0, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_bytes: int = 0,
-                 metrics: Optional[EngineMetrics] = None):
+                 stream_interval_s: float = 0.0, metrics: Optional[EngineMetrics] = None):
+        """stream_interval_s: after a row's first chunk, its text goes out at most this often (each chunk is a
+        message between processes in Serve, so fewer, longer chunks cost less per token)."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.prefill_chunk = prefill_chunk
+        self.stream_interval_s = stream_interval_s
         self.device = model.emb.weight.device
         self.generator = torch.Generator(self.device).manual_seed(seed)  # rows without their own seed
         self.pool = SlotPool(model, max_batch_size)
@@ -85,13 +90,17 @@ class BatchEngine:
         self._ensure_loop()
         self.wake.set()
         try:
+            sent_at = None
             while True:
                 item = await row.out.get()
+                if sent_at is not None and isinstance(item, Chunk) and not item.finish_reason:
+                    await asyncio.sleep(sent_at + self.stream_interval_s - time.monotonic())
                 while isinstance(item, Chunk) and not item.finish_reason and not row.out.empty():
-                    item = merge(item, row.out.get_nowait())  # a slow reader gets fewer, longer chunks
+                    item = merge(item, row.out.get_nowait())  # what came since the last chunk, as one
                 if isinstance(item, BaseException):
                     raise item
                 yield item
+                sent_at = time.monotonic()
                 if item.finish_reason:
                     return
         finally:
@@ -102,28 +111,34 @@ class BatchEngine:
             self.loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        """Steps one after another; a step's tokens are delivered while the next one computes, so the Python of
+        streaming them out does not leave the model idle."""
+        finished = None  # (plan, sampled, seconds) of the step before, not yet delivered
         while True:
-            if not self.active and not self.waiting:
+            if not self.active and not self.waiting and finished is None:
                 self.wake.clear()
                 await self.wake.wait()
                 if self.batch_wait_s:
                     await asyncio.sleep(self.batch_wait_s)  # let a burst of requests start together
             plan = self._plan()
-            if plan is None:
+            started = time.monotonic()
+            step = None if plan is None else asyncio.get_running_loop().run_in_executor(self.worker, self._step, plan)
+            if finished is not None:
+                self._finish(*finished)
+                finished = None
+            if step is None:
                 continue
             try:
-                started = time.monotonic()
-                sampled = await asyncio.get_running_loop().run_in_executor(self.worker, self._step, plan)
+                finished = (plan, await step, time.monotonic() - started)
             except Exception as error:  # a model failure ends the rows it hit, never the loop
                 for row in {*plan.joining, *plan.prefill, *plan.decode}:
                     row.fail(error)
-                self._release()
-                continue
-            self._deliver(sampled)
-            rows = {*plan.prefill, *(row for row, _ in sampled)}
-            self.metrics.step(len(rows), len({id(row.tuned) for row in rows}), len(sampled),
-                              len(plan.prefill) * plan.chunk, time.monotonic() - started)
-            self._release()
+
+    def _finish(self, plan: StepPlan, sampled: list[tuple[Row, int]], seconds: float) -> None:
+        self._deliver(sampled)
+        rows = {*plan.prefill, *(row for row, _ in sampled)}
+        self.metrics.step(len(rows), len({id(row.tuned) for row in rows}), len(sampled),
+                          len(plan.prefill) * plan.chunk, seconds)
 
     def _plan(self) -> Optional[StepPlan]:
         """Give waiting rows free slots, then pick this step's prefill chunk and decoding rows."""
@@ -137,7 +152,7 @@ class BatchEngine:
             self._look_up_prefix(row)
             joining.append(row)
             self.active.append(row)
-        decode = [row for row in self.active if row.decoding and row not in joining]
+        decode = [row for row in self.active if row.decoding and not row.sampled_last and row not in joining]
         prefill = sorted((row for row in self.active if not row.decoding),
                          key=lambda row: len(row.prompt) - row.prefilled)[:self.prefill_chunk]
         chunk = 0
@@ -195,7 +210,7 @@ class BatchEngine:
         if not ready:
             return []
         tokens = self._sample(ready)
-        going_on = [(row, token) for row, token in zip(ready, tokens) if not row.finishes_with(token)]
+        going_on = [(row, token) for row, token in zip(ready, tokens) if row.count_sample(token)]
         if going_on:
             slots = [row.slot for row, _ in going_on]
             ids = torch.tensor([token for _, token in going_on], device=self.device)

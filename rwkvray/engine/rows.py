@@ -74,6 +74,8 @@ class Row:
         self.digests: list[tuple[int, str]] = []  # (length, hash) of the prompt's cacheable prefixes
         self.start_entry = None  # the cached prefix this row starts from, if any
         self.generated = 0
+        self.sampled = 0  # tokens sampled for this row by the engine's worker
+        self.sampled_last = False  # the worker sampled the row's last token: no more steps for it
         self.cancelled = False
         self.done = False
         self.arrived = time.monotonic()
@@ -84,9 +86,12 @@ class Row:
     def decoding(self) -> bool:
         return self.slot is not None and self.prefilled == len(self.prompt)
 
-    def finishes_with(self, token: int) -> bool:
-        """Whether this token ends the row for sure (a stop string may still end it earlier)."""
-        return token == EOS_ID or self.generated + 1 >= self.params.max_tokens
+    def count_sample(self, token: int) -> bool:
+        """The engine's worker sampled `token` for this row: whether the row goes on after it (a stop string may
+        still end it earlier). Counted apart from `generated`, which the loop advances while the worker runs."""
+        self.sampled += 1
+        self.sampled_last = token == EOS_ID or self.sampled >= self.params.max_tokens
+        return not self.sampled_last
 
     def emit(self, text: str, finish_reason: Optional[str] = None) -> None:
         if text or finish_reason:

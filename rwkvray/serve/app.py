@@ -17,6 +17,7 @@ import path for `serve run` / `serve deploy`, is rwkvray/launch/serving.py.
 """
 
 import hmac
+import os
 import time
 from typing import AsyncIterator, Optional
 
@@ -112,7 +113,9 @@ async def ask_registry(registry, method: str, *args):
 
 @serve.deployment
 class StateModel:
-    def __init__(self, config: ServeConfig, registry):
+    def __init__(self, config: ServeConfig, registry, threads: Optional[int]):
+        if threads:  # torch's intra-op threads: as many as the CPUs the replica reserved
+            torch.set_num_threads(threads)
         self.device = pick_device("auto")
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         # once per replica; op "auto" picks the GPU kernels on a GPU
@@ -122,6 +125,7 @@ class StateModel:
         self.engine = BatchEngine(self.model, get_tokenizer(), config.max_batch_size, config.batch_wait_ms / 1000,
                                   prefill_chunk=config.prefill_chunk,
                                   prefix_cache_bytes=int(config.prefix_cache_mb * 2**20),
+                                  stream_interval_s=config.stream_interval_ms / 1000,
                                   metrics=EngineMetrics(export=True))
 
         async def load_mounted_state(mid: str) -> TunedState:
@@ -154,6 +158,7 @@ class StateModel:
 
     async def stats(self) -> dict:
         return {**self.engine.metrics.snapshot(), "device": str(self.device), "op": self.model.op,
+                "torch_threads": torch.get_num_threads(),
                 "active_rows": len(self.engine.active), "waiting_rows": len(self.engine.waiting)}
 
     async def _tuned_state(self) -> tuple[Optional[TunedState], str]:
@@ -341,6 +346,21 @@ def use_gpu(config: ServeConfig) -> bool:
     return torch.cuda.is_available()
 
 
+def replica_cpus(config: ServeConfig, gpu: bool) -> int:
+    """CPUs one model replica reserves (see serve.num_cpus). One CPU replica gets a whole node: torch's threads
+    then use every core instead of one while the rest sit idle."""
+    if config.num_cpus != "auto":
+        return config.num_cpus
+    if gpu:
+        return 0
+    if config.replicas > 1:
+        return 1
+    import ray
+    if ray.is_initialized():
+        return int(max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"])) or 1
+    return os.cpu_count() or 1
+
+
 def build_app(config: ServeConfig, api_key: Optional[str]):
     """The bound Serve application for a validated serve block; `api_key` None serves without a key (the driver
     reads it: rwkvray/launch/serving.py)."""
@@ -351,10 +371,11 @@ def build_app(config: ServeConfig, api_key: Optional[str]):
                                      ray_actor_options={"num_cpus": 0}).bind(
         config.states_dir, dims, config.model_name, int(config.max_upload_mb * 2**20), base)
     gpu = use_gpu(config)
+    cpus = replica_cpus(config, gpu)
     model = StateModel.options(
         num_replicas=config.replicas,
         max_ongoing_requests=config.max_batch_size * ENGINE_QUEUE_FACTOR,
-        ray_actor_options={"num_cpus": 0 if gpu else 1, "num_gpus": 1 if gpu else 0},
-    ).bind(config, registry)
+        ray_actor_options={"num_cpus": cpus, "num_gpus": 1 if gpu else 0},
+    ).bind(config, registry, cpus or None)
     return Gateway.options(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}).bind(
         config, dims.vocab_size, api_key, registry, model)

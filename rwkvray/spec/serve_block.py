@@ -6,14 +6,21 @@ import os
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
 from rwkvray.spec.fields import (GPU_OPS, InputFile, NonNegativeFloat, PositiveFloat, PositiveInt, StrictModel,
                                  strict_choice)
 from rwkvray.spec.paths import folder_or_uri
-from rwkvray.spec.wording import SpecProblem
+from rwkvray.spec.wording import SpecProblem, short_repr
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def count_or_auto(value):
+    """A whole number ≥ 1 or "auto" (one message for both, not one per member of the union)."""
+    if value == "auto" or (type(value) is int and value >= 1):
+        return value
+    raise ValueError(f"must be ≥ 1, or auto (got {short_repr(value)})")
 
 
 class ServeConfig(StrictModel):
@@ -22,6 +29,9 @@ class ServeConfig(StrictModel):
     # a folder (created by the server if missing) or a URI (s3://, gs://) that every replica and node reads
     states_dir: Annotated[str, AfterValidator(folder_or_uri)] = "./states"
     replicas: PositiveInt = 1
+    # CPUs each model replica reserves, and torch's threads in it; auto: every CPU of the largest node when one
+    # CPU replica serves, 1 each for several, none reserved for a GPU replica
+    num_cpus: Annotated[int | Literal["auto"], BeforeValidator(count_or_auto)] = "auto"
     max_mounted_states: PositiveInt = 8  # per replica (LRU)
     max_batch_size: PositiveInt = 8
     batch_wait_ms: NonNegativeFloat = 10.0
@@ -38,6 +48,8 @@ class ServeConfig(StrictModel):
     default_max_tokens: PositiveInt = 256
     op: Literal["auto", "torch", "cuda", "fla"] = "auto"  # WKV kernel; auto: GPU kernels on GPU
     prefill_chunk: PositiveInt = 256  # prompt tokens per engine step, shared by the prompts being prefilled
+    # a streamed reply's text is sent at most this often (the first token at once): fewer hops per token
+    stream_interval_ms: NonNegativeFloat = 50.0
     prefix_cache_mb: NonNegativeFloat = 512.0  # states after cached prompt prefixes, per replica; 0: off
 
     @field_validator("model_name")
