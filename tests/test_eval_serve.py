@@ -43,7 +43,8 @@ def server(make_tiny_model, tmp_path_factory):
     config = spec_from_dict({"serve": {"model": model, "states_dir": str(folder / "states"), "api_key_env": KEY_ENV,
                                        "max_batch_size": BATCH, "max_tokens_cap": 16, "default_max_tokens": 16,
                                        "max_prompt_tokens": 64,
-                                       "max_eval_rows": 20, "use_gpu": False}}, "test").serve
+                                       "max_eval_rows": 20, "use_gpu": False,
+                                       "num_cpus": 1}}, "test").serve  # `rwkvray eval` runs beside it
     port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -568,3 +568,18 @@ def test_engine_settings_are_checked_in_the_spec(tmp_path, fields, message):
     with pytest.raises(UserError) as caught:
         spec_from_dict({"serve": {"model": str(model), **fields}}, "spec.yaml")
     assert str(caught.value) == f"spec.yaml: {message}"
+
+
+@pytest.mark.parametrize("fields, gpu, cpus", [
+    ({}, False, os.cpu_count()),             # one CPU replica, no Ray here: the whole machine
+    ({"replicas": 3}, False, 1),             # several share the node
+    ({"num_cpus": 3, "replicas": 2}, False, 3),
+    ({}, True, 0),                           # a GPU replica reserves no CPU unless told to
+    ({"num_cpus": 2}, True, 2),
+])
+def test_a_model_replica_reserves_the_cpus_it_runs_torch_threads_on(tmp_path, fields, gpu, cpus):
+    from rwkvray.serve.app import replica_cpus
+    model = tmp_path / "m.pth"
+    model.write_bytes(b"x")
+    config = spec_from_dict({"serve": {"model": str(model), **fields}}, "spec.yaml").serve
+    assert replica_cpus(config, gpu) == cpus

@@ -73,7 +73,10 @@ class BatchEngine:
         self.pool = SlotPool(model, max_batch_size)
         self.cache = PrefixCache(prefix_cache_bytes, prefill_chunk) if prefix_cache_bytes else None
         self.metrics = metrics or EngineMetrics()
-        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rwkv-engine")
+        # OpenMP keeps torch's thread count per thread: the worker takes the one set where the engine is made
+        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rwkv-engine",
+                                                            initializer=torch.set_num_threads,
+                                                            initargs=(torch.get_num_threads(),))
         self.waiting: deque[Row] = deque()
         self.active: list[Row] = []  # rows holding a slot, in arrival order
         self.wake = asyncio.Event()
