@@ -45,8 +45,8 @@ def server(make_tiny_model, tmp_path_factory):
                                        "max_prompt_tokens": 64,
                                        "max_eval_rows": 20, "use_gpu": False,
                                        "num_cpus": 1}}, "test").serve  # `rwkvray eval` runs beside it
-    port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()  # after Ray is up: its processes bind ephemeral ports too
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config, KEY), name=APP_NAME, route_prefix="/")

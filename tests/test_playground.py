@@ -77,8 +77,8 @@ def server(tmp_path_factory, make_tiny_model):
         "model": str(model_path), "states_dir": str(states_dir), "api_key_env": KEY_ENV, "max_batch_size": 4,
         "max_mounted_states": 4, "batch_wait_ms": 5.0, "max_tokens_cap": 32, "default_max_tokens": 16, "max_upload_mb": 0.25,
         "use_gpu": False}}, "test serve spec").serve
-    port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # request logs: Ray's files
+    port = free_port()  # after Ray is up: its processes bind ephemeral ports too
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config, read_api_key(config)), name=APP_NAME, route_prefix="/")

@@ -90,9 +90,10 @@ def server(tmp_path_factory):
         "max_batch_size": 8, "max_mounted_states": 4, "batch_wait_ms": 5.0, "max_tokens_cap": MAX_TOKENS_CAP,
         "default_max_tokens": 16, "max_prompt_tokens": MAX_PROMPT_TOKENS, "max_upload_mb": 0.25,
         "use_gpu": False}}, "test serve spec").serve
-    port, metrics_port = free_port(), free_port()
+    metrics_port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port,
              log_to_driver=False)  # the replicas' request logs stay in Ray's log files, out of pytest's output
+    port = free_port()  # after Ray is up: its processes bind ephemeral ports too
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config, read_api_key(config)), name=APP_NAME, route_prefix="/")

@@ -79,8 +79,8 @@ def cluster(aws, tmp_path_factory):
     model = serve_model()
     model_path = str(tmp_path_factory.mktemp("s3serve") / f"{BASE}.pth")
     save_checkpoint(model.state_dict(), model_path)
-    port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()  # after Ray is up: its processes bind ephemeral ports too
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield Cluster(port, model_path, model)

@@ -84,8 +84,8 @@ def test_serve_over_http_answers_two_mounted_v6_states_at_once(tmp_path):
         "model": str(tmp_path / "base6.pth"), "states_dir": str(tmp_path / "states"),
         "api_key_env": "RWKVRAY_TEST_X060_KEY", "max_batch_size": 8, "batch_wait_ms": 50.0, "use_gpu": False}},
         "test serve spec").serve
-    port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # request logs: Ray's files
+    port = free_port()  # after Ray is up: its processes bind ephemeral ports too
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config, read_api_key(config)), name=APP_NAME, route_prefix="/")
