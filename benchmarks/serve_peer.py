@@ -47,7 +47,7 @@ def convert_checkpoint(model_path: str, venv: str, folder: str) -> str:
     dims = checkpoint.dims
     if dims.version != "x070":
         raise SystemExit(f"{PEER} serves RWKV-7 only; the benchmark model is {dims.version}")
-    if not (dims.dim_w == dims.dim_a):
+    if dims.dim_w != dims.dim_a:
         raise SystemExit(f"{PEER} takes one size for the decay and a LoRAs; this model has {dims.dim_w} and "
                          f"{dims.dim_a}")
     shapes = expected_shapes(dims)
