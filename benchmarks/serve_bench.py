@@ -63,6 +63,7 @@ def parse_args():
     parser.add_argument("--long-tokens", type=int, default=1500, help="prompt length of the long requests")
     parser.add_argument("--stall-delay", type=float, default=0.3, help="seconds between the long and short requests")
     parser.add_argument("--prefill-chunk", type=int, default=256, help="local app: serve.prefill_chunk")
+    parser.add_argument("--stream-interval-ms", type=float, help="local app: serve.stream_interval_ms (default: the spec's)")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="concurrency levels to measure")
     parser.add_argument("--peer", choices=[PEER], help="local app: also measure this peer server on the same model")
     parser.add_argument("--json", help="where to write the results (default: benchmarks/results/serve-<date>.json)")
@@ -109,7 +110,8 @@ def start_local_app(args, folder: str, model_path: str) -> tuple[str, str, list[
         "model": model_path, "states_dir": states_dir, "max_batch_size": max(BATCHES),
         "max_mounted_states": STATES + 2, "max_tokens_cap": args.max_tokens, "default_max_tokens": args.max_tokens,
         "max_prompt_tokens": args.long_tokens + 256, "prefill_chunk": args.prefill_chunk, "batch_wait_ms": 5.0,
-        "use_gpu": "auto"}}, "serve_bench").serve
+        "use_gpu": "auto", **({} if args.stream_interval_ms is None else {"stream_interval_ms": args.stream_interval_ms})}},
+        "serve_bench").serve
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -310,6 +310,34 @@ def test_a_seeded_row_samples_the_same_text_alone_and_in_a_batch(model):
     assert alone == batched == cli
 
 
+def test_slots_go_lowest_first_and_a_full_batch_keeps_its_new_state_without_a_copy(model):
+    from rwkvray.engine.slot_pool import SlotPool, state_rows
+    from rwkvray.model.rwkv import RNNState
+    pool = SlotPool(model, 3)
+    assert [pool.take(), pool.take(), pool.take()] == [0, 1, 2]
+    pool.give_back(2)
+    pool.give_back(0)
+    assert pool.take() == 0
+    assert pool.read([0, 1]).wkv.data_ptr() == pool.state.wkv.data_ptr()  # consecutive slots: a view
+    new = RNNState(*(torch.randn_like(part) for part in (pool.state.att_shift, pool.state.wkv, pool.state.ffn_shift)))
+    pool.write([1], state_rows(new, torch.tensor([1])))
+    assert torch.equal(pool.state.wkv[:, 1], new.wkv[:, 1]) and not torch.equal(pool.state.wkv[:, 0], new.wkv[:, 0])
+    pool.write([0, 1, 2], new)
+    assert pool.state.wkv.data_ptr() == new.wkv.data_ptr() and torch.equal(pool.state.ffn_shift, new.ffn_shift)
+
+
+def test_the_engine_worker_runs_torch_with_its_own_thread_count(model):
+    caller = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = BatchEngine(model, get_tokenizer(), max_batch_size=2, threads=2)
+        assert engine.worker.submit(torch.get_num_threads).result() == 2
+        assert torch.get_num_threads() == 1  # the caller's thread keeps its own count
+        assert BatchEngine(model, get_tokenizer(), max_batch_size=2).threads == 1  # no count: the caller's
+    finally:
+        torch.set_num_threads(caller)
+
+
 # ---------------------------------------------------------------- state registry
 
 

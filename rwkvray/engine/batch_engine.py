@@ -59,9 +59,11 @@ class BatchEngine:
 
     def __init__(self, model: RWKV, tokenizer: Tokenizer, max_batch_size: int, batch_wait_s: float = 0.0,
                  seed: int = 0, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_bytes: int = 0,
-                 stream_interval_s: float = 0.0, metrics: Optional[EngineMetrics] = None):
+                 stream_interval_s: float = 0.0, metrics: Optional[EngineMetrics] = None,
+                 threads: Optional[int] = None):
         """stream_interval_s: after a row's first chunk, its text goes out at most this often (each chunk is a
-        message between processes in Serve, so fewer, longer chunks cost less per token)."""
+        message between processes in Serve, so fewer, longer chunks cost less per token).
+        threads: torch's intra-op threads on the worker thread that runs every step (None: the caller's count)."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -73,10 +75,11 @@ class BatchEngine:
         self.pool = SlotPool(model, max_batch_size)
         self.cache = PrefixCache(prefix_cache_bytes, prefill_chunk) if prefix_cache_bytes else None
         self.metrics = metrics or EngineMetrics()
-        # OpenMP keeps torch's thread count per thread: the worker takes the one set where the engine is made
+        # OpenMP keeps torch's thread count per thread, so the worker sets its own
+        self.threads = threads or torch.get_num_threads()
         self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rwkv-engine",
                                                             initializer=torch.set_num_threads,
-                                                            initargs=(torch.get_num_threads(),))
+                                                            initargs=(self.threads,))
         self.waiting: deque[Row] = deque()
         self.active: list[Row] = []  # rows holding a slot, in arrival order
         self.wake = asyncio.Event()
@@ -151,7 +154,7 @@ class BatchEngine:
             row = self.waiting.popleft()
             if row.cancelled:
                 continue
-            row.slot = self.pool.free.pop(0)
+            row.slot = self.pool.take()
             self._look_up_prefix(row)
             joining.append(row)
             self.active.append(row)
@@ -181,7 +184,7 @@ class BatchEngine:
         """Free the slots of rows that finished or whose client left."""
         for row in [row for row in self.active if row.done or row.cancelled]:
             self.active.remove(row)
-            self.pool.free.append(row.slot)
+            self.pool.give_back(row.slot)
             row.slot = None
 
     def _deliver(self, sampled: list[tuple[Row, int]]) -> None:
@@ -212,6 +215,7 @@ class BatchEngine:
             ready += self._prefill(plan.prefill, plan.chunk)
         if not ready:
             return []
+        ready.sort(key=lambda row: row.slot)  # consecutive slots are read and written as views, not copies
         tokens = self._sample(ready)
         going_on = [(row, token) for row, token in zip(ready, tokens) if row.count_sample(token)]
         if going_on:

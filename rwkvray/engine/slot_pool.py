@@ -1,6 +1,7 @@
 """The engine's state slots: one preallocated RNNState of `max_rows` rows; a request's row lives in one slot."""
 from __future__ import annotations
 
+import heapq
 from typing import Optional
 
 import torch
@@ -22,7 +23,13 @@ class SlotPool:
         weight = model.emb.weight
         self.state = RNNState.zeros(model.dims, max_rows, weight.device, weight.dtype)
         self.logits = torch.zeros(max_rows, model.dims.vocab_size, device=weight.device)
-        self.free = list(range(max_rows))
+        self.free = list(range(max_rows))  # a heap: rows take the lowest, so a batch's slots tend to be consecutive
+
+    def take(self) -> int:
+        return heapq.heappop(self.free)
+
+    def give_back(self, slot: int) -> None:
+        heapq.heappush(self.free, slot)
 
     def index(self, slots: list[int]):
         """A slice when the slots are consecutive (a view, no copy), else an index tensor."""
@@ -35,6 +42,10 @@ class SlotPool:
 
     def write(self, slots: list[int], state: RNNState) -> None:
         at = self.index(slots)
+        if at == slice(0, len(self.logits)):  # every slot: keep the new tensors instead of copying them in
+            self.state = RNNState(*(getattr(state, name).to(getattr(self.state, name).dtype).contiguous()
+                                    for name in ("att_shift", "wkv", "ffn_shift")))
+            return
         for name in ("att_shift", "wkv", "ffn_shift"):
             getattr(self.state, name)[:, at] = getattr(state, name).to(getattr(self.state, name).dtype)
 

@@ -49,7 +49,7 @@ class ServeConfig(StrictModel):
     op: Literal["auto", "torch", "cuda", "fla"] = "auto"  # WKV kernel; auto: GPU kernels on GPU
     prefill_chunk: PositiveInt = 256  # prompt tokens per engine step, shared by the prompts being prefilled
     # a streamed reply's text is sent at most this often (the first token at once): fewer hops per token
-    stream_interval_ms: NonNegativeFloat = 50.0
+    stream_interval_ms: NonNegativeFloat = 200.0
     prefix_cache_mb: NonNegativeFloat = 512.0  # states after cached prompt prefixes, per replica; 0: off
 
     @field_validator("model_name")
