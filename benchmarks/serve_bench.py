@@ -48,6 +48,7 @@ SHORT_PROMPT = "User: Tell me a long story about a lighthouse keeper.\n\nAssista
 STATES = 8
 BATCHES = (1, 8, 32)
 STALL_SHORT_REQUESTS = 4
+CEILING_STEPS = 20  # bare steps timed per batch size (5 swung by 10% on a shared host)
 
 
 def parse_args():
@@ -95,7 +96,7 @@ def start_local_app(args, folder: str, model_path: str) -> tuple[str, str, list[
     import ray
     from ray import serve
     from rwkvray.spec import spec_from_dict
-    from rwkvray.launch.serving import read_api_key
+    from rwkvray.launch.serving import read_api_key, start_serve
     from rwkvray.serve.app import APP_NAME, build_app, replica_cpus, use_gpu
     from rwkvray.model.state_file import save_state
     from rwkvray.model.tuned_state import TunedState
@@ -116,7 +117,7 @@ def start_local_app(args, folder: str, model_path: str) -> tuple[str, str, list[
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve("127.0.0.1", port)
     serve.run(build_app(config, read_api_key(config)), name=APP_NAME, route_prefix="/")
     return f"http://127.0.0.1:{port}", config.model_name, names, replica_cpus(config, use_gpu(config))
 
@@ -134,10 +135,11 @@ def model_step_ceiling(model_path: str, batches: list[int], threads: int) -> dic
             state, tokens = RNNState.zeros(model.dims, batch), torch.zeros(batch, dtype=torch.long)
             model.step(tokens, state)
             start = time.perf_counter()
-            for _ in range(5):
+            for _ in range(CEILING_STEPS):
                 model.step(tokens, state)
             elapsed = time.perf_counter() - start
-            out[str(batch)] = {"threads": threads, "step_ms": elapsed / 5 * 1000, "tokens_per_s": 5 * batch / elapsed}
+            out[str(batch)] = {"threads": threads, "step_ms": elapsed / CEILING_STEPS * 1000,
+                               "tokens_per_s": CEILING_STEPS * batch / elapsed}
     torch.set_num_threads(before)
     return out
 

@@ -31,6 +31,7 @@ def free_port() -> int:
 def server(make_tiny_model, tmp_path_factory):
     ray = pytest.importorskip("ray")
     from ray import serve
+    from rwkvray.launch.serving import start_serve
     from rwkvray.serve.app import APP_NAME, build_app
     folder = tmp_path_factory.mktemp("evals")
     model = make_tiny_model(1, 64)
@@ -48,7 +49,7 @@ def server(make_tiny_model, tmp_path_factory):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()  # after Ray is up: its processes bind ephemeral ports too
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        start_serve("127.0.0.1", port)
         serve.run(build_app(config, KEY), name=APP_NAME, route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"},
                           timeout=300) as client:

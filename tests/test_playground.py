@@ -60,7 +60,7 @@ def write_card(path: Path, model_path: Path) -> None:
 def server(tmp_path_factory, make_tiny_model):
     ray = pytest.importorskip("ray")
     from ray import serve
-    from rwkvray.launch.serving import read_api_key
+    from rwkvray.launch.serving import read_api_key, start_serve
     from rwkvray.serve.app import APP_NAME, build_app
 
     folder = tmp_path_factory.mktemp("playground")
@@ -80,7 +80,7 @@ def server(tmp_path_factory, make_tiny_model):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # request logs: Ray's files
     port = free_port()  # after Ray is up: its processes bind ephemeral ports too
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        start_serve("127.0.0.1", port)
         serve.run(build_app(config, read_api_key(config)), name=APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}", folder
     finally:

@@ -72,7 +72,7 @@ class Server:
 def server(tmp_path_factory):
     ray = pytest.importorskip("ray")
     from ray import serve
-    from rwkvray.launch.serving import read_api_key
+    from rwkvray.launch.serving import read_api_key, start_serve
     from rwkvray.serve.app import APP_NAME, build_app
 
     folder = tmp_path_factory.mktemp("serve")
@@ -95,7 +95,7 @@ def server(tmp_path_factory):
              log_to_driver=False)  # the replicas' request logs stay in Ray's log files, out of pytest's output
     port = free_port()  # after Ray is up: its processes bind ephemeral ports too
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        start_serve("127.0.0.1", port)
         serve.run(build_app(config, read_api_key(config)), name=APP_NAME, route_prefix="/")
         yield Server(f"http://127.0.0.1:{port}", folder, model, config, f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
@@ -390,6 +390,25 @@ def test_metrics_reach_prometheus_and_v1_stats(server):
         scraped = httpx.get(server.metrics_url, timeout=10).text
         missing = [name for name in names if name not in scraped]
     assert missing == []
+
+
+def test_serve_processes_run_with_the_quieter_background_intervals(server):
+    import ray
+    from rwkvray.launch.serving import SERVE_ENV
+    classes = {"ServeController", "ProxyActor", "ServeReplica:rwkvray:StateModel", "ServeReplica:rwkvray:Gateway"}
+    pids = {actor["ActorClassName"]: actor["Pid"] for actor in ray._private.state.actors().values()
+            if actor["State"] == "ALIVE" and actor["ActorClassName"] in classes}
+    assert set(pids) == classes
+    for name, pid in pids.items():
+        with open(f"/proc/{pid}/environ") as environ:
+            variables = dict(entry.partition("=")[::2] for entry in environ.read().split("\0") if entry)
+        assert {key: variables.get(key) for key in SERVE_ENV} == SERVE_ENV, name
+
+
+def test_serve_env_keeps_a_value_the_user_set(monkeypatch):
+    from rwkvray.launch.serving import SERVE_ENV, serve_env
+    monkeypatch.setenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.2")
+    assert serve_env() == {**SERVE_ENV, "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.2"}
 
 
 def test_an_uploaded_state_survives_a_restart(server):

@@ -76,13 +76,14 @@ class Cluster:
 def cluster(aws, tmp_path_factory):
     ray = pytest.importorskip("ray")
     from ray import serve
+    from rwkvray.launch.serving import start_serve
     model = serve_model()
     model_path = str(tmp_path_factory.mktemp("s3serve") / f"{BASE}.pth")
     save_checkpoint(model.state_dict(), model_path)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()  # after Ray is up: its processes bind ephemeral ports too
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        start_serve("127.0.0.1", port)
         yield Cluster(port, model_path, model)
     finally:
         serve.shutdown()

@@ -284,6 +284,22 @@ def test_streamed_text_is_coalesced_to_the_interval_and_unchanged(model):
     assert min(gaps) >= interval * 0.95  # the first chunk goes at once, the last as soon as the row ends
 
 
+def test_a_row_that_ends_sends_its_held_text_at_once_not_a_stream_interval_later(model):
+    interval = 60.0
+
+    async def run():
+        engine = BatchEngine(model, get_tokenizer(), max_batch_size=4, stream_interval_s=interval)
+        start = time.monotonic()
+        chunks = [chunk async for chunk in engine.generate(get_tokenizer().encode(PROMPTS[0]), None,
+                                                           SamplingParams(12))]
+        return time.monotonic() - start, chunks
+
+    elapsed, chunks = asyncio.run(run())
+    assert elapsed < interval / 2
+    assert len(chunks) == 2 and chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 12
+    assert "".join(chunk.text for chunk in chunks) == reference_text(model, PROMPTS[0], None, 12)
+
+
 def test_sampled_rows_do_not_change_greedy_rows(model):
     async def run():
         engine = BatchEngine(model, get_tokenizer(), max_batch_size=4, batch_wait_s=0.02)

@@ -68,7 +68,7 @@ def test_serve_over_http_answers_two_mounted_v6_states_at_once(tmp_path):
     import httpx
     from ray import serve
     from rwkvray.model.checkpoint import save_checkpoint
-    from rwkvray.launch.serving import read_api_key
+    from rwkvray.launch.serving import read_api_key, start_serve
     from rwkvray.serve.app import APP_NAME, build_app
     from rwkvray.model.state_file import save_state
 
@@ -87,7 +87,7 @@ def test_serve_over_http_answers_two_mounted_v6_states_at_once(tmp_path):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # request logs: Ray's files
     port = free_port()  # after Ray is up: its processes bind ephemeral ports too
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        start_serve("127.0.0.1", port)
         serve.run(build_app(config, read_api_key(config)), name=APP_NAME, route_prefix="/")
 
         async def ask_all():

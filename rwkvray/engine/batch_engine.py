@@ -100,7 +100,7 @@ class BatchEngine:
             while True:
                 item = await row.out.get()
                 if sent_at is not None and isinstance(item, Chunk) and not item.finish_reason:
-                    await asyncio.sleep(sent_at + self.stream_interval_s - time.monotonic())
+                    await row.ended_or_after(sent_at + self.stream_interval_s - time.monotonic())
                 while isinstance(item, Chunk) and not item.finish_reason and not row.out.empty():
                     item = merge(item, row.out.get_nowait())  # what came since the last chunk, as one
                 if isinstance(item, BaseException):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -81,6 +82,7 @@ class Row:
         self.arrived = time.monotonic()
         self.last_token_at: Optional[float] = None
         self.out: asyncio.Queue = asyncio.Queue()
+        self.ended = asyncio.Event()  # its last chunk (or an error) is in `out`
 
     @property
     def decoding(self) -> bool:
@@ -98,6 +100,7 @@ class Row:
             self.out.put_nowait(Chunk(text, finish_reason, len(self.prompt), self.generated))
         if finish_reason:
             self.done = True
+            self.ended.set()
 
     def take(self, token: int) -> None:
         """Account for one sampled token and emit what it completes; marks the row done when it finishes."""
@@ -121,3 +124,11 @@ class Row:
     def fail(self, error: BaseException) -> None:
         self.done = True
         self.out.put_nowait(error)
+        self.ended.set()
+
+    async def ended_or_after(self, seconds: float) -> None:
+        """Wait `seconds`, or less if the row ends meanwhile: a held chunk then goes out with the last one at
+        once, not up to a stream interval later."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(seconds, 0)):
+                await self.ended.wait()
