@@ -12,12 +12,15 @@ Batch scaling runs twice: plain requests, then streamed ones (`"stream": true`, 
     python benchmarks/serve_bench.py                                  # tiny random model, local Serve app
     python benchmarks/serve_bench.py --n-layer 12 --n-embd 768 --json benchmarks/results/serve-0.19b-cpu.json
     python benchmarks/serve_bench.py --n-layer 12 --n-embd 768 --peer rwkvserve   # and the peer, side by side
+    python benchmarks/serve_bench.py --n-layer 12 --n-embd 768 --peer rwkvserve --rounds 2   # taking turns
     python benchmarks/serve_bench.py --url http://host:8000 --model BASE --states s1,...,s8 [--api-key KEY]
 
 `--peer rwkvserve` installs rwkvserve 0.1.0 into a venv of its own (once, in rwkvray's cache), converts the
 benchmark checkpoint to its model folder (benchmarks/serve_peer.py) and, after rwkvray's app has been measured
 and stopped, runs the same workloads against it (its base model: it has no states, so no mounting), then the
 ratios. The peer runs as the issue measured it: CPU, fp32, `--max-batch-size 8`, torch's default threads.
+`--rounds 2` measures rwkvray, the peer, rwkvray, the peer and reports each side's means: on a shared host whose
+speed drifts by 10-40% within minutes, one turn each favours whichever side ran in the faster minutes.
 
 Prints a table, then writes the figures as JSON (default: benchmarks/results/serve-<date>.json).
 """
@@ -67,6 +70,8 @@ def parse_args():
     parser.add_argument("--stream-interval-ms", type=float, help="local app: serve.stream_interval_ms (default: the spec's)")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="concurrency levels to measure")
     parser.add_argument("--peer", choices=[PEER], help="local app: also measure this peer server on the same model")
+    parser.add_argument("--rounds", type=int, default=1, help="local app: measure each server this many times, "
+                        "taking turns with the peer, and report the means (every round is kept in the JSON)")
     parser.add_argument("--json", help="where to write the results (default: benchmarks/results/serve-<date>.json)")
     args = parser.parse_args()
     if args.peer and args.max_tokens not in (None, PEER_REPLY_TOKENS):
@@ -390,6 +395,36 @@ def print_versus(ratios: dict) -> None:
         print(f"  {key:<40}  {value if isinstance(value, bool) else f'{value:.2f}x'}")
 
 
+def bench_local(args, folder: str, model_path: str) -> dict:
+    """Every workload against a fresh local app (its own states folder), stopped afterwards, then the bare
+    ceilings."""
+    url, base, names, threads = start_local_app(args, tempfile.mkdtemp(dir=folder), model_path)
+    try:
+        result = asyncio.run(run_bench(url, base, names, args))
+    finally:
+        import ray
+        from ray import serve
+        serve.shutdown()
+        ray.shutdown()
+    batches = [int(b) for b in args.batches.split(",")]
+    result["model_step_ceiling"] = model_step_ceiling(model_path, batches, threads)
+    result["prefill_ceiling"] = prefill_ceiling(model_path, args.long_tokens, sorted({args.prefill_chunk, 512}),
+                                                threads)
+    return result
+
+
+def mean_result(rounds: list):
+    """The rounds' results as one: numbers (and lists of them) averaged, anything else from the first round."""
+    first = rounds[0]
+    if isinstance(first, dict):
+        return {key: mean_result([r[key] for r in rounds]) for key in first}
+    if isinstance(first, list) and all(isinstance(v, (int, float)) for v in first):
+        return [statistics.mean(values) for values in zip(*rounds)]
+    if isinstance(first, (int, float)) and not isinstance(first, bool) and None not in rounds:
+        return statistics.mean(rounds)
+    return first
+
+
 def main() -> None:
     args = parse_args()
     if args.url:
@@ -402,24 +437,22 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="serve-bench-") as folder:
             model_path = os.path.join(folder, "bench-model.pth")
             random_checkpoint(args.n_layer, args.n_embd, model_path)
-            url, base, names, threads = start_local_app(args, folder, model_path)
-            try:
-                result = asyncio.run(run_bench(url, base, names, args))
-            finally:
-                import ray
-                from ray import serve
-                serve.shutdown()
-                ray.shutdown()
-            batches = [int(b) for b in args.batches.split(",")]
-            result["model_step_ceiling"] = model_step_ceiling(model_path, batches, threads)
-            result["prefill_ceiling"] = prefill_ceiling(model_path, args.long_tokens,
-                                                        sorted({args.prefill_chunk, 512}), threads)
+            ours, theirs = [], []
+            for _ in range(args.rounds):  # with the peer: ours, theirs, ours, ... so a drifting host hits both
+                ours.append(bench_local(args, folder, model_path))
+                if args.peer:
+                    theirs.append(bench_peer(args, folder, model_path))
+            result = mean_result(ours)
             if args.peer:
-                result["peer"] = bench_peer(args, folder, model_path)
+                result["peer"] = mean_result(theirs)
                 result["versus_peer"] = versus_peer(result, result["peer"])
+                result["versus_peer"]["same_greedy_text"] = len({r["greedy_text"] for r in ours + theirs}) == 1
+            if args.rounds > 1:
+                result["rounds"] = {"rwkvray": ours, **({"peer": theirs} if args.peer else {})}
         result["model"] = {"n_layer": args.n_layer, "n_embd": args.n_embd, "vocab": 65536, "dtype": "fp32 on CPU, "
                            "bf16 on GPU", "weights": "random"}
-    result["settings"] = {k: getattr(args, k) for k in ("max_tokens", "long_tokens", "stall_delay", "prefill_chunk")}
+    result["settings"] = {k: getattr(args, k) for k in ("max_tokens", "long_tokens", "stall_delay", "prefill_chunk",
+                                                          "rounds")}
     result["host"] = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
                       "load_average_1m": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     result["command"] = " ".join(["python", *sys.argv])

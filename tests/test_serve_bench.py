@@ -25,3 +25,11 @@ def test_serve_bench_writes_all_workloads(tmp_path):
     engine = report["server_stats"]["model_replica"]
     assert engine["prefix_cache"]["hits"] == 1 and engine["prefill_tokens"] > 600
     assert set(report["model_step_ceiling"]) == {"1", "2"}
+
+
+def test_rounds_are_averaged_number_by_number():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serve_bench import mean_result
+    rounds = [{"rate": 10.0, "ttfts": [1.0, 3.0], "text": "a", "same": True, "ttft": None},
+              {"rate": 20.0, "ttfts": [2.0, 5.0], "text": "b", "same": False, "ttft": 0.5}]
+    assert mean_result(rounds) == {"rate": 15.0, "ttfts": [1.5, 4.0], "text": "a", "same": True, "ttft": None}
