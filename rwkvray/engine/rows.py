@@ -78,11 +78,14 @@ class Row:
         self.sampled = 0  # tokens sampled for this row by the engine's worker
         self.sampled_last = False  # the worker sampled the row's last token: no more steps for it
         self.cancelled = False
-        self.done = False
         self.arrived = time.monotonic()
         self.last_token_at: Optional[float] = None
         self.out: asyncio.Queue = asyncio.Queue()
         self.ended = asyncio.Event()  # its last chunk (or an error) is in `out`
+
+    @property
+    def done(self) -> bool:
+        return self.ended.is_set()
 
     @property
     def decoding(self) -> bool:
@@ -99,7 +102,6 @@ class Row:
         if text or finish_reason:
             self.out.put_nowait(Chunk(text, finish_reason, len(self.prompt), self.generated))
         if finish_reason:
-            self.done = True
             self.ended.set()
 
     def take(self, token: int) -> None:
@@ -122,7 +124,6 @@ class Row:
         self.emit(text + ("" if stopped else self.scanner.flush()), "stop" if stopped else reason)
 
     def fail(self, error: BaseException) -> None:
-        self.done = True
         self.out.put_nowait(error)
         self.ended.set()
 
