@@ -20,8 +20,8 @@ def wkv6_loop(r, w, k, v, u, s0):
     ys = []
     for t in range(r.shape[1]):
         bonus = (k[:, t] * u * r[:, t]).sum(-1, keepdim=True) * v[:, t]
-        ys.append(torch.einsum("bhvk,bhk->bhv", state, r[:, t]) + bonus)
-        state = state * decay[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
+        ys.append((state @ r[:, t, :, :, None]).squeeze(-1) + bonus)
+        state = (state * decay[:, t, :, None, :]).addcmul_(v[:, t, :, :, None], k[:, t, :, None, :])
     return torch.stack(ys, 1), state
 
 

@@ -17,11 +17,11 @@ def wkv7_loop(r, w, k, v, a, b, s0):
     state = s0
     ys = []
     for t in range(r.shape[1]):
-        sa = torch.einsum("bhvk,bhk->bhv", state, a[:, t])
-        state = (state * decay[:, t, :, None, :]
-                 + sa[..., None] * b[:, t, :, None, :]
-                 + v[:, t, :, :, None] * k[:, t, :, None, :])
-        ys.append(torch.einsum("bhvk,bhk->bhv", state, r[:, t]))
+        sa = state @ a[:, t, :, :, None]  # [B,H,N,1]
+        # the two outer products go in place into one new tensor: no state-sized temporaries
+        state = (state * decay[:, t, :, None, :]).addcmul_(sa, b[:, t, :, None, :]).addcmul_(
+            v[:, t, :, :, None], k[:, t, :, None, :])
+        ys.append((state @ r[:, t, :, :, None]).squeeze(-1))
     return torch.stack(ys, 1), state
 
 
