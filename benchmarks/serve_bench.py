@@ -1,7 +1,8 @@
 """Benchmark the Serve endpoint from a client on loopback, through the real HTTP API.
 
 Workloads (every reply is `--max-tokens` long, greedy):
-- batch scaling: 1, 8 and 32 concurrent requests, spread over 8 different states; total tokens/s;
+- batch scaling: 1, 8 and 32 concurrent requests, spread over 8 different states; total tokens/s (one stream:
+  three requests one after another, see `waves`);
 - long-prompt stall: one request with a `--long-tokens` prompt, then 4 short requests `--stall-delay` s later;
   the short requests' time to first token against the long request's total time;
 - prefix reuse: two requests sharing a `--long-tokens` prefix, one after the other; the second's time to
@@ -52,6 +53,7 @@ STATES = 8
 BATCHES = (1, 8, 32)
 STALL_SHORT_REQUESTS = 4
 CEILING_STEPS = 20  # bare steps timed per batch size (5 swung by 10% on a shared host)
+MEASURED_REQUESTS = 3  # a batch size is timed over at least this many requests (one reply alone swung by 20%)
 
 
 def parse_args():
@@ -135,7 +137,7 @@ def model_step_ceiling(model_path: str, batches: list[int], threads: int) -> dic
     torch.set_num_threads(threads)
     model, _ = load_model(model_path)
     out = {}
-    with torch.no_grad():
+    with torch.inference_mode():  # as the engine steps
         for batch in batches:
             state, tokens = RNNState.zeros(model.dims, batch), torch.zeros(batch, dtype=torch.long)
             model.step(tokens, state)
@@ -158,7 +160,7 @@ def prefill_ceiling(model_path: str, tokens: int, chunks: list[int], threads: in
     model, _ = load_model(model_path)
     prompt = torch.randint(model.dims.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
     out = {}
-    with torch.no_grad():
+    with torch.inference_mode():  # as the engine steps
         for chunk in chunks:
             start, state = time.perf_counter(), None
             for at in range(0, tokens, chunk):
@@ -241,16 +243,23 @@ async def streamed_tokens(client, model: str, prompt: str, max_tokens: int) -> i
     return (await stream_one(client, model, prompt, max_tokens))["tokens"]
 
 
+def waves(batch: int) -> int:
+    """How many waves of `batch` requests one batch size is timed over: at least MEASURED_REQUESTS requests."""
+    return max(1, -(-MEASURED_REQUESTS // batch))
+
+
 async def batch_scaling(client, names: list[str], batches: list[int], max_tokens: int, stream: bool = False) -> dict:
-    """`batch` requests at once, each to one of `names` in turn; plain or streamed."""
+    """`batch` requests at once, each to one of `names` in turn, in waves (see `waves`); plain or streamed."""
     one = streamed_tokens if stream else complete_one
     out = {}
     for batch in batches:
-        start = time.perf_counter()
-        tokens = sum(await asyncio.gather(*(one(client, names[i % len(names)], SHORT_PROMPT, max_tokens)
-                                            for i in range(batch))))
+        start, tokens, count = time.perf_counter(), 0, waves(batch)
+        for _ in range(count):
+            tokens += sum(await asyncio.gather(*(one(client, names[i % len(names)], SHORT_PROMPT, max_tokens)
+                                                 for i in range(batch))))
         elapsed = time.perf_counter() - start
-        out[str(batch)] = {"requests": batch, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+        out[str(batch)] = {"requests": batch * count, "waves": count, "tokens": tokens, "seconds": elapsed,
+                           "tokens_per_s": tokens / elapsed}
     if "1" in out and "8" in out:
         out["eight_over_one"] = out["8"]["tokens_per_s"] / out["1"]["tokens_per_s"]
     return out

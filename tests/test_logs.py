@@ -86,7 +86,7 @@ def test_each_line_once_ctrl_c_and_sigterm_are_one_line_then_the_run_resumes(mak
     spec = {"run": {"name": "logs", "storage_path": str(tmp_path / "runs"), "checkpoint_every_steps": 2},
             "model": {"path": make_tiny_model(1, 64)},
             "data": {"file": SAMPLE, "ctx_len": 32, "loss_mask": "qa"},
-            "trainer": {"epoch_count": 1, "epoch_steps": 60, "micro_bsz": 2, "precision": "fp32", "op": "torch"},
+            "trainer": {"epoch_count": 1, "epoch_steps": 30, "micro_bsz": 2, "precision": "fp32", "op": "torch"},
             "scaling": {"num_workers": 1}, "logging": {"wandb_mode": "disabled"}}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     snapshot = tmp_path / "runs" / "logs" / "checkpoint_manager_snapshot.json"  # Ray Train's checkpoint record
@@ -98,7 +98,7 @@ def test_each_line_once_ctrl_c_and_sigterm_are_one_line_then_the_run_resumes(mak
     assert "Found multiple active Ray instances" not in text and "PlacementGroupCleaner" not in text
     assert "Traceback" not in text and "PreemptionWatcher" not in text and "core_worker" not in text
     printed = ours(lines)
-    assert printed[0] == "start at step 0 of 60" and printed[1].startswith("step 2/60: loss ")
+    assert printed[0] == "start at step 0 of 30" and printed[1].startswith("step 2/30: loss ")
     assert len(printed) == len(set(printed)), printed  # every line once, not once per log handler
 
     status, lines = stop_after_a_checkpoint(start_run(tmp_path), [], snapshot, signal.SIGTERM)
@@ -115,9 +115,9 @@ def test_each_line_once_ctrl_c_and_sigterm_are_one_line_then_the_run_resumes(mak
     printed = ours(lines)
     assert len(printed) == len(set(printed)), printed
     resumed_at = int(printed[0].removeprefix("start at step ").split()[0])
-    assert 2 <= first_resume < resumed_at and printed[-1].startswith("step 60/60: loss")
+    assert 2 <= first_resume < resumed_at and printed[-1].startswith("step 30/30: loss")
     with open(tmp_path / "runs" / "logs" / "metrics.jsonl") as f:
-        assert [json.loads(row)["step"] for row in f] == list(range(1, 61))
+        assert [json.loads(row)["step"] for row in f] == list(range(1, 31))
     assert (tmp_path / "runs" / "logs" / "rwkv-final.pth").exists()
 
 

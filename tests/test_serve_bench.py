@@ -19,6 +19,7 @@ def test_serve_bench_writes_all_workloads(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [key for key in report["batch_scaling"]] == ["1", "2"]
+    assert [row["waves"] for row in report["batch_scaling"].values()] == [3, 2]  # at least 3 requests each
     assert all(row["tokens"] == row["requests"] * 4 for row in report["batch_scaling"].values())
     assert len(report["long_prompt_stall"]["short_ttft_s"]) == 4
     assert report["prefix_reuse"]["second"]["tokens"] == 4

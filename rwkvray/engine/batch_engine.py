@@ -201,7 +201,7 @@ class BatchEngine:
 
     # ------------------------------------------------------------ the worker thread
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping per op: the engine's tensors never need gradients
     def _step(self, plan: StepPlan) -> list[tuple[Row, int]]:
         """One engine step (see the module doc); returns the sampled (row, token) pairs."""
         for row in plan.joining:
