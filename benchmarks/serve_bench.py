@@ -70,6 +70,8 @@ def parse_args():
     parser.add_argument("--stall-delay", type=float, default=0.3, help="seconds between the long and short requests")
     parser.add_argument("--prefill-chunk", type=int, default=256, help="local app: serve.prefill_chunk")
     parser.add_argument("--stream-interval-ms", type=float, help="local app: serve.stream_interval_ms (default: the spec's)")
+    parser.add_argument("--stream-chunks-per-s", type=float,
+                        help="local app: serve.stream_chunks_per_s (default: the spec's)")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="concurrency levels to measure")
     parser.add_argument("--peer", choices=[PEER], help="local app: also measure this peer server on the same model")
     parser.add_argument("--rounds", type=int, default=1, help="local app: measure each server this many times, "
@@ -118,7 +120,9 @@ def start_local_app(args, folder: str, model_path: str) -> tuple[str, str, list[
         "model": model_path, "states_dir": states_dir, "max_batch_size": max(BATCHES),
         "max_mounted_states": STATES + 2, "max_tokens_cap": args.max_tokens, "default_max_tokens": args.max_tokens,
         "max_prompt_tokens": args.long_tokens + 256, "prefill_chunk": args.prefill_chunk, "batch_wait_ms": 5.0,
-        "use_gpu": "auto", **({} if args.stream_interval_ms is None else {"stream_interval_ms": args.stream_interval_ms})}},
+        "use_gpu": "auto", **{key: value for key, value in (("stream_interval_ms", args.stream_interval_ms),
+                                                            ("stream_chunks_per_s", args.stream_chunks_per_s))
+                              if value is not None}}},
         "serve_bench").serve
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -239,27 +243,39 @@ async def complete_one(client: httpx.AsyncClient, model: str, prompt: str, max_t
     return response.json()["usage"]["completion_tokens"]
 
 
-async def streamed_tokens(client, model: str, prompt: str, max_tokens: int) -> int:
-    return (await stream_one(client, model, prompt, max_tokens))["tokens"]
-
-
 def waves(batch: int) -> int:
     """How many waves of `batch` requests one batch size is timed over: at least MEASURED_REQUESTS requests."""
     return max(1, -(-MEASURED_REQUESTS // batch))
 
 
+async def plain_wave(client, names: list[str], batch: int, max_tokens: int) -> dict:
+    tokens = await asyncio.gather(*(complete_one(client, names[i % len(names)], SHORT_PROMPT, max_tokens)
+                                    for i in range(batch)))
+    return {"tokens": sum(tokens)}
+
+
+async def streamed_wave(client, names: list[str], batch: int, max_tokens: int) -> dict:
+    """Also the decode part: the tokens after each stream's first one, over the time from the earliest first
+    token to the last reply's end (what a bare batch step compares with: no prompt, no first-token wait)."""
+    replies = await asyncio.gather(*(stream_one(client, names[i % len(names)], SHORT_PROMPT, max_tokens)
+                                     for i in range(batch)))
+    return {"tokens": sum(r["tokens"] for r in replies), "decode_tokens": sum(r["tokens"] - 1 for r in replies),
+            "decode_seconds": max(r["total_s"] for r in replies) - min(r["ttft_s"] for r in replies)}
+
+
 async def batch_scaling(client, names: list[str], batches: list[int], max_tokens: int, stream: bool = False) -> dict:
     """`batch` requests at once, each to one of `names` in turn, in waves (see `waves`); plain or streamed."""
-    one = streamed_tokens if stream else complete_one
+    wave = streamed_wave if stream else plain_wave
     out = {}
     for batch in batches:
-        start, tokens, count = time.perf_counter(), 0, waves(batch)
-        for _ in range(count):
-            tokens += sum(await asyncio.gather(*(one(client, names[i % len(names)], SHORT_PROMPT, max_tokens)
-                                                 for i in range(batch))))
+        start, count = time.perf_counter(), waves(batch)
+        measured = [await wave(client, names, batch, max_tokens) for _ in range(count)]
         elapsed = time.perf_counter() - start
-        out[str(batch)] = {"requests": batch * count, "waves": count, "tokens": tokens, "seconds": elapsed,
-                           "tokens_per_s": tokens / elapsed}
+        totals = {key: sum(m[key] for m in measured) for key in measured[0]}
+        out[str(batch)] = {"requests": batch * count, "waves": count, "tokens": totals["tokens"], "seconds": elapsed,
+                           "tokens_per_s": totals["tokens"] / elapsed}
+        if stream:
+            out[str(batch)]["decode_tokens_per_s"] = totals["decode_tokens"] / totals["decode_seconds"]
     if "1" in out and "8" in out:
         out["eight_over_one"] = out["8"]["tokens_per_s"] / out["1"]["tokens_per_s"]
     return out
@@ -378,6 +394,9 @@ def print_table(result: dict) -> None:
     if "8" in ceiling and "8" in streamed:
         rows.append(("8 streams / bare batch-8 step (goal >= 90%)",
                      f"{100 * streamed['8']['tokens_per_s'] / ceiling['8']['tokens_per_s']:.0f}%"))
+        rows.append(("8 streams' decode (after the first tokens) / bare batch-8 step",
+                     f"{100 * streamed['8']['decode_tokens_per_s'] / ceiling['8']['tokens_per_s']:.0f}% "
+                     f"({streamed['8']['decode_tokens_per_s']:.1f} tok/s)"))
     if "eight_over_one" in result["batch_scaling"]:
         rows.append(("8 concurrent / 1 (goal >= 6x)", f"{result['batch_scaling']['eight_over_one']:.2f}x"))
     stall = result["long_prompt_stall"]

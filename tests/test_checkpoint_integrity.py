@@ -2,8 +2,9 @@
 
 A run stops after step 4 with checkpoints at steps 2 and 4 (its spec has 2 epochs of 2 steps; the rerun has 3,
 allowed as a changed spec; the learning rate is constant, so the length of the run changes nothing else). Its
-step-4 checkpoint is damaged three ways (cut to half, its manifest gone, one file gone; on S3 only cut to half);
-each time the rerun resumes from step 2 and ends with the state of one uninterrupted 6-step run.
+step-4 checkpoint is damaged (its manifest gone on a local folder, cut to half on S3); the rerun resumes from
+step 2 and ends with the state of one uninterrupted 6-step run. The quick check names each kind of damage (cut
+to half, manifest gone, one file gone) on a copy of a real checkpoint.
 """
 import os
 
@@ -12,7 +13,7 @@ import torch
 
 from rwkvray.errors import UserError
 from rwkvray.files import storage
-from rwkvray.files.manifest import MANIFEST, checkpoint_folders
+from rwkvray.files.manifest import MANIFEST, checkpoint_folders, storage_problem
 from rwkvray.launch.run import run_on_ray
 from rwkvray.model.state_file import load_state
 from rwkvray.spec import spec_from_dict
@@ -77,6 +78,27 @@ def largest_file(fs, folder) -> str:
     return max((i for i in infos if i.type == pyarrow.fs.FileType.File), key=lambda i: i.size).path
 
 
+@pytest.mark.parametrize("damage, problem", [
+    (truncate, "{cut} has {half} bytes, manifest.json says {size}"),
+    (drop_manifest, "no manifest.json (the checkpoint was not completely written)"),
+    (drop_rng_file, "rng-0.pt is missing"),
+])
+def test_each_kind_of_damage_is_named_by_the_quick_check(uninterrupted, tmp_path, damage, problem):
+    """What a resume meets, on a copy of a real checkpoint folder: the quick check names each damage (the resume
+    past it is shown below for one kind on a local folder and one on S3)."""
+    import pyarrow.fs
+    _, fs, run = uninterrupted
+    folder, local = str(tmp_path / "checkpoint"), pyarrow.fs.LocalFileSystem()
+    pyarrow.fs.copy_files(f"{run}/{checkpoint_folders(fs, run)[0]}", folder, source_filesystem=fs,
+                          destination_filesystem=local)
+    assert storage_problem(local, folder) is None
+    cut = largest_file(local, f"{folder}/deepspeed")  # truncate cuts it and state.pth; it is listed first
+    size = os.path.getsize(cut)
+    damage(local, folder)
+    assert storage_problem(local, folder) == problem.format(cut=os.path.relpath(cut, folder), half=size // 2,
+                                                            size=size)
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(uninterrupted, model, tmp_path, where, capsys):
     import pyarrow.fs
@@ -94,14 +116,14 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(uninterrupted, 
         pyarrow.fs.copy_files(pristine, run, source_filesystem=local, destination_filesystem=fs)
 
     capsys.readouterr()
-    # every kind of damage on a local folder; on S3 the one that reads a cut file through the object store
-    for damage in (truncate, drop_manifest, drop_rng_file) if where == "local" else (truncate,):
-        restore()
-        damage(fs, f"{run}/{newest}")
-        out = tmp_path / damage.__name__
-        assert run_on_ray(job(model, storage_path, "damaged", 3, out), allow_changed_spec=True).error is None
-        assert "resuming run 'damaged' from step 2/6\n" in capsys.readouterr().out, damage.__name__
-        assert torch.equal(load_state(str(out / "rwkv-final.pth")).time_state, reference), damage.__name__
+    # a worker killed before the manifest, on a local folder; on S3 a cut file, read through the object store
+    damage = drop_manifest if where == "local" else truncate
+    restore()
+    damage(fs, f"{run}/{newest}")
+    out = tmp_path / damage.__name__
+    assert run_on_ray(job(model, storage_path, "damaged", 3, out), allow_changed_spec=True).error is None
+    assert "resuming run 'damaged' from step 2/6\n" in capsys.readouterr().out
+    assert torch.equal(load_state(str(out / "rwkv-final.pth")).time_state, reference)
 
     restore()
     drop_manifest(fs, f"{run}/{newest}")

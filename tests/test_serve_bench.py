@@ -21,6 +21,9 @@ def test_serve_bench_writes_all_workloads(tmp_path):
     assert [key for key in report["batch_scaling"]] == ["1", "2"]
     assert [row["waves"] for row in report["batch_scaling"].values()] == [3, 2]  # at least 3 requests each
     assert all(row["tokens"] == row["requests"] * 4 for row in report["batch_scaling"].values())
+    streamed = report["streamed_batch_scaling"]
+    assert all(row["tokens"] == row["requests"] * 4 for key, row in streamed.items() if key.isdigit())
+    assert all(row["decode_tokens_per_s"] > row["tokens_per_s"] for key, row in streamed.items() if key.isdigit())
     assert len(report["long_prompt_stall"]["short_ttft_s"]) == 4
     assert report["prefix_reuse"]["second"]["tokens"] == 4
     engine = report["server_stats"]["model_replica"]

@@ -300,6 +300,39 @@ def test_a_row_that_ends_sends_its_held_text_at_once_not_a_stream_interval_later
     assert "".join(chunk.text for chunk in chunks) == reference_text(model, PROMPTS[0], None, 12)
 
 
+def test_many_streams_share_the_chunk_budget_and_a_plain_reply_is_one_chunk(model):
+    interval, per_s, tokens = 0.01, 40.0, 30
+
+    async def streamed(engine, prompt):
+        arrivals = []
+        async for chunk in engine.generate(get_tokenizer().encode(prompt), None, SamplingParams(tokens)):
+            arrivals.append((time.monotonic(), chunk))
+        return arrivals
+
+    async def plain(engine, prompt):
+        return [chunk async for chunk in engine.generate(get_tokenizer().encode(prompt), None,
+                                                         SamplingParams(tokens), streamed=False)]
+
+    async def run():
+        engine = BatchEngine(model, get_tokenizer(), max_batch_size=4, batch_wait_s=0.02, stream_interval_s=interval,
+                             stream_chunks_per_s=per_s)
+        four = await asyncio.gather(*(streamed(engine, prompt) for prompt in PROMPTS[:4]))
+        mixed = await asyncio.gather(streamed(engine, PROMPTS[0]), *(plain(engine, p) for p in PROMPTS[1:4]))
+        return engine, four, mixed
+
+    engine, four, (alone, *plains) = asyncio.run(run())
+    assert engine.streaming == 0
+    for prompt, arrivals in zip(PROMPTS, four):
+        assert "".join(chunk.text for _, chunk in arrivals) == reference_text(model, prompt, None, tokens)
+        gaps = [later - earlier for (earlier, _), (later, _) in zip(arrivals, arrivals[1:-1])]
+        assert min(gaps) >= 4 / per_s * 0.95  # 4 streams at 40 chunks/s: one chunk per 0.1 s each, not 0.01
+    for prompt, chunks in zip(PROMPTS[1:], plains):
+        assert len(chunks) == 1 and chunks[0].completion_tokens == tokens and chunks[0].finish_reason == "length"
+        assert chunks[0].text == reference_text(model, prompt, None, tokens)
+    gaps = [later - earlier for (earlier, _), (later, _) in zip(alone, alone[1:-1])]
+    assert len(alone) > 4 and min(gaps) < 4 / per_s  # the plain rows left the one stream its own interval
+
+
 def test_sampled_rows_do_not_change_greedy_rows(model):
     async def run():
         engine = BatchEngine(model, get_tokenizer(), max_batch_size=4, batch_wait_s=0.02)
@@ -603,6 +636,7 @@ def test_app_builder_refuses_bad_args_and_a_missing_api_key(serve_args, monkeypa
     ({"num_cpus": 0}, "serve.num_cpus: must be ≥ 1, or auto (got 0)"),
     ({"num_cpus": "all"}, "serve.num_cpus: must be ≥ 1, or auto (got 'all')"),
     ({"stream_interval_ms": -1}, "serve.stream_interval_ms: must be ≥ 0"),
+    ({"stream_chunks_per_s": 0}, "serve.stream_chunks_per_s: must be > 0"),
 ])
 def test_engine_settings_are_checked_in_the_spec(tmp_path, fields, message):
     from rwkvray.spec import spec_from_dict

@@ -100,7 +100,7 @@ async def generate_all(engine, items, states, max_tokens, progress) -> dict:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=[ANSWER_END])
 
     async def one(name, item, tuned):
-        text = "".join([chunk.text async for chunk in engine.generate(item.prompt, tuned, params)])
+        text = "".join([chunk.text async for chunk in engine.generate(item.prompt, tuned, params, streamed=False)])
         progress(1)
         return (name, item.data, item.index), text.strip()
 

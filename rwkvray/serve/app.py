@@ -129,6 +129,7 @@ class StateModel:
                                   prefill_chunk=config.prefill_chunk,
                                   prefix_cache_bytes=int(config.prefix_cache_mb * 2**20),
                                   stream_interval_s=config.stream_interval_ms / 1000,
+                                  stream_chunks_per_s=config.stream_chunks_per_s,
                                   metrics=EngineMetrics(export=True), threads=threads)
 
         async def load_mounted_state(mid: str) -> TunedState:
@@ -148,10 +149,7 @@ class StateModel:
 
     async def complete(self, prompt: list[int], params: SamplingParams) -> Chunk:
         tuned, key = await self._tuned_state()
-        texts = []
-        async for chunk in self.engine.generate(prompt, tuned, params, key):
-            texts.append(chunk.text)
-        return Chunk("".join(texts), chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens)
+        return [chunk async for chunk in self.engine.generate(prompt, tuned, params, key, streamed=False)][0]
 
     async def evaluate(self, items, state_ids: dict, max_tokens: int):
         """POST /v1/evals on this replica: every state (NAME@VERSION, None for the base) in the same batches."""

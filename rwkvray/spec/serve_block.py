@@ -50,6 +50,9 @@ class ServeConfig(StrictModel):
     prefill_chunk: PositiveInt = 256  # prompt tokens per engine step, shared by the prompts being prefilled
     # a streamed reply's text is sent at most this often (the first token at once): fewer hops per token
     stream_interval_ms: NonNegativeFloat = 200.0
+    # all streamed replies of a replica together send at most this many chunks a second: with many streams,
+    # each waits longer than stream_interval_ms (up to 1 s), so the messages do not slow the model's steps
+    stream_chunks_per_s: PositiveFloat = 20.0
     prefix_cache_mb: NonNegativeFloat = 512.0  # states after cached prompt prefixes, per replica; 0: off
 
     @field_validator("model_name")
