@@ -1,11 +1,13 @@
 """Tiny random models for tests (no weights can be downloaded), and a Ray head that tests start and stop."""
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -127,25 +129,37 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_ray_head(log_path, extra_args=(), env=None):
     """`ray start --head --block` with its dashboard on 127.0.0.1, stopped by its PID on exit; yields the
-    dashboard's URL. `env` adds to (or replaces) this process's environment."""
+    dashboard's URL. `env` adds to (or replaces) this process's environment.
+    Every port is a free one and the temp dir its own, so another Ray on this machine changes nothing: on Ray's
+    fixed default ports (the job agent's 52365, metrics, Ray Client) the job agent ran without HTTP and every
+    submit_job answered "No available agent", and a job's driver finds its head through the temp dir's
+    ray_current_cluster record. (The temp dir is short: Ray's socket paths must fit in 107 bytes.)"""
     bin_dir = os.path.dirname(sys.executable)
     port, dashboard = free_port(), free_port()
-    with open(log_path, "w") as log:
-        head = subprocess.Popen(
-            [os.path.join(bin_dir, "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *extra_args],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
-                 "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # else a SIGTERM waits up to 30 s for a drain
-                 **(env or {})})
+    own_ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                         "metrics-export-port", "runtime-env-agent-port",
+                                                         "ray-client-server-port")]
+    ray_tmp = tempfile.mkdtemp(prefix="rwkvray-head-", dir="/tmp")
     try:
-        yield f"http://127.0.0.1:{dashboard}"
-    finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        with open(log_path, "w") as log:
+            head = subprocess.Popen(
+                [os.path.join(bin_dir, "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                 *own_ports, *extra_args],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "RAY_TMPDIR": ray_tmp,
+                     "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # else a SIGTERM waits up to 30 s for a drain
+                     **(env or {})})
         try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+            yield f"http://127.0.0.1:{dashboard}"
+        finally:
+            head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+            try:
+                head.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def rel_err(got, ref) -> float:

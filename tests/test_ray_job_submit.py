@@ -2,7 +2,6 @@
 import os
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 
@@ -12,7 +11,7 @@ import yaml
 
 from rwkvray.model.checkpoint import save_checkpoint
 from rwkvray.model.init import default_dims, init_weights
-from tests.helpers import free_port, running_ray_head
+from tests.helpers import running_ray_head
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -21,19 +20,8 @@ SAMPLE = os.path.join(os.path.dirname(__file__), "..", "rwkvray", "sample_data",
 
 @pytest.fixture
 def ray_head(tmp_path):
-    # Ray's fixed default ports (the job agent's 52365, metrics, Ray Client) may be held by another Ray on this
-    # machine; the job agent then runs without HTTP and every submit_job answers "No available agent"
-    own_ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                         "metrics-export-port", "runtime-env-agent-port",
-                                                         "ray-client-server-port")]
-    # its own temp dir (short: Ray's socket paths must fit in 107 bytes), so that the job's driver, which finds
-    # its head through the temp dir's ray_current_cluster record, never joins another Ray on this machine
-    ray_tmp = tempfile.mkdtemp(prefix="rwkvray-head-", dir="/tmp")
-    try:
-        with running_ray_head(tmp_path / "head.log", own_ports, {"RAY_TMPDIR": ray_tmp}) as url:
-            yield url
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    with running_ray_head(tmp_path / "head.log") as url:
+        yield url
 
 
 DASHBOARD_NOT_READY = (ConnectionError, requests.exceptions.ConnectionError, requests.exceptions.Timeout)
