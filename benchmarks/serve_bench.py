@@ -116,13 +116,12 @@ def start_local_app(args, folder: str, model_path: str) -> tuple[str, str, list[
         generator = torch.Generator().manual_seed(100 + i)
         save_state(TunedState(torch.randn(args.n_layer, args.n_embd // 64, 64, 64, generator=generator)),
                    os.path.join(states_dir, f"{name}.pth"))
+    streaming = {"stream_interval_ms": args.stream_interval_ms, "stream_chunks_per_s": args.stream_chunks_per_s}
     config = spec_from_dict({"serve": {
         "model": model_path, "states_dir": states_dir, "max_batch_size": max(BATCHES),
         "max_mounted_states": STATES + 2, "max_tokens_cap": args.max_tokens, "default_max_tokens": args.max_tokens,
         "max_prompt_tokens": args.long_tokens + 256, "prefill_chunk": args.prefill_chunk, "batch_wait_ms": 5.0,
-        "use_gpu": "auto", **{key: value for key, value in (("stream_interval_ms", args.stream_interval_ms),
-                                                            ("stream_chunks_per_s", args.stream_chunks_per_s))
-                              if value is not None}}},
+        "use_gpu": "auto", **{key: value for key, value in streaming.items() if value is not None}}},
         "serve_bench").serve
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -118,7 +118,6 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(uninterrupted, 
     capsys.readouterr()
     # a worker killed before the manifest, on a local folder; on S3 a cut file, read through the object store
     damage = drop_manifest if where == "local" else truncate
-    restore()
     damage(fs, f"{run}/{newest}")
     out = tmp_path / damage.__name__
     assert run_on_ray(job(model, storage_path, "damaged", 3, out), allow_changed_spec=True).error is None

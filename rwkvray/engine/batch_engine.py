@@ -104,10 +104,10 @@ class BatchEngine:
         self.wake.set()
         self.streaming += streamed
         try:
+            if not streamed:
+                await row.ended.wait()  # then the merge below makes the whole reply one chunk
             sent_at = None
             while True:
-                if not streamed:
-                    await row.ended.wait()
                 item = await row.out.get()
                 if sent_at is not None and isinstance(item, Chunk) and not item.finish_reason:
                     await row.ended_or_after(sent_at + self.stream_interval() - time.monotonic())
