@@ -72,6 +72,8 @@ def parse_args():
     parser.add_argument("--stream-interval-ms", type=float, help="local app: serve.stream_interval_ms (default: the spec's)")
     parser.add_argument("--stream-chunks-per-s", type=float,
                         help="local app: serve.stream_chunks_per_s (default: the spec's)")
+    parser.add_argument("--num-cpus", type=int, help="local app: serve.num_cpus, the model replica's CPUs and torch "
+                        "threads (default: the spec's, auto)")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="concurrency levels to measure")
     parser.add_argument("--peer", choices=[PEER], help="local app: also measure this peer server on the same model")
     parser.add_argument("--rounds", type=int, default=1, help="local app: measure each server this many times, "
@@ -116,12 +118,13 @@ def start_local_app(args, folder: str, model_path: str) -> tuple[str, str, list[
         generator = torch.Generator().manual_seed(100 + i)
         save_state(TunedState(torch.randn(args.n_layer, args.n_embd // 64, 64, 64, generator=generator)),
                    os.path.join(states_dir, f"{name}.pth"))
-    streaming = {"stream_interval_ms": args.stream_interval_ms, "stream_chunks_per_s": args.stream_chunks_per_s}
+    overrides = {"stream_interval_ms": args.stream_interval_ms, "stream_chunks_per_s": args.stream_chunks_per_s,
+                 "num_cpus": args.num_cpus}
     config = spec_from_dict({"serve": {
         "model": model_path, "states_dir": states_dir, "max_batch_size": max(BATCHES),
         "max_mounted_states": STATES + 2, "max_tokens_cap": args.max_tokens, "default_max_tokens": args.max_tokens,
         "max_prompt_tokens": args.long_tokens + 256, "prefill_chunk": args.prefill_chunk, "batch_wait_ms": 5.0,
-        "use_gpu": "auto", **{key: value for key, value in streaming.items() if value is not None}}},
+        "use_gpu": "auto", **{key: value for key, value in overrides.items() if value is not None}}},
         "serve_bench").serve
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -477,7 +480,7 @@ def main() -> None:
                 result["rounds"] = {"rwkvray": ours, **({"peer": theirs} if args.peer else {})}
         result["model"] = {"n_layer": args.n_layer, "n_embd": args.n_embd, "vocab": 65536, "dtype": "fp32 on CPU, "
                            "bf16 on GPU", "weights": "random"}
-    result["settings"] = {k: getattr(args, k) for k in ("max_tokens", "long_tokens", "stall_delay", "prefill_chunk",
+    result["settings"] = {k: getattr(args, k) for k in ("max_tokens", "long_tokens", "stall_delay", "prefill_chunk", "num_cpus",
                                                           "rounds")}
     result["host"] = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
                       "load_average_1m": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
